@@ -1,0 +1,79 @@
+"""`idle-export demo`: a seeded IdleViT checkpoint in the official training format, exported
+idle and dense, each checked against torch."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+
+DEMO_SEED = 0
+
+
+def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float = 0.7) -> Path:
+    """Seeded random DeiT weights saved like the authors' main.py does (model, model_ema, args)."""
+    import torch
+
+    from .config import ModelSpec
+    from .model import create_vit
+
+    spec = ModelSpec.create(arch, keep_rate)
+    torch.manual_seed(DEMO_SEED)
+    sd = create_vit(spec).state_dict()
+    args = argparse.Namespace(arch=spec.arch, base_rate=keep_rate, input_size=spec.img_size,
+                              model_ema=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": sd, "model_ema": sd, "args": args, "epoch": 0}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
+             batch_sizes=(1, 7, 32), status=None) -> dict:
+    from .checkpoint import load_checkpoint
+    from .config import check_keep_rate, canonical_arch
+    from .errors import BadInputError
+    from .export import export_checkpoint, onnx_summary
+    from .parity import check_onnx
+
+    status = status or (lambda msg: contextlib.nullcontext())
+    arch = canonical_arch(arch)
+    keep_rate = check_keep_rate(keep_rate)
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot create {folder} ({e.strerror})", "pass -o a writable folder") from None
+    ckpt_path = folder / f"{arch}_r{keep_rate:g}_demo.pth"
+    with status(f"writing seeded checkpoint {ckpt_path}"):
+        write_demo_checkpoint(ckpt_path, arch, keep_rate)
+        ckpt = load_checkpoint(ckpt_path)
+        spec = ckpt.spec()
+    rows = []
+    for dense in (False, True):
+        out = folder / f"{arch}_{'dense' if dense else 'idle'}.onnx"
+        with status(f"exporting {out.name}"):
+            export_checkpoint(ckpt, spec, out, dense=dense)
+        with status(f"checking {out.name} against torch at batch {','.join(map(str, batch_sizes))}"):
+            report = check_onnx(out, ckpt_path=ckpt_path, batch_sizes=batch_sizes)
+        summary = onnx_summary(out)
+        cases = report["cases"]
+        rows.append({
+            "file": str(out),
+            "topk": summary["ops"].get("TopK", 0),
+            "gmacs": spec.macs(dense=dense) / 1e9,
+            "max_abs": max(c["max_abs"] for c in cases),
+            "top1": min(c["top1"] for c in cases),
+            "selection": None if dense else min(c["selection"] for c in cases),
+            "passed": report["passed"],
+            "check": report,
+        })
+    return {
+        "model": spec.describe(),
+        "keep_k": list(spec.keep_k),
+        "ideal": spec.macs(dense=True) / spec.macs(),
+        "folder": str(folder),
+        "checkpoint": str(ckpt_path),
+        "rows": rows,
+        "passed": all(r["passed"] for r in rows),
+    }

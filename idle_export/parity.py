@@ -1,0 +1,147 @@
+"""Compare two runners: logits error, top-1/top-5 agreement and token-selection agreement.
+
+Selection agreement compares *sets* of kept tokens per image and idle layer (the order TopK
+returns among the kept ones does not change the result). A differing set is counted as a tie,
+not a failure, when every token in the difference has a reference score within
+tie_atol + tie_rtol·|s_K| of the K-th largest score s_K: there the choice is up to rounding.
+Reference scores come from whichever runner records them (the torch runner does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .config import Tolerances
+from .runners import SELECTION_PREFIX
+
+
+def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(num / np.maximum(den, 1e-30)))
+
+
+def _topk_sets(x: np.ndarray, k: int) -> list[set]:
+    return [set(row) for row in np.argsort(-x, axis=1, kind="stable")[:, :k]]
+
+
+def compare_outputs(out_a: dict, out_b: dict, scores: list[np.ndarray] | None,
+                    tol: Tolerances) -> dict:
+    """Figures for one batch; `out_b` is the reference."""
+    a, b = out_a["logits"].astype(np.float64), out_b["logits"].astype(np.float64)
+    diff = np.abs(a - b)
+    case = {
+        "max_abs": float(diff.max()),
+        "max_rel": float(diff.max() / max(np.abs(b).max(), 1e-30)),
+        "cosine_min": _cosine_min(a, b),
+        "top1": float(np.mean(a.argmax(1) == b.argmax(1))),
+        "top5": float(np.mean([x == y for x, y in zip(_topk_sets(a, 5), _topk_sets(b, 5))])),
+    }
+    layers = sorted({k for k in out_a if k.startswith(SELECTION_PREFIX)}
+                    & {k for k in out_b if k.startswith(SELECTION_PREFIX)},
+                    key=lambda k: int(k[len(SELECTION_PREFIX):]))
+    per_layer, ties, matches, total = {}, 0, 0, 0
+    for li, key in enumerate(layers):
+        sa, sb = out_a[key], out_b[key]
+        same = 0
+        for row in range(sa.shape[0]):
+            set_a, set_b = set(sa[row].tolist()), set(sb[row].tolist())
+            if set_a == set_b:
+                same += 1
+            elif scores is not None and _is_tie(scores[li][row], set_a ^ set_b, len(set_b), tol):
+                same += 1
+                ties += 1
+        per_layer[key[len(SELECTION_PREFIX):]] = same / sa.shape[0]
+        matches += same
+        total += sa.shape[0]
+    if layers:
+        case["selection"] = matches / total
+        case["selection_per_layer"] = per_layer
+        case["selection_ties"] = ties
+    failures = []
+    if case["max_abs"] > tol.max_abs:
+        failures.append(f"max abs error {case['max_abs']:.3g} > {tol.max_abs:g}")
+    if case["top1"] < tol.min_top1:
+        failures.append(f"top-1 agreement {case['top1']:.2%} < {tol.min_top1:.2%}")
+    if layers and case["selection"] < tol.min_selection:
+        failures.append(f"token-selection agreement {case['selection']:.2%} < {tol.min_selection:.2%}")
+    case["failures"] = failures
+    case["passed"] = not failures
+    return case
+
+
+def _is_tie(scores: np.ndarray, differing: set, k: int, tol: Tolerances) -> bool:
+    kth = np.sort(scores)[::-1][k - 1]
+    limit = tol.tie_atol + tol.tie_rtol * abs(kth)
+    return all(abs(scores[j] - kth) <= limit for j in differing)
+
+
+def compare_runners(runner_a, runner_b, inputs: dict[str, np.ndarray], batch_sizes: list[int],
+                    tol: Tolerances) -> dict:
+    """Run both runners on the first `bs` images of every input set for each batch size."""
+    cases = []
+    with runner_a, runner_b:
+        for set_name, images in inputs.items():
+            for bs in batch_sizes:
+                feed = {"images": images[:bs]}
+                out_a, out_b = runner_a.infer(feed), runner_b.infer(feed)
+                scores = (getattr(runner_b, "last_scores", None) or getattr(runner_a, "last_scores", None)
+                          or None)
+                case = compare_outputs(out_a, out_b, scores, tol)
+                cases.append({"inputs": set_name, "batch": int(bs), **case})
+    return {
+        "a": runner_a.name,
+        "b": runner_b.name,
+        "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()},
+        "cases": cases,
+        "passed": all(c["passed"] for c in cases),
+    }
+
+
+def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
+               batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
+               seed: int = 0, threads: int | None = None) -> dict:
+    """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint) or
+    against another ONNX file. Exported metadata tells which model and preprocessing to use."""
+    import json
+
+    from .calibration.images import builtin_photos, seeded_noise
+    from .checkpoint import load_checkpoint
+    from .config import TOLERANCES, ModelSpec
+    from .errors import BadInputError
+    from .export import read_metadata
+    from .model import build_model
+    from .runners import OrtRunner, TorchRunner, load_onnx
+
+    load_onnx(onnx_path)  # a clear error for a missing or broken file, before anything else
+    meta = read_metadata(onnx_path)
+    spec = ModelSpec.from_metadata(meta)
+    dense = json.loads(meta.get("idle_export.dense", "false"))
+    score_mode = json.loads(meta.get("idle_export.score_mode", '"official"'))
+    warnings = []
+    if (ckpt_path is None) == (against is None):
+        raise BadInputError("check needs exactly one reference",
+                            "pass --ckpt CHECKPOINT (torch) or --against OTHER.onnx")
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, ema=ema)
+        expected = json.loads(meta.get("idle_export.checkpoint_sha256", "null"))
+        if expected and expected != ckpt.sha256:
+            warnings.append(f"{ckpt.path.name} is not the checkpoint {Path(onnx_path).name} was "
+                            "exported from (sha256 differs)")
+        model = build_model(spec, ckpt.state_dict, dense=dense, score_mode=score_mode)
+        reference = TorchRunner(model, name=f"torch:{ckpt.path.name}", selection=not dense,
+                                threads=threads)
+    else:
+        reference = OrtRunner(against, selection=not dense, threads=threads)
+    candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
+    n = max(batch_sizes)
+    makers = {"noise": seeded_noise, "photos": builtin_photos}
+    inputs = {name: makers[name](n, spec, seed=seed) for name in input_sets}
+    report = compare_runners(candidate, reference, inputs, list(batch_sizes),
+                             tol or TOLERANCES["fp32"])
+    report["model"] = spec.describe() + (" (dense)" if dense else "")
+    report["warnings"] = warnings
+    return report
