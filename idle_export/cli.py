@@ -293,6 +293,10 @@ def print_demo(report: dict) -> None:
                   f"files in {report['folder']}")
 
 
+# Commands of the later pipeline steps live in idle_export/commands/ (one module each).
+from . import commands  # noqa: E402,F401  (registers them on `app`)
+
+
 def run():
     """Console-script entry point."""
     app()
