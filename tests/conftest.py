@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny seeded checkpoints and their exports, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# shared/ lies beside the checkout (developers and CI); a shared/ inside it is accepted too.
+SHARED_MODELS = next((p for p in (REPO.parent / "shared" / "models", REPO / "shared" / "models")
+                      if p.is_dir()), REPO.parent / "shared" / "models")
+PHOTOS10 = SHARED_MODELS / "photos10_deit_tiny.pth"
+
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """Seeded deit_tiny IdleViT r=0.7, official training-checkpoint format."""
+    from idle_export.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "deit_tiny_r0.7.pth",
+                                 arch="deit_tiny", keep_rate=0.7)
+
+
+def _export(ckpt_path: Path, out: Path, **kwargs) -> Path:
+    from idle_export.checkpoint import load_checkpoint
+    from idle_export.export import export_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    return export_checkpoint(ckpt, ckpt.spec(), out, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_idle_onnx(tiny_ckpt, tmp_path_factory) -> Path:
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny_idle.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_onnx(tiny_ckpt, tmp_path_factory) -> Path:
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny_dense.onnx", dense=True)
+
+
+@pytest.fixture(scope="session")
+def photos10_ckpt() -> Path:
+    """The really trained deit_tiny (10 classes) from ../shared/models."""
+    if not PHOTOS10.is_file():
+        pytest.skip(f"trained test model not found at {PHOTOS10}")
+    return PHOTOS10
+
+
+@pytest.fixture(scope="session")
+def photos10_idle_onnx(photos10_ckpt, tmp_path_factory) -> Path:
+    return _export(photos10_ckpt, tmp_path_factory.mktemp("onnx") / "photos10_idle.onnx")
