@@ -28,9 +28,15 @@ def check_output_path(path: Path) -> Path:
         raise BadInputError(f"output {path} is a folder", "give a file name such as model.onnx")
     if not folder.exists():
         raise BadInputError(f"output folder {folder} does not exist", f"create it: mkdir -p {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir():
+        raise BadInputError(f"output folder {folder} is not a folder", "give a path inside a folder")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".idle-export-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError:
         raise BadInputError(f"output folder {folder} is not writable",
-                            "choose another -o/--output or fix the folder's permissions")
+                            "choose another -o/--output or fix the folder's permissions") from None
     return path
 
 
