@@ -1,0 +1,32 @@
+# The README's commands. Everything installs into .venv (pinned versions, pyproject.toml).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all lint bench gpu-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make demo: seeded DeiT-Small IdleViT r=0.7 → idle + dense ONNX → parity checks (demo_out/)
+demo: $(STAMP)
+	$(BIN)/idle-export demo -o demo_out
+
+## make test: the default suite (no slow or GPU tests)
+test: $(STAMP)
+	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check idle_export tests
+
+clean:
+	rm -rf demo_out .pytest_cache
