@@ -285,7 +285,7 @@ def print_demo(report: dict) -> None:
         table.add_column(col)
     for row in report["rows"]:
         sel = "-" if row["selection"] is None else f"{row['selection']:.0%}"
-        table.add_row(row["file"], str(row["topk"]), f"{row['gmacs']:.2f}", f"{row['max_abs']:.1e}",
+        table.add_row(Path(row["file"]).name, str(row["topk"]), f"{row['gmacs']:.2f}", f"{row['max_abs']:.1e}",
                       f"{row['top1']:.0%}", sel, "[green]ok[/]" if row["passed"] else "[red]FAILED[/]")
     console = Console()
     console.print(table)
