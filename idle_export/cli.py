@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,9 +29,9 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def command(*args, **kwargs):
-    """app.command that turns IdleExportError into one line + exit code, and anything
-    unexpected into 'internal error' (exit 4) unless --debug."""
+def command(*args, target: typer.Typer | None = None, **kwargs):
+    """app.command (or `target`'s, for a sub-app) that turns IdleExportError into one line +
+    exit code, and anything unexpected into 'internal error' (exit 4) unless --debug."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -54,7 +53,7 @@ def command(*args, **kwargs):
                      "for the traceback and report it)")
                 raise typer.Exit(EXIT_INTERNAL) from None
 
-        return app.command(*args, **kwargs)(wrapper)
+        return (target or app).command(*args, **kwargs)(wrapper)
 
     return decorate
 
@@ -67,8 +66,9 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line "
+                                        "errors.")] = False,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ):
     if debug:
@@ -76,7 +76,7 @@ def main(
 
 
 # ----------------------------------------------------------------------------- shared options
-def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
+def _int_list(text: str | None, what: str) -> list[int] | None:
     if text is None:
         return None
     try:
@@ -86,7 +86,7 @@ def _int_list(text: Optional[str], what: str) -> Optional[list[int]]:
                             f"e.g. {what} 3,4,5") from None
 
 
-def _threads(threads: Optional[int]) -> Optional[int]:
+def _threads(threads: int | None) -> int | None:
     if threads is not None and threads < 1:
         raise BadInputError(f"--threads {threads} must be at least 1", "pass --threads 2")
     return threads
@@ -114,21 +114,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-Arch = Annotated[Optional[str], typer.Option("--arch", help="deit_tiny|deit_small|deit_base; "
+Arch = Annotated[str | None, typer.Option("--arch", help="deit_tiny|deit_small|deit_base; "
                                              "default: args.arch of the checkpoint, else its shapes.")]
-Keep = Annotated[Optional[float], typer.Option("--keep", help="Keep rate r in (0, 1]; default: "
+Keep = Annotated[float | None, typer.Option("--keep", help="Keep rate r in (0, 1]; default: "
                                                "args.base_rate of the checkpoint.")]
 Schedule = Annotated[str, typer.Option("--schedule", help="eval: idle layers 3..11 with "
                                        "r,r,r,r²,r²,r²,r³,r³,r³ (official eval script); train: 4..11 "
                                        "(official training script).")]
-IdleLayers = Annotated[Optional[str], typer.Option("--idle-layers", help="Explicit idle layers, "
+IdleLayers = Annotated[str | None, typer.Option("--idle-layers", help="Explicit idle layers, "
                                                    "e.g. 3,4,5 (keep r**(p//3+1) for the p-th).")]
-KeepK = Annotated[Optional[str], typer.Option("--keep-k", help="Explicit patch tokens kept per "
+KeepK = Annotated[str | None, typer.Option("--keep-k", help="Explicit patch tokens kept per "
                                               "idle layer, e.g. 137,137,96.")]
 Ema = Annotated[bool, typer.Option("--ema", help="Use the checkpoint's EMA weights (model_ema).")]
-JsonOut = Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON to FILE "
+JsonOut = Annotated[str | None, typer.Option("--json", help="Write the report as JSON to FILE "
                                                 "('-' for stdout).")]
-Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch and "
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and "
                                                 "ONNX Runtime (default: all cores).")]
 
 
@@ -148,7 +148,7 @@ def _status(message: str):
 @command("onnx")
 def onnx_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="IdleViT checkpoint (.pth or .safetensors).")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="ONNX file to write "
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="ONNX file to write "
                                                    "(default: CHECKPOINT_idle.onnx / _dense.onnx).")] = None,
     arch: Arch = None,
     keep: Keep = None,
@@ -195,44 +195,92 @@ def onnx_cmd(
 
 @command("check")
 def check_cmd(
-    model: Annotated[Path, typer.Argument(help="ONNX file written by `idle-export onnx`.")],
-    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="Compare against torch built "
+    model: Annotated[Path, typer.Argument(help="ONNX file written by `idle-export onnx` (or "
+                                          "`idle-export calibrate`), or a TensorRT engine (GPU).")],
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Compare against torch built "
                                                  "from this checkpoint.")] = None,
-    against: Annotated[Optional[Path], typer.Option("--against", help="Compare against another "
+    against: Annotated[Path | None, typer.Option("--against", help="Compare against another "
                                                     "ONNX file (the reference).")] = None,
     ema: Ema = False,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes to test.")] = "1,7,32",
-    inputs: Annotated[str, typer.Option("--inputs", help="Input sets: noise (seeded), photos "
-                                        "(skimage.data photos, timm eval transform).")] = "noise,photos",
-    max_abs: Annotated[Optional[float], typer.Option("--max-abs", help="Logit tolerance "
-                                                     "(default 1e-4).")] = None,
+    inputs: Annotated[str | None, typer.Option("--inputs", help="Input sets: noise (seeded), photos "
+                                                  "(skimage.data photos, timm eval transform). Default: "
+                                                  "noise,photos; none with --images.")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Real images (folder, .txt list "
+                                                   "or file; timm eval transform), all run at each "
+                                                   "batch size. DIR/<class>/x.png with the model's "
+                                                   "class names also reports accuracy.")] = None,
+    num: Annotated[int, typer.Option("--num", help="How many of --images (0: all).")] = 0,
+    max_abs: Annotated[float | None, typer.Option("--max-abs", help="Logit tolerance (default "
+                                                     "from the model's precision: fp32 1e-4, fp16 "
+                                                     "5e-2, int8 none; int8 needs top-1 ≥ 99%).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Threads = None,
     json_out: JsonOut = None,
 ):
     """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
-    from dataclasses import replace
-
-    from .config import TOLERANCES
     from .parity import check_onnx
 
     sizes = _int_list(batch, "--batch") or []
     if not sizes or min(sizes) < 1:
         raise BadInputError(f"--batch {batch!r} needs positive sizes", "e.g. --batch 1,7,32")
+    if inputs is None:
+        inputs = "" if images is not None else "noise,photos"
     sets = [s for s in inputs.replace(" ", "").split(",") if s]
     unknown = [s for s in sets if s not in ("noise", "photos")]
-    if unknown or not sets:
+    if unknown or (not sets and images is None):
         raise BadInputError(f"--inputs {inputs!r}: unknown set {', '.join(unknown) or '(none)'}",
-                            "use noise, photos or noise,photos")
-    tol = TOLERANCES["fp32"] if max_abs is None else replace(TOLERANCES["fp32"], max_abs=max_abs)
-    with _status(f"checking {model.name}"):
-        report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
-                            input_sets=sets, tol=tol, seed=seed, threads=_threads(threads))
+                            "use noise, photos or noise,photos (or --images DIR)")
+    if model.suffix in (".engine", ".plan"):
+        from .engine import check_engine_against
+
+        if against is None or ckpt is not None or images is not None:
+            raise BadInputError(f"{model.name} is a TensorRT engine: it is checked against the ONNX "
+                                "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
+        with _status(f"checking {model.name} against {against.name}"):
+            report = check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
+                                          seed=seed, threads=_threads(threads))
+    else:
+        with _status(f"checking {model.name}"):
+            report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
+                                input_sets=sets, seed=seed, threads=_threads(threads), images=images,
+                                num=num, max_abs=max_abs)
     print_check(report)
+    print_check_details(report)
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+def print_check_details(report: dict) -> None:
+    """Token-selection agreement per idle layer, and accuracy where labels are known."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cases = [c for c in report["cases"] if c.get("selection_per_layer")]
+    console = Console()
+    if cases:
+        layers = list(cases[0]["selection_per_layer"])
+        table = Table(title="token-selection agreement per idle layer (same kept set, ties counted)")
+        table.add_column("inputs")
+        table.add_column("batch", justify="right")
+        for layer in layers:
+            table.add_column(f"L{layer}", justify="right")
+        for c in cases:
+            table.add_row(c["inputs"], str(c["batch"]),
+                          *[f"{c['selection_per_layer'].get(k, float('nan')):.1%}" for k in layers])
+            if "selection_overlap_per_layer" in c:
+                table.add_row("  kept-token overlap", "",
+                              *[f"{c['selection_overlap_per_layer'].get(k, float('nan')):.1%}"
+                                for k in layers])
+        console.print(table)
+    for c in report["cases"]:
+        acc = c.get("accuracy")
+        if acc:
+            console.print(f"accuracy on {c.get('images', '?')} labelled {c['inputs']} (batch {c['batch']}): "
+                          f"candidate {acc['candidate']:.2%}, reference {acc['reference']:.2%}, "
+                          f"drop {acc['drop'] * 100:+.2f} points")
 
 
 def print_check(report: dict) -> None:
@@ -258,7 +306,8 @@ def print_check(report: dict) -> None:
 
 @command("demo")
 def demo_cmd(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the demo files.")] = Path("demo_out"),
+    output: Annotated[Path, typer.Option("-o", "--output",
+                                         help="Folder for the demo files.")] = Path("demo_out"),
     arch: Annotated[str, typer.Option("--arch", help="Architecture of the demo model.")] = "deit_small",
     keep: Annotated[float, typer.Option("--keep", help="Keep rate of the demo model.")] = 0.7,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes to check.")] = "1,7,32",
@@ -285,8 +334,9 @@ def print_demo(report: dict) -> None:
         table.add_column(col)
     for row in report["rows"]:
         sel = "-" if row["selection"] is None else f"{row['selection']:.0%}"
-        table.add_row(Path(row["file"]).name, str(row["topk"]), f"{row['gmacs']:.2f}", f"{row['max_abs']:.1e}",
-                      f"{row['top1']:.0%}", sel, "[green]ok[/]" if row["passed"] else "[red]FAILED[/]")
+        table.add_row(Path(row["file"]).name, str(row["topk"]), f"{row['gmacs']:.2f}",
+                      f"{row['max_abs']:.1e}", f"{row['top1']:.0%}", sel,
+                      "[green]ok[/]" if row["passed"] else "[red]FAILED[/]")
     console = Console()
     console.print(table)
     console.print(f"K per idle layer: {report['keep_k']}; FLOP ideal speed-up {report['ideal']:.2f}x; "
@@ -301,6 +351,3 @@ def run():
     """Console-script entry point."""
     app()
 
-
-if __name__ == "__main__":
-    run()

@@ -101,16 +101,101 @@ def compare_runners(runner_a, runner_b, inputs: dict[str, np.ndarray], batch_siz
     }
 
 
+def tolerance_for(meta: dict[str, str]) -> Tolerances:
+    """Tolerances for a candidate model from its `idle_export.precision` metadata (fp32 when
+    absent or unknown)."""
+    import json
+
+    from .config import TOLERANCES
+
+    try:
+        precision = json.loads(meta.get("idle_export.precision", '"fp32"'))
+    except ValueError:
+        precision = "fp32"
+    return TOLERANCES.get(precision, TOLERANCES["fp32"])
+
+
+def labels_from_folders(files: list[str], classes: list[str] | None) -> np.ndarray | None:
+    """Ground-truth labels for an ImageFolder layout (DIR/<class name>/image.png) when every
+    image's parent folder is one of the model's class names; None otherwise."""
+    if not classes or not files:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index.get(Path(f).parent.name) for f in files]
+    if any(label is None for label in labels):
+        return None
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _run_chunked(runner, images: np.ndarray, bs: int) -> tuple[dict, list | None]:
+    """All images through `runner` in batches of `bs`: concatenated outputs (and the reference
+    scores, per idle layer, when the runner records them)."""
+    outs, scores = [], []
+    for i in range(0, len(images), bs):
+        outs.append(runner.infer({"images": images[i:i + bs]}))
+        recorded = getattr(runner, "last_scores", None)
+        if recorded:
+            scores.append(recorded)
+    merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    merged_scores = None
+    if scores and len(scores) == len(outs):
+        merged_scores = [np.concatenate([s[li] for s in scores]) for li in range(len(scores[0]))]
+    return merged, merged_scores
+
+
+def selection_overlap(out_a: dict, out_b: dict) -> dict[str, float]:
+    """Per idle layer: mean fraction of the reference's kept tokens that the candidate kept too
+    (|A∩B| / K). Softer than set agreement: one swapped token of 137 costs 0.7%, not 100%."""
+    result = {}
+    for key in out_b:
+        if key.startswith(SELECTION_PREFIX) and key in out_a:
+            sa, sb = out_a[key], out_b[key]
+            common = [len(set(a.tolist()) & set(b.tolist())) / max(len(b), 1)
+                      for a, b in zip(sa, sb, strict=True)]
+            result[key[len(SELECTION_PREFIX):]] = float(np.mean(common))
+    return result
+
+
+def compare_on_images(candidate, reference, images: np.ndarray, batch_sizes: list[int], tol: Tolerances,
+                      labels: np.ndarray | None = None, set_name: str = "images") -> list[dict]:
+    """One case per batch size over *all* images (run in chunks of that size); with labels,
+    the top-1 accuracy of both runners and the drop."""
+    cases = []
+    for bs in batch_sizes:
+        out_a, _ = _run_chunked(candidate, images, bs)
+        out_b, scores = _run_chunked(reference, images, bs)
+        case = {"inputs": set_name, "batch": int(bs), "images": int(len(images)),
+                **compare_outputs(out_a, out_b, scores, tol)}
+        overlap = selection_overlap(out_a, out_b)
+        if overlap:
+            case["selection_overlap_per_layer"] = overlap
+            case["selection_overlap"] = float(np.mean(list(overlap.values())))
+        if labels is not None:
+            acc_a = float(np.mean(out_a["logits"].argmax(1) == labels))
+            acc_b = float(np.mean(out_b["logits"].argmax(1) == labels))
+            case["accuracy"] = {"candidate": acc_a, "reference": acc_b, "drop": acc_b - acc_a}
+        cases.append(case)
+    return cases
+
+
 def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
-               seed: int = 0, threads: int | None = None) -> dict:
+               seed: int = 0, threads: int | None = None, images=None, num: int = 0,
+               max_abs: float | None = None) -> dict:
     """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint) or
-    against another ONNX file. Exported metadata tells which model and preprocessing to use."""
+    against another ONNX file. Exported metadata tells which model and preprocessing to use.
+
+    Tolerances: `tol` if given, else from the candidate's `idle_export.precision` (fp32, fp16,
+    int8), with `max_abs` overriding the logit tolerance. `images` (a folder, .txt list or image
+    file; see calibration.data) adds the input set "images": all of them (or `num`), each batch
+    size running over the whole set; with an ImageFolder layout whose folder names are the
+    model's classes, accuracy is reported too."""
     import json
+    from dataclasses import replace
 
     from .calibration.images import builtin_photos, seeded_noise
     from .checkpoint import load_checkpoint
-    from .config import TOLERANCES, ModelSpec
+    from .config import ModelSpec
     from .errors import BadInputError
     from .export import read_metadata
     from .model import build_model
@@ -125,6 +210,11 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     if (ckpt_path is None) == (against is None):
         raise BadInputError("check needs exactly one reference",
                             "pass --ckpt CHECKPOINT (torch) or --against OTHER.onnx")
+    if tol is None:
+        tol = tolerance_for(meta)
+        if max_abs is not None:
+            tol = replace(tol, max_abs=max_abs)
+    precision = json.loads(meta.get("idle_export.precision", '"fp32"'))
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, ema=ema)
         expected = json.loads(meta.get("idle_export.checkpoint_sha256", "null"))
@@ -135,13 +225,36 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         reference = TorchRunner(model, name=f"torch:{ckpt.path.name}", selection=not dense,
                                 threads=threads)
     else:
+        load_onnx(against)
+        ref_meta = read_metadata(against)
+        if json.loads(ref_meta.get("idle_export.precision", '"fp32"')) != "fp32":
+            warnings.append(f"the reference {Path(against).name} is not FP32")
         reference = OrtRunner(against, selection=not dense, threads=threads)
     candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
     n = max(batch_sizes)
     makers = {"noise": seeded_noise, "photos": builtin_photos}
     inputs = {name: makers[name](n, spec, seed=seed) for name in input_sets}
-    report = compare_runners(candidate, reference, inputs, list(batch_sizes),
-                             tol or TOLERANCES["fp32"])
-    report["model"] = spec.describe() + (" (dense)" if dense else "")
+    if inputs or images is None:
+        report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
+    else:
+        report = {"a": candidate.name, "b": reference.name, "cases": [],
+                  "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()}}
+    if images is not None:
+        from .calibration.data import load_images
+
+        real = load_images(images, num, spec, seed=seed, what="--images")
+        classes = json.loads(meta.get("idle_export.classes", "null"))
+        labels = labels_from_folders(real.files, classes)
+        with candidate, reference:
+            cases = compare_on_images(candidate, reference, real.array, list(batch_sizes), tol, labels)
+        report["cases"].extend(cases)
+        report["passed"] = all(c["passed"] for c in report["cases"])
+        report["images"] = real.summary()
+        if real.skipped:
+            warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
+                            f"{real.skipped[0][0]} ({real.skipped[0][1]})")
+    report["precision"] = precision
+    report["model"] = spec.describe() + (" (dense)" if dense else "") + (
+        f" [{precision}]" if precision != "fp32" else "")
     report["warnings"] = warnings
     return report
