@@ -104,13 +104,14 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
                  providers: list[str] | None = None, threads: int | None = None,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", optimize: bool = False):
         self.path = Path(path)
         self.name = name or f"onnxruntime:{self.path.name}"
         self.selection = selection
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
         self.graph_optimization = graph_optimization
+        self.optimize = optimize  # idle_export.optimize passes, applied in memory before the session
         self.session = None
         self.idle_layers: list[int] = []
 
@@ -134,17 +135,13 @@ class OrtRunner(Runner):
                 self.idle_layers = list(range(len(self._topk)))
             for name in self._topk:
                 if name not in outputs:
-                    proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[self.graph_optimization]
-        opts.log_severity_level = 3
+                    proto.graph.output.append(
+                        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+        from .optimize import optimize_model_proto, session_options
+
+        if self.optimize:
+            proto = optimize_model_proto(proto)
+        opts = session_options(ort, threads=self.threads, level=self.graph_optimization)
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=self.providers)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -155,7 +152,7 @@ class OrtRunner(Runner):
         names = ["logits", *self._topk]
         values = self.session.run(names, {self.input_name: feed["images"].astype(np.float32, copy=False)})
         result = {"logits": values[0]}
-        for layer, idx in zip(self.idle_layers, values[1:]):
+        for layer, idx in zip(self.idle_layers, values[1:], strict=False):
             result[f"{SELECTION_PREFIX}{layer}"] = idx
         return result
 

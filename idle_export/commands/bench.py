@@ -1,0 +1,90 @@
+"""`idle-export bench`: images/s of idle vs dense side by side, against the FLOP ideal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..cli import JsonOut, Threads, _int_list, _status, _threads, command, write_json
+from ..errors import BadInputError
+
+
+@command("bench")
+def bench_cmd(
+    targets: Annotated[list[Path], typer.Argument(help="Idle and dense ONNX files (paired by their "
+                                                  "metadata), engines, or one checkpoint (exported "
+                                                  "to a temporary folder).")],
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, e.g. 1,8,64.")] = "1,8,64",
+    backend: Annotated[str, typer.Option("--backend", help="torch, torch-official, ort, ort-cuda, "
+                                         "trt (comma-separated).")] = "ort",
+    threads: Threads = None,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per variant and batch "
+                                      "(interleaved).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls per variant and batch "
+                                        "before timing (at least 1: it also sizes the "
+                                        "runs).")] = 3,
+    min_time: Annotated[float, typer.Option("--min-time", help="Seconds one run lasts at least "
+                                            "(sets the calls per run).")] = 1.0,
+    inputs: Annotated[str, typer.Option("--inputs", help="noise (seeded) or photos (skimage "
+                                        "photos, timm eval transform).")] = "noise",
+    scores: Annotated[str, typer.Option("--scores", help="Idle score modes exported from a "
+                                        "checkpoint: official, folded or official,folded."
+                                        )] = "official,folded",
+    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="Apply the ONNX Runtime "
+                                           "graph passes (idle_export.optimize) at session time.")] = True,
+    official_repo: Annotated[Path | None, typer.Option("--official-repo", help="A clone of "
+                                                          "Ackesnal/IdleViT for --backend "
+                                                          "torch-official.")] = None,
+    independent: Annotated[bool, typer.Option("--independent", help="Also time every ONNX file "
+                                              "with timeit in a separate process (a check on the "
+                                              "bench's own figures).")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_out: JsonOut = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: images/s vs batch, "
+                                                 "idle vs dense, ideal line.")] = None,
+):
+    """Measure idle vs dense (and the official code) on each backend, against the FLOP ideal."""
+    from ..bench import plot_report, print_report, run_bench
+    from ..model import SCORE_MODES
+
+    sizes = _int_list(batch, "--batch") or []
+    if not sizes or min(sizes) < 1:
+        raise BadInputError(f"--batch {batch!r} needs positive sizes", "e.g. --batch 1,8,64")
+    backends = [b for b in backend.replace(" ", "").split(",") if b]
+    modes = [m for m in scores.replace(" ", "").split(",") if m]
+    bad = [m for m in modes if m not in SCORE_MODES]
+    if bad or not modes:
+        raise BadInputError(f"--scores {scores!r}: unknown mode {', '.join(bad) or '(none)'}",
+                            "use official, folded or official,folded")
+    if official_repo is not None and not official_repo.is_dir():
+        raise BadInputError(f"--official-repo {official_repo} is not a folder",
+                            "git clone https://github.com/Ackesnal/IdleViT and pass its path")
+    if plot is not None:
+        _check_writable(plot)
+    if json_out and json_out != "-":
+        _check_writable(Path(json_out))
+    report = run_bench(targets, backends=backends, batches=sizes, threads=_threads(threads), runs=runs,
+                       warmup=warmup, min_time=min_time, inputs=inputs, score_modes=modes,
+                       optimize=optimize, official_repo=official_repo, independent=independent,
+                       seed=seed, status=_status)
+    if json_out == "-":  # stdout carries the JSON alone; the table goes to stderr
+        from rich.console import Console
+
+        print_report(report, Console(stderr=True))
+    else:
+        print_report(report)
+    if json_out:
+        write_json(report, json_out)
+    if plot is not None:
+        plot_report(report, plot)
+        typer.echo(f"wrote {plot}", err=True)
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise BadInputError(f"output {path} is a folder", "give a file name")
+    if not folder.is_dir():
+        raise BadInputError(f"output folder {folder} does not exist", f"create it: mkdir -p {folder}")
