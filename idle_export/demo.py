@@ -31,7 +31,7 @@ def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float
 def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
              batch_sizes=(1, 7, 32), status=None) -> dict:
     from .checkpoint import load_checkpoint
-    from .config import check_keep_rate, canonical_arch
+    from .config import canonical_arch, check_keep_rate
     from .errors import BadInputError
     from .export import export_checkpoint, onnx_summary
     from .parity import check_onnx

@@ -116,7 +116,8 @@ def test_wrong_architecture_names_the_keys(tmp_path, tiny_sd):
     torch.save({"model": tiny_sd, "args": argparse.Namespace(arch="deit_small", base_rate=0.7)},
                tmp_path / "c.pth")
     ckpt = load_checkpoint(tmp_path / "c.pth")
-    with pytest.raises(CheckpointError, match=r"size mismatch for: cls_token \(checkpoint \[1, 1, 192\]") as e:
+    pattern = r"size mismatch for: cls_token \(checkpoint \[1, 1, 192\]"
+    with pytest.raises(CheckpointError, match=pattern) as e:
         build_model(ckpt.spec(), ckpt.state_dict)
     assert "pass --arch deit_tiny" in e.value.one_line()
     partial = {k: v for k, v in tiny_sd.items() if not k.startswith("blocks.11.")}
