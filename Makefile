@@ -25,8 +25,17 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+## make bench: idle vs dense on the demo DeiT-S, ONNX Runtime CPU (JSON + plot in demo_out/)
+bench: demo
+	$(BIN)/idle-export bench demo_out/deit_small_r0.7_demo.pth --backend ort --batch 1,8,64 \
+	    --independent --json demo_out/bench.json --plot demo_out/bench.png
+
+## make gpu-check: TensorRT FP32/FP16/INT8 idle vs dense on an NVIDIA GPU → gpu_acceptance_out/report.json
+gpu-check: $(STAMP)
+	scripts/gpu_acceptance.sh gpu_acceptance_out
+
 lint: $(STAMP)
 	$(BIN)/ruff check idle_export tests
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out gpu_acceptance_out .pytest_cache

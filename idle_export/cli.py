@@ -160,9 +160,9 @@ def onnx_cmd(
                                         "in every layer) from the same weights.")] = False,
     emit_selection: Annotated[bool, typer.Option("--emit-selection", help="Add the kept token "
                                                  "indices of each idle layer as outputs.")] = False,
-    scores: Annotated[str, typer.Option("--scores", help="official: keys for all tokens (the "
-                                        "paper); folded: rank by xn·(Wkᵀq), keys only for kept "
-                                        "tokens (same top-K).")] = "official",
+    scores: Annotated[str, typer.Option("--scores", help="folded (default): rank by xn·(Wkᵀq), "
+                                        "keys only for kept tokens, the same top-K; official: keys "
+                                        "for every token, as in the paper's code.")] = "folded",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (≥17).")] = 18,
     external_data: Annotated[bool, typer.Option("--external-data", help="Write weights to "
                                                 "OUTPUT.data instead of embedding them.")] = False,

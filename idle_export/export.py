@@ -99,7 +99,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
-                      emit_selection: bool = False, score_mode: str = "official",
+                      emit_selection: bool = False, score_mode: str = "folded",
                       opset: int = DEFAULT_OPSET, external_data: bool = False) -> Path:
     """Checkpoint (already loaded) → ONNX with the full idle-export metadata."""
     import json
@@ -107,6 +107,8 @@ def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
     from .model import build_model
 
     output = check_output_path(Path(output))
+    if dense:
+        score_mode = "official"  # a dense layer computes every key: there is nothing to fold
     model = build_model(spec, ckpt.state_dict, dense=dense, emit_selection=emit_selection,
                         score_mode=score_mode)
     metadata = {

@@ -35,7 +35,14 @@ def _export(ckpt_path: Path, out: Path, **kwargs) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_idle_onnx(tiny_ckpt, tmp_path_factory) -> Path:
-    return _export(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny_idle.onnx")
+    """The paper's formulation (keys for every token): graph-structure tests count its ops."""
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny_idle.onnx", score_mode="official")
+
+
+@pytest.fixture(scope="session")
+def tiny_folded_onnx(tiny_ckpt, tmp_path_factory) -> Path:
+    """The default export: folded scores (no keys for idle tokens)."""
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny_folded.onnx")
 
 
 @pytest.fixture(scope="session")
@@ -53,4 +60,5 @@ def photos10_ckpt() -> Path:
 
 @pytest.fixture(scope="session")
 def photos10_idle_onnx(photos10_ckpt, tmp_path_factory) -> Path:
+    """The default export (folded scores) of the trained model."""
     return _export(photos10_ckpt, tmp_path_factory.mktemp("onnx") / "photos10_idle.onnx")

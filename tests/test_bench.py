@@ -58,14 +58,12 @@ def graph_macs(path: Path, spec) -> int:
 @pytest.mark.parametrize("dense,mode", [(False, "official"), (False, "folded"), (True, "official")])
 def test_flop_model_matches_graph_op_count(request, tiny_ckpt, tmp_path, dense, mode):
     from idle_export.checkpoint import load_checkpoint
-    from idle_export.export import export_checkpoint
 
     ckpt = load_checkpoint(tiny_ckpt)
     spec = ckpt.spec()
-    if mode == "folded":
-        path = export_checkpoint(ckpt, spec, tmp_path / "m.onnx", dense=dense, score_mode=mode)
-    else:
-        path = request.getfixturevalue("tiny_dense_onnx" if dense else "tiny_idle_onnx")
+    fixture = ("tiny_dense_onnx" if dense else
+               {"official": "tiny_idle_onnx", "folded": "tiny_folded_onnx"}[mode])
+    path = request.getfixturevalue(fixture)
     counted = graph_macs(path, spec)
     model = spec.macs(dense=dense, folded_scores=mode == "folded")
     assert abs(model - counted) / counted < 0.02, (model, counted)

@@ -15,6 +15,13 @@ def test_onnx_matches_torch(tiny_idle_onnx, tiny_ckpt):
         assert case["selection"] == 1.0 and len(case["selection_per_layer"]) == 9
 
 
+def test_folded_export_matches_official_torch(tiny_folded_onnx, tiny_ckpt):
+    """The default export ranks by xn·(Wkᵀq); check compares it with the paper's formulation."""
+    report = check_onnx(tiny_folded_onnx, ckpt_path=tiny_ckpt, batch_sizes=(1, 7, 32))
+    assert report["passed"], report
+    assert all(c["selection"] == 1.0 for c in report["cases"])
+
+
 def test_trained_model_onnx_matches_torch(photos10_idle_onnx, photos10_ckpt):
     """On the really trained model, agreement means something: confident logits and a [CLS]
     attention with preferences."""
