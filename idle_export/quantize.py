@@ -18,7 +18,7 @@
 6. copy the idle_export.* metadata, add `idle_export.precision = "int8"` and the recipe, write
    atomically (external data when the source had it).
 
-Recipes (see docs/int8.md for the measurements behind the ORT one):
+Recipes (see the README, section INT8 for the measurements behind the ORT one):
 - target "ort": fastest on ONNX Runtime CPU (x86 VNNI): see ORT_RECIPE.
 - target "trt": TensorRT wants symmetric int8 Q/DQ (zero point 0) in front of MatMul/Gemm/Conv
   and float biases (`QuantizeBias: False`: TensorRT rejects int32 bias DQ).
@@ -53,7 +53,7 @@ NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNorm
 # activation×activation MatMuls (attention q·kᵀ, attn·v) are quantized, ONNX Runtime transformer
 # fusions (dict of FusionOptions overrides; ORT-only com.microsoft ops), quantize_static extra_options.
 RECIPES: dict[str, dict] = {
-    # Measured fastest on ORT CPU (x86 AVX-512 VNNI), docs/int8.md: u8 activations × s8 weights,
+    # Measured fastest on ORT CPU (x86 AVX-512 VNNI; README, INT8): u8 activations × s8 weights,
     # weight MatMuls only, float MatMul outputs (DQ→MatMul fuses into MatMulIntegerToFloat, no
     # requantize), Erf-GELU + bias fused into BiasGelu; SkipLayerNormalization fusion off (its
     # CPU kernel was slower than Add + LayerNormalization here); the other bias Adds folded into

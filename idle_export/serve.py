@@ -679,7 +679,8 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
         raise MissingDependencyError(
             f"{', '.join(skipped)}: platform {all_models[0].platform} needs a Triton server with that "
             "backend (a TensorRT plan needs an NVIDIA GPU)",
-            "serve the repository with the stock Triton container (docs/serve.md), or write an ONNX repo")
+            "serve the repository with the stock Triton container (README: Serving), "
+            "or write an ONNX repo")
     for p, what in ((port, "--port"), (grpc_port, "--grpc-port"), (metrics_port, "--metrics-port")):
         if p is not None:
             check_port_free(host, p, what)
