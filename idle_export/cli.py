@@ -186,8 +186,9 @@ def onnx_cmd(
         export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                           score_mode=scores, opset=opset, external_data=external_data)
     summary = onnx_summary(output)
-    kind = "dense baseline" if dense else f"idle, {summary['ops'].get('TopK', 0)} TopK"
-    _err(f"wrote {output} ({spec.describe()}; {kind}; opset {summary['opset']}"
+    what = (f"dense baseline of {spec.arch}" if dense else
+            f"{spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")
+    _err(f"wrote {output} ({what}; opset {summary['opset']}"
          f"{'; weights in ' + output.name + '.data' if external_data else ''})")
     if json_out:
         write_json({"spec": spec.describe(), "dense": dense, **summary}, json_out)
@@ -339,8 +340,8 @@ def print_demo(report: dict) -> None:
                       "[green]ok[/]" if row["passed"] else "[red]FAILED[/]")
     console = Console()
     console.print(table)
-    console.print(f"K per idle layer: {report['keep_k']}; FLOP ideal speed-up {report['ideal']:.2f}x; "
-                  f"files in {report['folder']}")
+    console.print(f"K per idle layer: {report['keep_k']}; {report['scores']} scores; FLOP ideal "
+                  f"speed-up {report['ideal']:.2f}x; files in {report['folder']}")
 
 
 # Commands of the later pipeline steps live in idle_export/commands/ (one module each).
