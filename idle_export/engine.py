@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .checkpoint import sha256_file as file_sha256
 from .errors import BadInputError, IdleExportError, MissingDependencyError
 from .runners import Runner
 
@@ -249,15 +250,6 @@ def onnx_facts(model) -> dict:
     }
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- logger
 def _make_logger(trt: TrtInfo, verbose: bool, echo: Callable[[str], None]):
     mod = trt.module
     sev = mod.ILogger.Severity

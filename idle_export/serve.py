@@ -16,7 +16,6 @@ Three steps, each usable alone:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .checkpoint import sha256_file
 from .errors import BadInputError, IdleExportError, MissingDependencyError
 
 CONFIG_NAME = "config.pbtxt"
@@ -183,14 +183,6 @@ def validate_config(text: str, cfg: RepoConfig) -> bool:
             raise IdleExportError(f"config.pbtxt field {key} reads back as {parsed[key]!r}, "
                                   f"not {wanted[key]!r}", "report this as a bug")
     return True
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _onnx_io(path: Path):
@@ -377,7 +369,7 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
                                 "pass --onnx MODEL.onnx, the ONNX file the engine was built from")
         ins, outs, meta, _ = _onnx_io(onnx)
         want_sha = side.get("onnx_sha256")
-        if isinstance(want_sha, str) and want_sha and want_sha != _sha256(onnx):
+        if isinstance(want_sha, str) and want_sha and want_sha != sha256_file(onnx):
             raise BadInputError(f"{model.name} was not built from {onnx.name} (ONNX sha256 differs)",
                                 "pass the ONNX file the engine was built from with --onnx")
         profile = _profile_batches(side, ins[0][0].name if ins else "images")
@@ -466,7 +458,7 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
             (tmp / LABELS_NAME).write_text("".join(c.replace("\n", " ") + "\n" for c in classes))
         side_meta = {
             "tool": f"idle-export {__version__}", "source": str(model.resolve()), "platform": platform,
-            "sha256": _sha256(model), "version": version,
+            "sha256": sha256_file(model), "version": version,
             "metadata": {k: _json_or_text(v) for k, v in params.items()},
         }
         if is_plan:

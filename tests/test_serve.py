@@ -121,7 +121,8 @@ def repo(tiny_idle_onnx, named_onnx, tmp_path_factory) -> Path:
 
 
 def test_repo_config_parses_with_triton_protobuf(repo, tiny_idle_onnx):
-    from idle_export.serve import _sha256, parse_config
+    from idle_export.checkpoint import sha256_file
+    from idle_export.serve import parse_config
 
     folder = repo / "tiny_idle"
     cfg = parse_config((folder / "config.pbtxt").read_text())
@@ -136,7 +137,7 @@ def test_repo_config_parses_with_triton_protobuf(repo, tiny_idle_onnx):
     assert json.loads(cfg.parameters["idle_export.keep_k"].string_value) == [137] * 3 + [96] * 3 + [67] * 3
     assert (folder / "1" / "model.onnx").read_bytes() == tiny_idle_onnx.read_bytes()
     side = json.loads((folder / "idle_export.json").read_text())
-    assert side["sha256"] == _sha256(tiny_idle_onnx) and side["platform"] == "onnxruntime_onnx"
+    assert side["sha256"] == sha256_file(tiny_idle_onnx) and side["platform"] == "onnxruntime_onnx"
     assert not (folder / "labels.txt").exists()
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no temp folders left
 
@@ -172,14 +173,14 @@ def test_repo_copies_external_data(tiny_idle_onnx, tmp_path):
 
 
 def _engine(tmp_path: Path, onnx_path: Path, **sidecar) -> Path:
-    from idle_export.serve import _sha256
+    from idle_export.checkpoint import sha256_file
 
     engine = tmp_path / "tiny.engine"
     engine.write_bytes(b"serialized-engine-bytes")  # the writer copies plans, it never parses them
     side = {"flavour": "tensorrt", "version": "10.13.0", "precision": "fp16",
             "profiles": [{"images": {"min": [1, 3, 224, 224], "opt": [16, 3, 224, 224],
                                      "max": [32, 3, 224, 224]}}],
-            "onnx_sha256": _sha256(onnx_path)}
+            "onnx_sha256": sha256_file(onnx_path)}
     side.update(sidecar)
     (tmp_path / "tiny.engine.json").write_text(json.dumps(side))
     return engine
