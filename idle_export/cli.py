@@ -246,21 +246,22 @@ def check_cmd(
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                                 input_sets=sets, seed=seed, threads=_threads(threads), images=images,
                                 num=num, max_abs=max_abs)
-    print_check(report)
-    print_check_details(report)
+    to_stderr = json_out == "-"  # keep stdout pure JSON
+    print_check(report, stderr=to_stderr)
+    print_check_details(report, stderr=to_stderr)
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
         raise typer.Exit(1)
 
 
-def print_check_details(report: dict) -> None:
+def print_check_details(report: dict, stderr: bool = False) -> None:
     """Token-selection agreement per idle layer, and accuracy where labels are known."""
     from rich.console import Console
     from rich.table import Table
 
     cases = [c for c in report["cases"] if c.get("selection_per_layer")]
-    console = Console()
+    console = Console(stderr=stderr)
     if cases:
         layers = list(cases[0]["selection_per_layer"])
         table = Table(title="token-selection agreement per idle layer (same kept set, ties counted)")
@@ -284,11 +285,11 @@ def print_check_details(report: dict) -> None:
                           f"drop {acc['drop'] * 100:+.2f} points")
 
 
-def print_check(report: dict) -> None:
+def print_check(report: dict, stderr: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(stderr=stderr)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
     table = Table(title=f"{report['a']}  vs  {report['b']}  ({report.get('model', '')})")
@@ -319,14 +320,14 @@ def demo_cmd(
 
     sizes = _int_list(batch, "--batch") or [1]
     report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=_status)
-    print_demo(report)
+    print_demo(report, stderr=json_out == "-")
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
         raise typer.Exit(1)
 
 
-def print_demo(report: dict) -> None:
+def print_demo(report: dict, stderr: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -338,7 +339,7 @@ def print_demo(report: dict) -> None:
         table.add_row(Path(row["file"]).name, str(row["topk"]), f"{row['gmacs']:.2f}",
                       f"{row['max_abs']:.1e}", f"{row['top1']:.0%}", sel,
                       "[green]ok[/]" if row["passed"] else "[red]FAILED[/]")
-    console = Console()
+    console = Console(stderr=stderr)
     console.print(table)
     console.print(f"K per idle layer: {report['keep_k']}; {report['scores']} scores; FLOP ideal "
                   f"speed-up {report['ideal']:.2f}x; files in {report['folder']}")

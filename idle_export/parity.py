@@ -223,7 +223,8 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         # The reference is always the paper's formulation (keys for every token), whatever
         # score mode the file was exported with: a folded export is checked against it.
         model = build_model(spec, ckpt.state_dict, dense=dense, score_mode="official")
-        reference = TorchRunner(model, name=f"torch:{ckpt.path.name}", selection=not dense,
+        reference = TorchRunner(model, name=f"torch:{ckpt.path.name} (official scores)",
+                                selection=not dense,
                                 threads=threads)
     else:
         load_onnx(against)
