@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, MissingDependencyError
+from .fileio import atomic_write_bytes
 
 BACKENDS = ("torch", "torch-official", "ort", "ort-cuda", "trt")
 DEFAULT_BATCHES = (1, 8, 64)
@@ -833,20 +834,3 @@ def plot_report(report: dict, path: Path) -> Path:
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` via a temp file in the same folder (no partial file on failure)."""
-    import tempfile
-
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise BadInputError(f"folder {folder} does not exist", f"create it: mkdir -p {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

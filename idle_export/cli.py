@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +12,7 @@ import typer
 
 from . import __version__
 from .errors import EXIT_INTERNAL, BadInputError, IdleExportError
+from .fileio import atomic_write_text
 
 app = typer.Typer(
     name="idle-export",
@@ -99,19 +99,6 @@ def write_json(report: dict, target: str) -> None:
         typer.echo(text)
         return
     atomic_write_text(Path(target), text + "\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise BadInputError(f"folder {folder} does not exist", f"create it: mkdir -p {folder}")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    except OSError:
-        raise BadInputError(f"cannot write into {folder}", "choose a writable folder") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 Arch = Annotated[str | None, typer.Option("--arch", help="deit_tiny|deit_small|deit_base; "

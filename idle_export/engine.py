@@ -292,9 +292,10 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
     selection: also output each TopK's indices as selection_layer{L} (for parity checks).
     """
     from .export import check_output_path
+    from .fileio import atomic_write_bytes
     from .lint import lint_model
     from .runners import load_onnx
-    from .surgery import atomic_write_bytes, fp16_onnx, score_path_nodes
+    from .surgery import fp16_onnx, score_path_nodes
 
     echo = echo or (lambda s: None)
     if precision not in PRECISIONS:

@@ -65,29 +65,44 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
                               dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
                               optimize=True)
         proto = onnx.load(str(raw))
-        props = {"idle_export.tool_version": __version__, "idle_export.opset": str(opset),
-                 **(metadata or {})}
-        del proto.metadata_props[:]
-        for key, value in sorted(props.items()):
-            proto.metadata_props.add(key=key, value=value)
+        set_metadata(proto, {"idle_export.tool_version": __version__, "idle_export.opset": str(opset),
+                             **(metadata or {})})
         proto.producer_name = "idle-export"
         proto.producer_version = __version__
         proto.doc_string = f"IdleViT {spec.describe()}{' (dense baseline)' if model.dense else ''}"
-        final = tmpdir / path.name
-        if external_data:
-            onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(proto, str(final))
-        onnx.checker.check_model(str(final), full_check=True)
-        if external_data:
-            os.replace(tmpdir / (path.name + ".data"), path.parent / (path.name + ".data"))
-        elif (path.parent / (path.name + ".data")).exists():
-            os.remove(path.parent / (path.name + ".data"))  # a stale one from an earlier export
-        os.replace(final, path)
+        install_onnx(proto, tmpdir, path, external_data=external_data, check=True)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def set_metadata(proto, props: dict[str, str]) -> None:
+    """Replace the model's metadata_props with `props` (sorted by key)."""
+    del proto.metadata_props[:]
+    for key, value in sorted(props.items()):
+        proto.metadata_props.add(key=key, value=value)
+
+
+def install_onnx(proto, tmpdir: Path, path: Path, *, external_data: bool, check: bool = False) -> None:
+    """Save `proto` in `tmpdir` (weights in `path.data` with external_data), optionally run the
+    full ONNX checker on it, then rename it (and its data file) onto `path`. A stale `path.data`
+    of an earlier external-data file is removed when the new file embeds its weights."""
+    import onnx
+
+    final = tmpdir / path.name
+    data_name = path.name + ".data"
+    if external_data:
+        onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(final))
+    if check:
+        onnx.checker.check_model(str(final), full_check=True)
+    if external_data:
+        os.replace(tmpdir / data_name, path.parent / data_name)
+    elif (path.parent / data_name).exists():
+        os.remove(path.parent / data_name)
+    os.replace(final, path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

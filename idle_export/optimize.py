@@ -25,6 +25,7 @@ threads as asked. `check` parity (1e-4, 100% top-1 and selection) holds: tests/t
 from __future__ import annotations
 
 from .errors import MissingDependencyError
+from .export import set_metadata
 
 FOLDABLE_OPS = {"Slice", "Concat", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity",
                 "Split"}
@@ -128,9 +129,7 @@ def fuse_transformer_ops(proto, num_heads: int | None = None, hidden_size: int |
     finally:
         logging.disable(previous)
     out = fused.model
-    del out.metadata_props[:]
-    for k, v in meta.items():
-        out.metadata_props.add(key=k, value=v)
+    set_metadata(out, meta)
     return out
 
 
@@ -282,9 +281,7 @@ def optimize_model_proto(proto, passes: tuple[str, ...] = DEFAULT_PASSES):
         proto = PASSES[name](proto)
     props = {p.key: p.value for p in proto.metadata_props}
     props["idle_export.optimized"] = json.dumps(list(passes))
-    del proto.metadata_props[:]
-    for k, v in sorted(props.items()):
-        proto.metadata_props.add(key=k, value=v)
+    set_metadata(proto, props)
     return proto
 
 

@@ -27,7 +27,6 @@ Recipes (see the README, section INT8 for the measurements behind the ORT one):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -288,7 +287,7 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
                   cache_dir=None, recipe: dict | None = None, status=None) -> dict:
     """Calibrate on `images` (None: the built-in set; a folder, list file, list of paths or a
     preprocessed array) and write an INT8 Q/DQ model to `dst`. Returns a report dict."""
-    from .export import check_output_path, read_metadata
+    from .export import check_output_path, install_onnx, read_metadata, set_metadata
     from .runners import load_onnx
 
     t0 = time.perf_counter()
@@ -380,25 +379,14 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
         props["idle_export.precision"] = json.dumps("int8")
         props["idle_export.quantization"] = json.dumps(recipe_meta)
         props["idle_export.source_model"] = json.dumps(src.name)
-        del model.metadata_props[:]
-        for key, value in sorted(props.items()):
-            model.metadata_props.add(key=key, value=value)
-        final = tmpdir / ("final-" + dst.name)
-        data_name = dst.name + ".data"
-        if external:
-            onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(final))
+        set_metadata(model, props)
         ops: dict[str, int] = {}
         for n in model.graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
         dq_scores = dequantized_score_inputs(model)
-        if external:
-            os.replace(tmpdir / data_name, dst.parent / data_name)
-        elif (dst.parent / data_name).exists():
-            os.remove(dst.parent / data_name)  # stale weights of an earlier external-data file
-        os.replace(final, dst)
+        final_dir = tmpdir / "final"  # quantize_static wrote `out` (same name) into tmpdir
+        final_dir.mkdir()
+        install_onnx(model, final_dir, dst, external_data=external)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return {
@@ -412,6 +400,7 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
         "topk": topk,
         "score_matmuls_fp32": sum(1 for d in dq_scores if not d),
         "ops": dict(sorted(ops.items())),
-        "size_bytes": dst.stat().st_size + ((dst.parent / data_name).stat().st_size if external else 0),
+        "size_bytes": dst.stat().st_size + (dst.with_name(dst.name + ".data").stat().st_size
+                                            if external else 0),
         "seconds": round(time.perf_counter() - t0, 2),
     }

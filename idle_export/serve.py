@@ -598,14 +598,12 @@ class _OrtModel:
     """One ONNX Runtime session per Triton instance, running the outputs the config declares."""
 
     def __init__(self, rm: RepoModel, threads: int | None):
+        from .optimize import session_options
         from .runners import import_onnxruntime, load_onnx
 
         ort = import_onnxruntime()
         proto = load_onnx(rm.model_file)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
+        opts = session_options(ort, threads=threads)
         self.session = ort.InferenceSession(proto.SerializeToString(), opts,
                                             providers=["CPUExecutionProvider"])
         have_in = {i.name for i in self.session.get_inputs()}

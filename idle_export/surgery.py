@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
+from .fileio import atomic_write_bytes
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
@@ -314,7 +315,7 @@ def fp16_onnx(src: str | Path, dst: str | Path, **kwargs) -> dict:
     """`convert_fp16` from file to file (atomic), with the metadata updated; returns the report."""
     import onnx
 
-    from .export import check_output_path
+    from .export import check_output_path, set_metadata
 
     dst = check_output_path(Path(dst))
     model = load(src)
@@ -325,9 +326,7 @@ def fp16_onnx(src: str | Path, dst: str | Path, **kwargs) -> dict:
     props = {p.key: p.value for p in model.metadata_props}
     props["idle_export.precision"] = json.dumps("fp16")
     props["idle_export.fp32_nodes"] = json.dumps(report["fp32_nodes"])
-    del model.metadata_props[:]
-    for k, v in sorted(props.items()):
-        model.metadata_props.add(key=k, value=v)
+    set_metadata(model, props)
     onnx.checker.check_model(model, full_check=False)
     mixed = mixed_float_inputs(model)
     if mixed:  # a bug in this pass, not the user's input
@@ -335,22 +334,3 @@ def fp16_onnx(src: str | Path, dst: str | Path, **kwargs) -> dict:
     atomic_write_bytes(dst, model.SerializeToString())
     report["path"] = str(dst)
     return report
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, then rename it over `path`."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -77,11 +77,7 @@ def list_image_files(source: str | Path | list) -> list[Path]:
     de-duplicated for folders; list order kept for lists)."""
     if isinstance(source, (list, tuple)):
         files = [Path(p) for p in source]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise BadInputError(f"image file not found: {missing[0]}"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-                                "check the paths")
+        _require_files(files, "image file not found", "check the paths")
         return files
     path = Path(source)
     if not path.exists():
@@ -103,13 +99,18 @@ def list_image_files(source: str | Path | list) -> list[Path]:
         if not entries:
             raise BadInputError(f"image list {path} names no images", "write one image path per line")
         files = [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise BadInputError(f"{path.name} names a missing file: {missing[0]}"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-                                "paths in the list are relative to the list's folder")
+        _require_files(files, f"{path.name} names a missing file",
+                       "paths in the list are relative to the list's folder")
         return files
     return [path]  # a single image
+
+
+def _require_files(files: list[Path], message: str, hint: str) -> None:
+    """BadInputError naming the first missing file (and how many more) if any is missing."""
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise BadInputError(f"{message}: {missing[0]}{more}", hint)
 
 
 def open_rgb(path: Path):
