@@ -166,6 +166,25 @@ def test_trt_target_external_data(tiny_ckpt, tmp_path):
     assert dequantized_score_inputs(proto) == [False] * 9
 
 
+def test_bench_passes_keep_int8_graphs(demo_int8, tiny_ckpt, tiny_idle_onnx, tmp_path):
+    """`bench` runs optimize.py's default passes on every ONNX file, INT8 ones too: both recipes
+    must keep their logits and token selection (the `trt` recipe's Erf-GELU becomes Gelu)."""
+    from idle_export.calibration.images import builtin_photos
+    from idle_export.checkpoint import load_checkpoint
+    from idle_export.config import TOLERANCES
+    from idle_export.parity import compare_runners
+    from idle_export.runners import OrtRunner
+
+    trt = tmp_path / "tiny.trt.int8.onnx"
+    quantize_onnx(tiny_idle_onnx, trt, num=8, target="trt", cache_dir=False)
+    inputs = {"photos": builtin_photos(6, load_checkpoint(tiny_ckpt).spec())}
+    for path in (demo_int8[0], trt):
+        rep = compare_runners(OrtRunner(path, selection=True, optimize=True),
+                              OrtRunner(path, selection=True, optimize=False), inputs, [3],
+                              TOLERANCES["fp32"])
+        assert rep["passed"], (path.name, rep["cases"])
+
+
 def test_calibrate_cli_bad_input(tiny_idle_onnx, tmp_path):
     runner = CliRunner()
     empty = tmp_path / "empty"
