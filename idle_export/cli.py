@@ -37,6 +37,10 @@ def command(*args, target: typer.Typer | None = None, **kwargs):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
             try:
+                if kw.get("json_out") not in (None, "-"):  # a report nobody can write: say so first
+                    from .export import check_output_path
+
+                    check_output_path(Path(kw["json_out"]), "--json")
                 return fn(*a, **kw)
             except (typer.Exit, typer.Abort, KeyboardInterrupt):
                 raise

@@ -20,7 +20,7 @@ def selection_output_names(spec) -> list[str]:
     return [f"selection_layer{i}" for i in spec.idle_layers]
 
 
-def check_output_path(path: Path) -> Path:
+def check_output_path(path: Path, option: str = "-o/--output") -> Path:
     """Fail before any work if the output cannot be written."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -36,7 +36,7 @@ def check_output_path(path: Path) -> Path:
         os.remove(probe)
     except OSError:
         raise BadInputError(f"output folder {folder} is not writable",
-                            "choose another -o/--output or fix the folder's permissions") from None
+                            f"choose another {option} or fix the folder's permissions") from None
     return path
 
 

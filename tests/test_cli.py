@@ -62,6 +62,11 @@ CASES = {
     "bad K list": (["onnx", "{ckpt}", "--keep-k", "10,x"], "not a comma-separated list"),
     "check no reference": (["check", "{onnx}"], "needs exactly one reference"),
     "check not onnx": (["check", "{d}/notes.pth", "--ckpt", "{ckpt}"], "is not an ONNX model"),
+    # a --json report that cannot be written fails before the work, not after it
+    "check --json not writable": (["check", "{onnx}", "--ckpt", "{ckpt}", "--json", "/sys/r.json"],
+                                  "not writable (hint: choose another --json"),
+    "bench --json not writable": (["bench", "{onnx}", "--json", "/sys/r.json"],
+                                  "not writable (hint: choose another --json"),
 }
 
 
