@@ -625,10 +625,13 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
                         bench_batch(group, feed, bs, runs=runs, warmup=warmup, min_time=min_time,
                                     progress=(lambda m, st=st: st.update(m)) if hasattr(st, "update")
                                     else None)
+        from .optimize import DEFAULT_PASSES
+
         report = build_report(spec, flops, env, variants, batches, targets,
                               settings=dict(batch=batches, backends=backends, runs=runs,
                                             warmup=max(warmup, 1), min_time_s=min_time, threads=threads,
                                             inputs=inputs, seed=seed, optimize=optimize,
+                                            passes=list(DEFAULT_PASSES) if optimize else [],
                                             score_modes=score_modes))
         if independent:
             report["independent"] = independent_checks(variants, batches, threads, optimize, min_time,

@@ -23,7 +23,7 @@ Also available, not default:
   linear_to_gemm        MatMul + bias Add on [B, N, C] → Reshape/Gemm/Reshape (bias inside the
                         GEMM): measured -1..-3% CPU time, within the noise of this machine, and
                         it helps dense more than idle at batch 1; left out of the default.
-Session options: ORT_ENABLE_ALL (ONNX Runtime's own LayerNorm/GELU/MatMul fusions), intra-op
+Session options: ORT_ENABLE_ALL (ONNX Runtime's own LayerNorm/MatMul fusions), intra-op
 threads as asked. `check` parity (1e-4, 100% top-1 and selection) holds: tests/test_bench.py.
 """
 

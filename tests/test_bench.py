@@ -92,6 +92,7 @@ def test_bench_report_structure(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
     report = run_bench([tiny_idle_onnx, tiny_dense_onnx], backends=["ort"], batches=[1, 2], threads=1,
                        independent=True, **FAST)
     assert report["settings"]["threads"] == 1 and report["settings"]["optimize"] is True
+    assert "bias_gelu" in report["settings"]["passes"]
     env = report["environment"]
     assert env["cpu"] and env["versions"]["onnxruntime"] and env["versions"]["numpy"]
     assert {(r["variant"], r["batch"]) for r in report["results"]} == {
@@ -339,5 +340,6 @@ def test_bench_two_files_with_the_same_role_stay_apart(tiny_idle_onnx, tiny_dens
     report = run_bench([tiny_idle_onnx, twin, tiny_dense_onnx], backends=["ort"], batches=[1], threads=1,
                        optimize=False, **FAST)
     assert [r["variant"] for r in report["results"]] == ["idle", "idle(tiny_idle_copy)", "dense"]
+    assert report["settings"]["optimize"] is False and report["settings"]["passes"] == []
     assert all(r["calls"] == 2 * r["iters_per_run"] for r in report["results"])
     assert {c["variant"] for c in report["comparisons"]} == {"idle", "idle(tiny_idle_copy)"}
