@@ -38,6 +38,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def canonical_arch(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
+    if key.startswith("lvvit"):  # the authors' other family (lvvit_s, lvvit_m): a different model
+        raise BadInputError(
+            f"architecture {name!r} is LV-ViT, which idle-export cannot export yet",
+            f"only DeiT checkpoints are supported ({', '.join(ARCHS)}); LV-ViT is planned",
+        )
     if key not in ARCHS:
         raise BadInputError(
             f"unknown architecture {name!r}",

@@ -7,7 +7,7 @@ import torch
 
 from idle_export.checkpoint import load_checkpoint
 from idle_export.config import ModelSpec
-from idle_export.errors import CheckpointError
+from idle_export.errors import BadInputError, CheckpointError
 from idle_export.model import build_model, create_vit
 
 
@@ -62,6 +62,15 @@ def test_num_classes_from_head(tmp_path):
     torch.save({"model": create_vit(spec).state_dict(),
                 "args": argparse.Namespace(arch="deit_tiny", base_rate=0.7)}, tmp_path / "c.pth")
     assert load_checkpoint(tmp_path / "c.pth").spec().num_classes == 10
+
+
+def test_lvvit_checkpoint_is_named_not_guessed(tmp_path, tiny_sd):
+    """The authors' LV-ViT checkpoints (args.arch lvvit_s/lvvit_m) get their own message, not
+    'unknown architecture' or a shape mismatch against some DeiT."""
+    torch.save({"model": tiny_sd, "args": argparse.Namespace(arch="lvvit_s", base_rate=0.7)},
+               tmp_path / "lv.pth")
+    with pytest.raises(BadInputError, match="'lvvit_s' is LV-ViT, which idle-export cannot export yet"):
+        load_checkpoint(tmp_path / "lv.pth").spec()
 
 
 def test_trained_photos10_checkpoint(photos10_ckpt):
