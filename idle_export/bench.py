@@ -740,10 +740,20 @@ def build_report(spec, flops, env, variants, batches, targets, *, settings) -> d
         "files": [{"file": str(p), "dense": d, "score_mode": m} for p, d, m in targets.onnx],
         "results": results,
         "comparisons": comparisons,
+        "noise": {"spread_threshold": NOISY_SPREAD,
+                  "noisy": [f"{r['backend']}:{r['variant']}@{r['batch']}" for r in noisy_results(results)]},
     }
 
 
 # ----------------------------------------------------------------------------- output
+NOISY_SPREAD = 0.10  # (max - min) / median of the per-run images/s above which a figure is flagged
+
+
+def noisy_results(results: list[dict]) -> list[dict]:
+    """The results whose run-to-run spread says the machine was busy while they were timed."""
+    return [r for r in results if r.get("spread", 0.0) > NOISY_SPREAD]
+
+
 def print_report(report: dict, console=None) -> None:
     """Two rich tables: per-variant figures, then idle vs baseline against the FLOP ideal."""
     from rich.console import Console
@@ -776,11 +786,20 @@ def print_report(report: dict, console=None) -> None:
     console.print(comp)
     for c in report.get("independent", []):
         if "ratio" in c:
-            console.print(f"independent timing (timeit, own process) {Path(c['file']).name} batch "
+            colour = "" if c["agree_within_10pct"] else "[yellow]"
+            console.print(f"{colour}independent timing (timeit, own process) {Path(c['file']).name} batch "
                           f"{c['batch']}: {c['images_per_s']:.1f} images/s, {c['cpu_ms_per_image']:.2f} "
-                          f"CPU ms/img; bench/independent {c['ratio']:.3f} (CPU time {c['cpu_ratio']:.3f})")
+                          f"CPU ms/img; bench/independent {c['ratio']:.3f} (CPU time {c['cpu_ratio']:.3f})"
+                          + ("[/]" if colour else ""))
         else:
             console.print(f"[yellow]independent timing of {c['file']} failed: {c.get('error')}[/]")
+    noisy = noisy_results(report["results"])
+    if noisy:
+        worst = max(noisy, key=lambda r: r["spread"])
+        console.print(f"[yellow]noisy timing: {len(noisy)} of {len(report['results'])} figures vary by more "
+                      f"than {NOISY_SPREAD:.0%} from run to run (worst {worst['spread']:.0%}, "
+                      f"{worst['variant']} batch {worst['batch']}); the machine is busy: trust the CPU-time "
+                      f"ratios more than images/s, or re-run when it is quiet[/]")
     console.print(f"GMACs/image dense {g['dense']:.2f}, idle {g['idle']:.2f} "
                   f"(ideal {ideal['official']:.2f}x), "
                   f"idle folded scores {g['idle_folded']:.2f} (ideal {ideal['folded']:.2f}x); "

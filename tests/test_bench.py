@@ -115,6 +115,30 @@ def test_bench_report_structure(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
     assert len(ind) == 4 and all(c["images_per_s"] > 0 and c["ratio"] > 0 for c in ind)
     json.dumps(report)  # serialisable as is
 
+    # a busy machine is said plainly: figures whose run-to-run spread exceeds 10% are flagged
+    import io
+
+    from rich.console import Console
+
+    from idle_export.bench import NOISY_SPREAD, noisy_results, print_report
+
+    def printed(rep):
+        buf = io.StringIO()
+        print_report(rep, Console(file=buf, width=200))
+        return buf.getvalue()
+
+    quiet = json.loads(json.dumps(report))
+    for r in quiet["results"]:
+        r["spread"] = NOISY_SPREAD / 2
+    assert noisy_results(quiet["results"]) == [] and "noisy timing" not in printed(quiet)
+    busy = json.loads(json.dumps(quiet))
+    busy["results"][1]["spread"] = 0.39
+    assert "noisy timing: 1 of 4 figures vary by more than 10%" in printed(busy)
+    assert "worst 39%" in printed(busy)
+    assert report["noise"]["spread_threshold"] == NOISY_SPREAD
+    assert report["noise"]["noisy"] == [f"ort:{r['variant']}@{r['batch']}" for r in report["results"]
+                                        if r["spread"] > NOISY_SPREAD]
+
 
 def test_bench_cli_checkpoint_torch_json_and_plot(tiny_ckpt, tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
