@@ -75,14 +75,14 @@ class IdleBlock(nn.Module):
         xn_sel = torch.gather(xn, 1, gather_idx)
         x_sel = torch.gather(x, 1, gather_idx)
         weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
+        # q, k, v as separate projections of the kept tokens: one [B, S, 3C] GEMM followed by a
+        # Split would copy its whole output once more
+        q = F.linear(xn_sel, weight[:c], bias[:c])
+        v = F.linear(xn_sel, weight[2 * c :], bias[2 * c :])
         if keys is None:
-            qkv = F.linear(xn_sel, weight, bias)
-            q, k, v = qkv.split(c, dim=-1)
+            k = F.linear(xn_sel, weight[c : 2 * c], bias[c : 2 * c])
         else:
             k = torch.gather(keys, 1, gather_idx)
-            qv = F.linear(xn_sel, torch.cat([weight[:c], weight[2 * c :]]),
-                          torch.cat([bias[:c], bias[2 * c :]]))
-            q, v = qv.split(c, dim=-1)
         h, d = self.num_heads, self.head_dim
         q = q.reshape(b, s, h, d).transpose(1, 2)
         k = k.reshape(b, s, h, d).transpose(1, 2)

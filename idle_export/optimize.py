@@ -6,7 +6,7 @@ passes run on the idle and the dense graph, so the comparison stays fair.
 
 Default passes (each returns a new ModelProto and keeps the metadata):
   fold_initializer_ops  Slice/Concat/Transpose/… whose inputs are all constants (the weight
-                        slices Wq, Wk, [Wq;Wv] of the idle path) become initializers
+                        slices Wq, Wk, Wv of the idle path) become initializers
   gather_rows           the idle path's GatherElements/ScatterElements, whose indices are the
                         token index expanded over C channels, become GatherND/ScatterND row
                         copies (one index per token instead of C): ~5% less CPU time for the
