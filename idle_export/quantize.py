@@ -49,8 +49,9 @@ NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNorm
             "SkipSimplifiedLayerNormalization"}
 
 # The recipes: quant_format (QDQ|QOperator), activation / weight type, op_types, whether
-# activation×activation MatMuls (attention q·kᵀ, attn·v) are quantized, ONNX Runtime transformer
-# fusions (dict of FusionOptions overrides; ORT-only com.microsoft ops), quantize_static extra_options.
+# activation×activation MatMuls (attention q·kᵀ, attn·v) are quantized, bias_gelu (idle_export.
+# optimize's Erf-GELU + bias → com.microsoft.BiasGelu before quantizing; ORT only), quantize_static
+# extra_options, fuse_bias (fuse_matmul_bias after quantizing).
 RECIPES: dict[str, dict] = {
     # Measured fastest on ORT CPU (x86 AVX-512 VNNI; README, INT8): u8 activations × s8 weights,
     # weight MatMuls only, float MatMul outputs (DQ→MatMul fuses into MatMulIntegerToFloat, no
@@ -63,7 +64,7 @@ RECIPES: dict[str, dict] = {
         "weight": "QInt8",
         "op_types": ["MatMul", "Gemm", "Conv"],
         "activation_matmuls": False,
-        "fusions": {"enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False},
+        "bias_gelu": True,
         "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
         "fuse_bias": True,
     },
@@ -75,7 +76,7 @@ RECIPES: dict[str, dict] = {
         "weight": "QInt8",
         "op_types": ["MatMul", "Gemm", "Conv"],
         "activation_matmuls": True,
-        "fusions": False,
+        "bias_gelu": False,
         "extra_options": {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True},
         "fuse_bias": False,
     },
@@ -210,29 +211,20 @@ def _make_reader_class(quantization):
     return Reader
 
 
-def _transformer_fusions(path: Path, spec, external: bool, settings=True) -> Path:
-    """ONNX Runtime's transformer optimizer (Python fusions only): Erf-GELU + bias → BiasGelu,
-    residual Add + LayerNorm → SkipLayerNormalization. Attention fusion off: the idle layers'
-    attention is not the pattern it knows, and the MatMuls must stay visible to the quantizer."""
-    import logging
-
+def _bias_gelu(path: Path, spec, external: bool) -> Path:
+    """optimize.bias_gelu (fc1 bias + Erf-GELU → BiasGelu, the pass `bench` runs) on the
+    preprocessed model, before quantizing: the MatMuls stay visible to the quantizer."""
     import onnx
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
 
-    options = FusionOptions("vit")
-    options.enable_attention = False
-    for key, value in (settings.items() if isinstance(settings, dict) else ()):
-        setattr(options, key, value)
-    level = logging.getLogger("onnxruntime.transformers").level
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    try:
-        model = optimize_model(onnx.load(str(path)), model_type="vit", num_heads=spec.num_heads,
-                               hidden_size=spec.embed_dim, optimization_options=options, opt_level=0)
-    finally:
-        logging.getLogger("onnxruntime.transformers").setLevel(level)
+    from .optimize import bias_gelu
+
+    fused = bias_gelu(onnx.load(str(path)), spec.num_heads, spec.embed_dim)
     out = path.with_name("fused.onnx")
-    model.save_model_to_file(str(out), use_external_data_format=external, all_tensors_to_one_file=True)
+    if external:
+        onnx.save(fused, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="fused.onnx.data")
+    else:
+        onnx.save(fused, str(out))
     return out
 
 
@@ -284,7 +276,7 @@ def fuse_matmul_bias(proto) -> int:
 # ----------------------------------------------------------------------------- main entry
 def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minmax", target: str = "ort",
                   per_channel: bool = True, batch_size: int = 16, seed: int = 0,
-                  cache_dir=None, recipe: dict | None = None, status=None) -> dict:
+                  cache_dir=None, status=None) -> dict:
     """Calibrate on `images` (None: the built-in set; a folder, list file, list of paths or a
     preprocessed array) and write an INT8 Q/DQ model to `dst`. Returns a report dict."""
     from .export import check_output_path, install_onnx, read_metadata, set_metadata
@@ -328,7 +320,7 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
     calib = load_images(images, num, spec, seed=seed, cache_dir=cache_dir)
 
     q = _ort_quantization()
-    rec = dict(RECIPES[target] if recipe is None else {**RECIPES[target], **recipe})
+    rec = RECIPES[target]
     fmt = getattr(q.QuantFormat, rec["quant_format"])
     act = getattr(q.QuantType, rec["activation"])
     wt = getattr(q.QuantType, rec["weight"])
@@ -346,9 +338,9 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
         if not pre.exists():
             raise BadInputError(f"ONNX Runtime could not preprocess {src.name}",
                                 "rerun with --debug and report it")
-        if rec.get("fusions"):
-            say("fusing Gelu / SkipLayerNorm (onnxruntime.transformers)")
-            pre = _transformer_fusions(pre, spec, external, rec["fusions"])
+        if rec["bias_gelu"]:
+            say("fusing bias + GELU into BiasGelu (onnxruntime.transformers)")
+            pre = _bias_gelu(pre, spec, external)
         pre_proto = onnx.load(str(pre), load_external_data=False)
         exclude = selection_path_nodes(pre_proto)
         if not rec.get("activation_matmuls", True):
