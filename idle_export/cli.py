@@ -129,6 +129,14 @@ def _spec(ckpt, arch, keep, schedule, idle_layers, keep_k):
                      keep_k=_int_list(keep_k, "--keep-k"))
 
 
+def report_console(json_out: str | None):
+    """The console a command prints its tables to: stderr when `--json -` makes stdout the JSON
+    report (so stdout stays pure JSON), else stdout."""
+    from rich.console import Console
+
+    return Console(stderr=json_out == "-")
+
+
 def _status(message: str):
     from rich.console import Console
 
@@ -237,22 +245,20 @@ def check_cmd(
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                                 input_sets=sets, seed=seed, threads=_threads(threads), images=images,
                                 num=num, max_abs=max_abs)
-    to_stderr = json_out == "-"  # keep stdout pure JSON
-    print_check(report, stderr=to_stderr)
-    print_check_details(report, stderr=to_stderr)
+    console = report_console(json_out)
+    print_check(report, console)
+    print_check_details(report, console)
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
         raise typer.Exit(1)
 
 
-def print_check_details(report: dict, stderr: bool = False) -> None:
+def print_check_details(report: dict, console) -> None:
     """Token-selection agreement per idle layer, and accuracy where labels are known."""
-    from rich.console import Console
     from rich.table import Table
 
     cases = [c for c in report["cases"] if c.get("selection_per_layer")]
-    console = Console(stderr=stderr)
     if cases:
         layers = list(cases[0]["selection_per_layer"])
         table = Table(title="token-selection agreement per idle layer (same kept set, ties counted)")
@@ -276,11 +282,9 @@ def print_check_details(report: dict, stderr: bool = False) -> None:
                           f"drop {acc['drop'] * 100:+.2f} points")
 
 
-def print_check(report: dict, stderr: bool = False) -> None:
-    from rich.console import Console
+def print_check(report: dict, console) -> None:
     from rich.table import Table
 
-    console = Console(stderr=stderr)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
     table = Table(title=f"{report['a']}  vs  {report['b']}  ({report.get('model', '')})")
@@ -311,15 +315,14 @@ def demo_cmd(
 
     sizes = _int_list(batch, "--batch") or [1]
     report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=_status)
-    print_demo(report, stderr=json_out == "-")
+    print_demo(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
         raise typer.Exit(1)
 
 
-def print_demo(report: dict, stderr: bool = False) -> None:
-    from rich.console import Console
+def print_demo(report: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"idle-export demo: {report['model']}")
@@ -330,7 +333,6 @@ def print_demo(report: dict, stderr: bool = False) -> None:
         table.add_row(Path(row["file"]).name, str(row["topk"]), f"{row['gmacs']:.2f}",
                       f"{row['max_abs']:.1e}", f"{row['top1']:.0%}", sel,
                       "[green]ok[/]" if row["passed"] else "[red]FAILED[/]")
-    console = Console(stderr=stderr)
     console.print(table)
     console.print(f"K per idle layer: {report['keep_k']}; {report['scores']} scores; FLOP ideal "
                   f"speed-up {report['ideal']:.2f}x; files in {report['folder']}")

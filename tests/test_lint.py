@@ -39,6 +39,9 @@ def test_exported_idle_graph_passes_with_expect_idle(tiny_idle_onnx, tmp_path):
     report = json.loads(out.read_text())
     assert report["passed"] and report["errors"] == 0
     assert report["ops"]["TopK"] == 9 and report["ops"]["ScatterElements"] == 9
+    piped = run_cli("lint", tiny_idle_onnx, "--expect-idle", "--json", "-")  # stdout: the JSON alone
+    assert piped.exit_code == 0 and json.loads(piped.stdout) == report
+    assert "OK for TensorRT" in piped.stderr
 
 
 def test_dense_graph_fails_expect_idle_but_passes_plain_lint(tiny_dense_onnx):

@@ -428,6 +428,11 @@ def test_query_top5_with_labels_and_latency(server, tiny_idle_onnx, tmp_path):
     assert max(abs(t["logit"] - logits[t["index"]]) for t in top) <= 1e-5
     assert report["requests"] == 2 and report["latency_ms"]["p50"] > 0 and not report["warnings"]
     assert CLASSES[top[0]["index"]][:5] in result.output
+    piped = runner.invoke(app, ["serve", "query", server.url, str(photo), "--model", "tiny_named",
+                                "--json", "-"])  # stdout is the JSON alone, the table goes to stderr
+    assert piped.exit_code == 0, piped.output
+    assert json.loads(piped.stdout)["results"][0]["top"][0]["index"] == top[0]["index"]
+    assert CLASSES[top[0]["index"]][:5] in piped.stderr
 
 
 def test_query_errors(server, tmp_path):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli import JsonOut, Threads, _int_list, _status, _threads, command, write_json
+from ..cli import JsonOut, Threads, _int_list, _status, _threads, command, report_console, write_json
 from ..errors import BadInputError
 
 
@@ -47,6 +47,7 @@ def bench_cmd(
 ):
     """Measure idle vs dense (and the official code) on each backend, against the FLOP ideal."""
     from ..bench import plot_report, print_report, run_bench
+    from ..export import check_output_path
     from ..model import SCORE_MODES
 
     sizes = _int_list(batch, "--batch") or []
@@ -61,30 +62,15 @@ def bench_cmd(
     if official_repo is not None and not official_repo.is_dir():
         raise BadInputError(f"--official-repo {official_repo} is not a folder",
                             "git clone https://github.com/Ackesnal/IdleViT and pass its path")
-    if plot is not None:
-        _check_writable(plot)
-    if json_out and json_out != "-":
-        _check_writable(Path(json_out))
+    if plot is not None:  # (--json FILE is checked by cli.command before this runs)
+        check_output_path(plot, "--plot")
     report = run_bench(targets, backends=backends, batches=sizes, threads=_threads(threads), runs=runs,
                        warmup=warmup, min_time=min_time, inputs=inputs, score_modes=modes,
                        optimize=optimize, official_repo=official_repo, independent=independent,
                        seed=seed, status=_status)
-    if json_out == "-":  # stdout carries the JSON alone; the table goes to stderr
-        from rich.console import Console
-
-        print_report(report, Console(stderr=True))
-    else:
-        print_report(report)
+    print_report(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)
     if plot is not None:
         plot_report(report, plot)
         typer.echo(f"wrote {plot}", err=True)
-
-
-def _check_writable(path: Path) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise BadInputError(f"output {path} is a folder", "give a file name")
-    if not folder.is_dir():
-        raise BadInputError(f"output folder {folder} does not exist", f"create it: mkdir -p {folder}")

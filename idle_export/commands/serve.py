@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import cli
-from ..cli import JsonOut, Threads, _err, _int_list, _threads, write_json
+from ..cli import JsonOut, Threads, _err, _int_list, _threads, report_console, write_json
 
 serve_app = typer.Typer(name="serve", no_args_is_help=True, add_completion=False,
                         help="Triton Inference Server: write a model repository, serve it locally "
@@ -112,16 +112,14 @@ def query_cmd(
     from ..serve import query
 
     report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout)
-    print_query(report)
+    print_query(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)
 
 
-def print_query(report: dict) -> None:
-    from rich.console import Console
+def print_query(report: dict, console) -> None:
     from rich.table import Table
 
-    console = Console()
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
     table = Table(title=f"{report['model']} at {report['url']}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..cli import JsonOut, _err, _status, command, write_json
+from ..cli import JsonOut, _err, _status, command, report_console, write_json
 from ..errors import BadInputError, MissingDependencyError
 
 
@@ -96,13 +96,12 @@ def lint_cmd(
     json_out: JsonOut = None,
 ):
     """Static check that TensorRT (10, 11, RTX) supports every op and attribute: exit 1 on errors."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..lint import lint_file
 
     report = lint_file(onnx, expect_idle=expect_idle)
-    console = Console()
+    console = report_console(json_out)
     ops = report["ops"]
     idle = ", ".join(f"{op} {ops.get(op, 0)}" for op in ("TopK", "GatherElements", "ScatterElements"))
     console.print(f"{onnx.name}: opset {report['opset']}, {sum(ops.values())} nodes, "
