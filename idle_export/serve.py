@@ -238,66 +238,6 @@ def _metadata_values(meta: dict[str, str]) -> tuple[dict[str, str], list[str] | 
     return params, classes
 
 
-def _find_plan_sidecar(plan: Path, sidecar: Path | None) -> dict:
-    candidates = [sidecar] if sidecar else [plan.with_name(plan.name + ".json"), plan.with_suffix(".json")]
-    for c in candidates:
-        if c is not None and c.is_file():
-            try:
-                data = json.loads(c.read_text())
-            except ValueError:
-                raise BadInputError(f"engine sidecar {c} is not JSON", "rebuild the engine with "
-                                    "`idle-export trt`, which writes ENGINE.json") from None
-            if not isinstance(data, dict):
-                raise BadInputError(f"engine sidecar {c} is not a JSON object", "rebuild the engine")
-            data["__path__"] = str(c)
-            return data
-    raise BadInputError(f"no sidecar {plan.name}.json next to {plan}",
-                        "an engine needs the ENGINE.json that `idle-export trt` writes beside it")
-
-
-def _sidecar_flavour(sidecar: dict) -> str:
-    for key in ("flavour", "flavor", "trt_flavour", "runtime", "library"):
-        value = sidecar.get(key)
-        if isinstance(value, str):
-            return value.lower()
-        if isinstance(value, dict):
-            for sub in ("flavour", "flavor", "name"):
-                if isinstance(value.get(sub), str):
-                    return value[sub].lower()
-    return ""
-
-
-def _profile_batches(sidecar: dict, input_name: str) -> tuple[int, int, int] | None:
-    """(min, opt, max) batch of the engine's first optimisation profile, in whatever of the
-    shapes an ENGINE.json may carry it: {"images": {"min","opt","max"}}, {"images": [min,opt,max]},
-    a list of such profiles, or a top-level "batch": [min, opt, max]."""
-
-    def first_dim(v):
-        if isinstance(v, (list, tuple)) and v:
-            return int(v[0]) if not isinstance(v[0], (list, tuple)) else int(v[0][0])
-        return int(v)
-
-    def from_entry(entry):
-        if isinstance(entry, dict) and all(k in entry for k in ("min", "opt", "max")):
-            return tuple(first_dim(entry[k]) for k in ("min", "opt", "max"))
-        if isinstance(entry, (list, tuple)) and len(entry) == 3:
-            return tuple(first_dim(v) for v in entry)
-        return None
-
-    profiles = sidecar.get("profiles", sidecar.get("profile"))
-    if isinstance(profiles, dict):
-        profiles = [profiles]
-    for prof in profiles or []:
-        if isinstance(prof, dict):
-            got = from_entry(prof.get(input_name)) or from_entry(prof)
-            if got:
-                return got
-    batch = sidecar.get("batch")
-    if isinstance(batch, (list, tuple)) and len(batch) == 3:
-        return tuple(int(b) for b in batch)
-    return None
-
-
 def sanitize_name(text: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
     return name
@@ -306,12 +246,14 @@ def sanitize_name(text: str) -> str:
 def write_repository(model: str | Path, output: str | Path, *, name: str | None = None,
                      max_batch: int | None = 64, preferred: list[int] | None = None,
                      queue_delay_us: int = 100, instances: int = 1, kind: str | None = None,
-                     version: int = 1, onnx: str | Path | None = None, sidecar: str | Path | None = None,
+                     version: int = 1, onnx: str | Path | None = None,
                      force: bool = False) -> dict:
-    """Write `output/NAME/` for an ONNX file or a TensorRT engine (+ its .json sidecar).
+    """Write `output/NAME/` for an ONNX file or a TensorRT engine (+ the ENGINE.json sidecar that
+    `idle-export trt` writes, read and checked by engine.inspect_engine).
 
     For an engine, tensor names/shapes and metadata come from the ONNX it was built from
-    (`onnx=`, or the sidecar's "onnx" path when that file exists). Returns a report dict.
+    (`onnx=`, or the sidecar's onnx path, beside the engine, when that file exists). Returns a
+    report dict.
     """
     model = Path(model)
     output = Path(output)
@@ -351,31 +293,30 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
     engine_info: dict = {}
     profile = None
     if is_plan:
-        side = _find_plan_sidecar(model, Path(sidecar) if sidecar else None)
-        flavour = _sidecar_flavour(side)
-        if "rtx" in flavour:
+        from .engine import inspect_engine
+
+        side = inspect_engine(model)  # sidecar present, idle-export's format, engine sha256 matches
+        source = side.get("onnx") or {}
+        if side.get("flavour") == "tensorrt_rtx":
             raise BadInputError(
                 f"{model.name} is a TensorRT-RTX engine; Triton's tensorrt_plan backend loads TensorRT "
                 "engines only", "build the engine with `tensorrt` on (or for) the serving GPU, or serve "
                 "the ONNX file (platform onnxruntime_onnx)")
         onnx = Path(onnx) if onnx else None
-        if onnx is None and isinstance(side.get("onnx"), str):
-            cand = Path(side["onnx"])
-            cand = cand if cand.is_absolute() else Path(side["__path__"]).parent / cand
-            if cand.is_file():
-                onnx = cand
+        if onnx is None and source.get("path") and (model.parent / source["path"]).is_file():
+            onnx = model.parent / source["path"]
         if onnx is None:
             raise BadInputError(f"cannot tell the inputs and outputs of {model.name}",
                                 "pass --onnx MODEL.onnx, the ONNX file the engine was built from")
         ins, outs, meta, _ = _onnx_io(onnx)
-        want_sha = side.get("onnx_sha256")
-        if isinstance(want_sha, str) and want_sha and want_sha != sha256_file(onnx):
+        if source.get("sha256") and source["sha256"] != sha256_file(onnx):
             raise BadInputError(f"{model.name} was not built from {onnx.name} (ONNX sha256 differs)",
                                 "pass the ONNX file the engine was built from with --onnx")
-        profile = _profile_batches(side, ins[0][0].name if ins else "images")
+        first = (side.get("profiles") or [None])[0]  # batch = dim 0 of min/opt/max
+        profile = tuple(first[k][0] for k in ("min", "opt", "max")) if first else None
         if profile is None:
             warnings.append("the engine sidecar has no optimisation profile: trusting --max-batch")
-        engine_info = {k: v for k, v in side.items() if k != "__path__"}
+        engine_info = {k: v for k, v in side.items() if k != "checks"}
     else:
         ins, outs, meta, external = _onnx_io(model)
 

@@ -172,15 +172,22 @@ def test_repo_copies_external_data(tiny_idle_onnx, tmp_path):
         np.testing.assert_array_equal(a.infer({"images": x})["logits"], b.infer({"images": x})["logits"])
 
 
-def _engine(tmp_path: Path, onnx_path: Path, **sidecar) -> Path:
+def _engine(tmp_path: Path, onnx_path: Path, data: bytes = b"serialized-engine-bytes", **sidecar) -> Path:
+    """An engine file and a sidecar in the format `idle-export trt` writes (engine.py): the writer
+    copies plans, it never parses them, so the bytes need not be a real TensorRT plan."""
+    import hashlib
+
     from idle_export.checkpoint import sha256_file
+    from idle_export.engine import SIDECAR_FORMAT
 
     engine = tmp_path / "tiny.engine"
-    engine.write_bytes(b"serialized-engine-bytes")  # the writer copies plans, it never parses them
-    side = {"flavour": "tensorrt", "version": "10.13.0", "precision": "fp16",
-            "profiles": [{"images": {"min": [1, 3, 224, 224], "opt": [16, 3, 224, 224],
-                                     "max": [32, 3, 224, 224]}}],
-            "onnx_sha256": sha256_file(onnx_path)}
+    engine.write_bytes(data)
+    side = {"format": SIDECAR_FORMAT, "engine": engine.name,
+            "engine_sha256": hashlib.sha256(data).hexdigest(), "flavour": "tensorrt",
+            "trt_version": "10.13.0", "precision": "fp16",
+            "profiles": [{"input": "images", "min": [1, 3, 224, 224], "opt": [16, 3, 224, 224],
+                          "max": [32, 3, 224, 224]}],
+            "onnx": {"path": onnx_path.name, "sha256": sha256_file(onnx_path)}}
     side.update(sidecar)
     (tmp_path / "tiny.engine.json").write_text(json.dumps(side))
     return engine
@@ -199,33 +206,44 @@ def test_repo_tensorrt_plan(tiny_idle_onnx, tmp_path):
     side = json.loads((tmp_path / "repo" / "tiny" / "1" / "model.plan.json").read_text())
     assert side["precision"] == "fp16"
     assert report["platform"] == "tensorrt_plan"
+    # without --onnx: the ONNX named in the sidecar, found beside the engine and its sha256 checked
+    shutil.copy(tiny_idle_onnx, tmp_path / tiny_idle_onnx.name)
+    write_repository(engine, tmp_path / "repo2", max_batch=None)
+    assert parse_config((tmp_path / "repo2" / "tiny" / "config.pbtxt").read_text()) == cfg
 
 
 @pytest.mark.parametrize("case, match", [
-    ("rtx", "TensorRT-RTX engine"),
+    ("rtx", "is a TensorRT-RTX engine; Triton"),
     ("over", "above the engine's profile maximum 32"),
     ("min", "profile starts at batch 4"),
     ("no_onnx", "cannot tell the inputs and outputs"),
     ("other_onnx", "not built from"),
     ("no_sidecar", "no sidecar"),
+    ("replaced", "does not match its sidecar"),
 ])
 def test_repo_tensorrt_plan_bad_input(tiny_idle_onnx, tmp_path, case, match):
     from idle_export.serve import write_repository
 
     kwargs = {"onnx": tiny_idle_onnx, "max_batch": None}
     side = {}
-    if case == "rtx":
-        side = {"flavour": "tensorrt_rtx"}
+    data = b"serialized-engine-bytes"
+    if case == "rtx":  # a TensorRT-RTX header (magic, builder 1.7.1) that inspect_engine accepts
+        from idle_export.engine import RTX_MAGIC
+
+        data = RTX_MAGIC + bytes(20) + bytes([1, 7, 1]) + bytes(5)
+        side = {"flavour": "tensorrt_rtx", "trt_version": "1.7.1.116"}
     elif case == "over":
         kwargs["max_batch"] = 64
     elif case == "min":
-        side = {"profiles": [{"images": {"min": [4, 3, 224, 224], "opt": [8, 3, 224, 224],
-                                         "max": [8, 3, 224, 224]}}]}
+        side = {"profiles": [{"input": "images", "min": [4, 3, 224, 224], "opt": [8, 3, 224, 224],
+                              "max": [8, 3, 224, 224]}]}
     elif case == "no_onnx":
         kwargs["onnx"] = None
+    elif case == "replaced":
+        side = {"engine_sha256": "0" * 64}
     elif case == "other_onnx":
-        side = {"onnx_sha256": "0" * 64}
-    engine = _engine(tmp_path, tiny_idle_onnx, **side)
+        side = {"onnx": {"path": tiny_idle_onnx.name, "sha256": "0" * 64}}
+    engine = _engine(tmp_path, tiny_idle_onnx, data, **side)
     if case == "no_sidecar":
         (tmp_path / "tiny.engine.json").unlink()
     with pytest.raises(BadInputError, match=match):
