@@ -738,10 +738,12 @@ def _server_error(e) -> str:
 
 
 def load_images(paths: list[str | Path]):
-    """PIL RGB images; one-line errors for missing files and bytes that are not an image."""
-    from PIL import Image, UnidentifiedImageError
+    """PIL RGB images, decoded the way `check --images` and `calibrate` decode them
+    (calibration.data.open_rgb: 16/32-bit grayscale scaled, not clipped); one-line errors for
+    missing files and bytes that are not an image."""
+    from PIL import UnidentifiedImageError
 
-    from .calibration.images import to_rgb_pil
+    from .calibration.data import open_rgb
 
     images = []
     for p in paths:
@@ -749,9 +751,7 @@ def load_images(paths: list[str | Path]):
         if not p.is_file():
             raise BadInputError(f"image not found: {p}", "check the path")
         try:
-            with Image.open(p) as img:
-                img.load()
-                images.append(to_rgb_pil(img))
+            images.append(open_rgb(p)[0])
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise BadInputError(f"{p.name} is not an image this tool can read ({type(e).__name__})",
                                 "pass a JPEG, PNG, WebP, BMP or TIFF file") from None

@@ -280,6 +280,26 @@ def test_repo_cli_bad_input_and_force(tiny_idle_onnx, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["m"]
 
 
+def test_query_decodes_images_like_check(tmp_path):
+    """`serve query` and `check --images` read the same pixels, 16-bit grayscale PNGs included
+    (scaled to 8 bit, not clipped to white)."""
+    from PIL import Image
+
+    from idle_export.calibration.data import load_images as check_images
+    from idle_export.calibration.images import eval_transform
+    from idle_export.config import ModelSpec
+    from idle_export.serve import load_images
+
+    ramp = (np.arange(224 * 224, dtype=np.uint32).reshape(224, 224) * 65535 // (224 * 224 - 1))
+    path = tmp_path / "gray16.png"
+    Image.fromarray(ramp.astype(np.uint16)).save(path)
+    spec = ModelSpec.create("deit_tiny", 0.7)
+    (img,) = load_images([path])
+    assert np.asarray(img).max() == 255 and np.asarray(img).min() == 0  # the whole range survives
+    np.testing.assert_array_equal(eval_transform(spec)(img).numpy(),
+                                  check_images(path, 1, spec, cache_dir=False).array[0])
+
+
 def test_fix_library_path_is_idempotent():
     from idle_export.serve import fix_library_path, python_lib_dir
 
