@@ -339,7 +339,6 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
     """ONNX files (paired by metadata idle_export.dense) and/or one checkpoint (exported to
     `workdir` for the ONNX backends: idle per score mode, plus dense)."""
     from .config import ModelSpec
-    from .export import read_metadata
     from .runners import load_onnx
 
     status = status or (lambda msg: contextlib.nullcontext())
@@ -363,8 +362,7 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
     spec, ckpt = None, None
     onnx: list[tuple[Path, bool, str]] = []
     for f in onnx_files:
-        load_onnx(f)
-        meta = read_metadata(f)
+        meta = {p.key: p.value for p in load_onnx(f).metadata_props}  # one-line error if broken
         fspec = ModelSpec.from_metadata(meta)
         fdense = bool(json.loads(meta.get("idle_export.dense", "false")))
         if spec is not None and (fspec.arch, fspec.embed_dim, fspec.num_classes) != (

@@ -698,13 +698,11 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path, *, batch_siz
     (FP32, CPU) on the same inputs, with the tolerance of the engine's precision."""
     from .calibration.images import builtin_photos, seeded_noise
     from .config import TOLERANCES, ModelSpec
-    from .export import read_metadata
     from .parity import compare_runners
     from .runners import OrtRunner, load_onnx
 
     info = inspect_engine(engine)  # sidecar problems surface before the GPU question
-    load_onnx(onnx_path)
-    spec = ModelSpec.from_metadata(read_metadata(onnx_path))
+    spec = ModelSpec.from_metadata({p.key: p.value for p in load_onnx(onnx_path).metadata_props})
     lo, hi = info["profiles"][0]["min"][0], info["profiles"][0]["max"][0]
     sizes = [b for b in batch_sizes if lo <= b <= hi] or [hi]
     warnings = []

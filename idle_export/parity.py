@@ -197,12 +197,11 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     from .checkpoint import load_checkpoint
     from .config import ModelSpec
     from .errors import BadInputError
-    from .export import read_metadata
     from .model import build_model
     from .runners import OrtRunner, TorchRunner, load_onnx
 
-    load_onnx(onnx_path)  # a clear error for a missing or broken file, before anything else
-    meta = read_metadata(onnx_path)
+    # a clear error for a missing or broken file, before anything else
+    meta = {p.key: p.value for p in load_onnx(onnx_path).metadata_props}
     spec = ModelSpec.from_metadata(meta)
     dense = json.loads(meta.get("idle_export.dense", "false"))
     warnings = []
@@ -227,8 +226,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                                 selection=not dense,
                                 threads=threads)
     else:
-        load_onnx(against)
-        ref_meta = read_metadata(against)
+        ref_meta = {p.key: p.value for p in load_onnx(against).metadata_props}
         if json.loads(ref_meta.get("idle_export.precision", '"fp32"')) != "fp32":
             warnings.append(f"the reference {Path(against).name} is not FP32")
         reference = OrtRunner(against, selection=not dense, threads=threads)

@@ -279,7 +279,7 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
                   cache_dir=None, status=None) -> dict:
     """Calibrate on `images` (None: the built-in set; a folder, list file, list of paths or a
     preprocessed array) and write an INT8 Q/DQ model to `dst`. Returns a report dict."""
-    from .export import check_output_path, install_onnx, read_metadata, set_metadata
+    from .export import check_output_path, install_onnx, set_metadata
     from .runners import load_onnx
 
     t0 = time.perf_counter()
@@ -300,7 +300,7 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
     if is_quantized(proto):
         raise BadInputError(f"{src.name} is already quantized (it has Q/DQ or integer operators)",
                             "calibrate the FP32 model exported by `idle-export onnx`")
-    meta = read_metadata(src)
+    meta = {p.key: p.value for p in proto.metadata_props}
     from .config import ModelSpec
 
     spec = ModelSpec.from_metadata(meta)
