@@ -31,18 +31,13 @@ from __future__ import annotations
 
 from .errors import MissingDependencyError
 from .export import set_metadata
+from .surgery import consumers as consumers_of
+from .surgery import copy_model
+from .surgery import producers as producers_of
 
 FOLDABLE_OPS = {"Slice", "Concat", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity",
                 "Split"}
 DEFAULT_PASSES = ("fold_initializer_ops", "gather_rows", "bias_gelu")
-
-
-def _copy(proto):
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    return out
 
 
 def fold_initializer_ops(proto):
@@ -52,7 +47,7 @@ def fold_initializer_ops(proto):
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    proto = _copy(proto)
+    proto = copy_model(proto)
     graph = proto.graph
     consts = {t.name: t for t in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
@@ -132,7 +127,7 @@ def _ort_transformer_fusions(proto, num_heads: int | None, hidden_size: int | No
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        fused = optimizer.optimize_model(_copy(proto), model_type="vit", num_heads=num_heads or 0,
+        fused = optimizer.optimize_model(copy_model(proto), model_type="vit", num_heads=num_heads or 0,
                                          hidden_size=hidden_size or 0, optimization_options=opts,
                                          opt_level=0)
     finally:
@@ -181,13 +176,13 @@ def gather_rows(proto):
     import onnx
     from onnx import helper
 
-    proto = _copy(proto)
+    proto = copy_model(proto)
     graph = proto.graph
     consts = {t.name: t for t in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             consts[n.output[0]] = n.attribute[0].t
-    producers = {o: n for n in graph.node for o in n.output}
+    producers = producers_of(proto)
     new_nodes, pairs = [], {}
     ones = helper.make_tensor("idle_export_rows_i64_1", onnx.TensorProto.INT64, [1], [1])
     zero = helper.make_tensor("idle_export_rows_i64_0", onnx.TensorProto.INT64, [], [0])
@@ -233,13 +228,10 @@ def linear_to_gemm(proto):
     the bias is added inside the GEMM instead of in a separate pass over the output."""
     from onnx import helper, numpy_helper
 
-    proto = _copy(proto)
+    proto = copy_model(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumers_of(proto)
     outputs = {o.name for o in graph.output}
     fused: dict[str, object] = {}  # id of the Add node → replacement nodes
     skip = set()

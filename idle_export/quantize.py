@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, MissingDependencyError
+from .surgery import consumers as consumers_of
+from .surgery import producers as producers_of
 
 METHODS = ("minmax", "percentile", "entropy")
 TARGETS = ("ort", "trt")
@@ -101,19 +103,11 @@ def is_quantized(proto) -> bool:
     return meta.get("idle_export.precision") == json.dumps("int8")
 
 
-def _producers(proto) -> dict:
-    return {o: n for n in proto.graph.node for o in n.output if o}
-
-
 def selection_path_nodes(proto) -> list[str]:
     """Names of the nodes that compute the token scores (walking back from each TopK to the
     idle layer's LayerNorm), TopK itself, and the index arithmetic from TopK to the
     GatherElements/ScatterElements index inputs."""
-    producers = _producers(proto)
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = producers_of(proto), consumers_of(proto)
     names: list[str] = []
     seen: set[str] = set()
 
@@ -149,7 +143,7 @@ def activation_matmuls(proto) -> list[str]:
 
 def score_matmuls(proto) -> list:
     """The MatMul that produces the token scores feeding each TopK (q_cls·kᵀ), in graph order."""
-    producers = _producers(proto)
+    producers = producers_of(proto)
     found = []
     for topk in (n for n in proto.graph.node if n.op_type == "TopK"):
         node = producers.get(topk.input[0])
@@ -163,7 +157,7 @@ def score_matmuls(proto) -> list:
 def dequantized_score_inputs(proto) -> list[bool]:
     """Per TopK: True when the score MatMul (q_cls·kᵀ) is quantized or has an input that comes
     from a DequantizeLinear. All False = the selection path is FP32."""
-    producers = _producers(proto)
+    producers = producers_of(proto)
     result = []
     for mm in score_matmuls(proto):
         if mm is None or mm.op_type != "MatMul":
@@ -237,11 +231,7 @@ def fuse_matmul_bias(proto) -> int:
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    producers = _producers(proto)
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = producers_of(proto), consumers_of(proto)
     graph_outputs = {o.name for o in graph.output}
     replace, drop = {}, set()
     for mm in graph.node:

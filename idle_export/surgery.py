@@ -86,7 +86,26 @@ def constant_tensors(model) -> set[str]:
 
 
 def producers(model) -> dict[str, object]:
+    """tensor name → the node that writes it."""
     return {o: n for n in model.graph.node for o in n.output if o}
+
+
+def consumers(model) -> dict[str, list]:
+    """tensor name → the nodes that read it (a node once per input that names it)."""
+    out: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def copy_model(model):
+    """A deep copy of an onnx.ModelProto (passes return new models, the input stays as it is)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def _node_key(node, index: int) -> str:
@@ -137,7 +156,7 @@ def convert_fp16(model, *, keep_fp32_ops: tuple[str, ...] = (), keep_fp32_nodes:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise BadInputError(f"node {node.name or node.op_type} has a control-flow subgraph",
                                 "the FP16 pass handles flat graphs (export without If/Loop)")
-    model = _copy(model)
+    model = copy_model(model)
     graph = model.graph
     types = tensor_types(model)
     fp32_nodes = set(keep_fp32_nodes)
@@ -251,14 +270,6 @@ def _retype_attributes(node) -> None:
                 and attr.t.data_type == FLOAT:
             arr = np.clip(numpy_helper.to_array(attr.t), -FP16_MAX, FP16_MAX).astype(np.float16)
             attr.t.CopyFrom(numpy_helper.from_array(arr, name=attr.t.name))
-
-
-def _copy(model):
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 # ----------------------------------------------------------------------------- checks
