@@ -169,8 +169,8 @@ def onnx_cmd(
 ):
     """Export a checkpoint to ONNX with the idle path (TopK + GatherElements + ScatterElements)."""
     from .checkpoint import load_checkpoint
+    from .config import SCORE_MODES
     from .export import check_output_path, export_checkpoint, onnx_summary
-    from .model import SCORE_MODES
 
     if scores not in SCORE_MODES:
         raise BadInputError(f"--scores {scores!r} is not one of {', '.join(SCORE_MODES)}",

@@ -22,6 +22,9 @@ ALIASES = {v["timm_name"]: k for k, v in ARCHS.items()} | {
 }
 EMBED_DIM_TO_ARCH = {v["embed_dim"]: k for k, v in ARCHS.items()}
 
+# How idle layers rank tokens (model.IdleBlock): the paper's q_cls·k, or xn·(Wkᵀq_cls) (same top-K).
+SCORE_MODES = ("official", "folded")
+
 # Preset schedules: (idle layers, exponent p of keep_rate**p for each idle layer).
 SCHEDULES = {
     # infer.py, the official evaluation script: layers 3..11, r,r,r, r²,r²,r², r³,r³,r³

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelSpec
-
-SCORE_MODES = ("official", "folded")
+from .config import SCORE_MODES, ModelSpec
 
 
 class IdleBlock(nn.Module):

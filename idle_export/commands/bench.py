@@ -47,8 +47,8 @@ def bench_cmd(
 ):
     """Measure idle vs dense (and the official code) on each backend, against the FLOP ideal."""
     from ..bench import plot_report, print_report, run_bench
+    from ..config import SCORE_MODES
     from ..export import check_output_path
-    from ..model import SCORE_MODES
 
     sizes = _int_list(batch, "--batch") or []
     if not sizes or min(sizes) < 1:
