@@ -56,7 +56,7 @@ def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
         with status(f"exporting {out.name}"):
             export_checkpoint(ckpt, spec, out, dense=dense, score_mode=SCORE_MODE)
         with status(f"checking {out.name} against torch at batch {','.join(map(str, batch_sizes))}"):
-            report = check_onnx(out, ckpt_path=ckpt_path, batch_sizes=batch_sizes)
+            report = check_onnx(out, ckpt_path=ckpt, batch_sizes=batch_sizes)  # loaded once, above
         summary = onnx_summary(out)
         cases = report["cases"]
         rows.append({

@@ -182,8 +182,9 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
                seed: int = 0, threads: int | None = None, images=None, num: int = 0,
                max_abs: float | None = None) -> dict:
-    """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint) or
-    against another ONNX file. Exported metadata tells which model and preprocessing to use.
+    """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
+    path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
+    which model and preprocessing to use.
 
     Tolerances: `tol` if given, else from the candidate's `idle_export.precision` (fp32, fp16,
     int8), with `max_abs` overriding the logit tolerance. `images` (a folder, .txt list or image
@@ -194,7 +195,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     from dataclasses import replace
 
     from .calibration.images import builtin_photos, seeded_noise
-    from .checkpoint import load_checkpoint
+    from .checkpoint import Checkpoint, load_checkpoint
     from .config import ModelSpec
     from .errors import BadInputError
     from .model import build_model
@@ -214,7 +215,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
             tol = replace(tol, max_abs=max_abs)
     precision = json.loads(meta.get("idle_export.precision", '"fp32"'))
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, ema=ema)
+        ckpt = ckpt_path if isinstance(ckpt_path, Checkpoint) else load_checkpoint(ckpt_path, ema=ema)
         expected = json.loads(meta.get("idle_export.checkpoint_sha256", "null"))
         if expected and expected != ckpt.sha256:
             warnings.append(f"{ckpt.path.name} is not the checkpoint {Path(onnx_path).name} was "
