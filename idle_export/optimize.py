@@ -299,16 +299,11 @@ def optimize_model_proto(proto, passes: tuple[str, ...] = DEFAULT_PASSES):
     return proto
 
 
-def session_options(ort, *, threads: int | None = None, level: str = "all"):
-    """SessionOptions for CPU inference: optimisation level, intra-op threads, quiet logs."""
+def session_options(ort, *, threads: int | None = None):
+    """SessionOptions for CPU inference: ORT_ENABLE_ALL, intra-op threads, quiet logs."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     return opts

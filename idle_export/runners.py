@@ -104,13 +104,12 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
                  providers: list[str] | None = None, threads: int | None = None,
-                 graph_optimization: str = "all", optimize: bool = False):
+                 optimize: bool = False):
         self.path = Path(path)
         self.name = name or f"onnxruntime:{self.path.name}"
         self.selection = selection
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
-        self.graph_optimization = graph_optimization
         self.optimize = optimize  # idle_export.optimize passes, applied in memory before the session
         self.session = None
         self.idle_layers: list[int] = []
@@ -141,7 +140,7 @@ class OrtRunner(Runner):
 
         if self.optimize:
             proto = optimize_model_proto(proto)
-        opts = session_options(ort, threads=self.threads, level=self.graph_optimization)
+        opts = session_options(ort, threads=self.threads)
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=self.providers)
         self.input_name = self.session.get_inputs()[0].name
 
