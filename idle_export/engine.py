@@ -352,7 +352,7 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
         if parsed.resolve() == onnx.resolve():  # never overwrite the source
             parsed = output.with_name(stem + ".typed.onnx")
         echo(f"strongly typed FP16: writing {parsed.name} (scores/TopK FP32, indices INT64)")
-        fp16_report = fp16_onnx(onnx, parsed)
+        fp16_report = fp16_onnx(model, parsed)  # the model loaded above, not the file again
     fp32_layers = sorted(score_path_nodes(model)) if precision == "fp16" and not strongly_typed else []
 
     mod = trt.module

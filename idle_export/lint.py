@@ -151,7 +151,7 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
         elif op == "LayerNormalization" and len([o for o in node.output if o]) > 1:
             findings.append(_finding("layernorm-outputs", "LayerNormalization Mean/InvStdDev outputs are not "
                                      "supported by TensorRT", node, i))
-    for text in mixed_float_inputs(model):
+    for text in mixed_float_inputs(model, types):
         findings.append(_finding("mixed-float", f"{text}: every input of a node must have one float type "
                                  "(insert a Cast)"))
     if expect_idle:

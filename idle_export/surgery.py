@@ -273,9 +273,10 @@ def _retype_attributes(node) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
-def mixed_float_inputs(model) -> list[str]:
-    """Nodes whose float inputs are of different types (TensorRT's parser rejects them)."""
-    types = tensor_types(model)
+def mixed_float_inputs(model, types: dict[str, int] | None = None) -> list[str]:
+    """Nodes whose float inputs are of different types (TensorRT's parser rejects them).
+    `types`: tensor_types(model) when the caller already has it (shape inference is not cheap)."""
+    types = tensor_types(model) if types is None else types
     findings = []
     for i, node in enumerate(model.graph.node):
         if node.op_type not in SAME_TYPE_OPS:
@@ -322,16 +323,18 @@ def _type_name(elem_type: int | None) -> str:
 
 
 # ----------------------------------------------------------------------------- file level
-def fp16_onnx(src: str | Path, dst: str | Path, **kwargs) -> dict:
-    """`convert_fp16` from file to file (atomic), with the metadata updated; returns the report."""
+def fp16_onnx(src, dst: str | Path, **kwargs) -> dict:
+    """`convert_fp16` to a file (atomic), with the metadata updated; returns the report. `src`: the
+    FP32 ONNX file, or its ModelProto when the caller has loaded it already (it is not changed)."""
     import onnx
 
     from .export import check_output_path, set_metadata
 
     dst = check_output_path(Path(dst))
-    model = load(src)
+    is_proto = isinstance(src, onnx.ModelProto)
+    model = src if is_proto else load(src)
     if any(i.data_type == FLOAT16 for i in model.graph.initializer):
-        raise BadInputError(f"{Path(src).name} already has FP16 weights",
+        raise BadInputError(f"{'the model' if is_proto else Path(src).name} already has FP16 weights",
                             "pass the FP32 export of `idle-export onnx`")
     model, report = convert_fp16(model, **kwargs)
     props = {p.key: p.value for p in model.metadata_props}
