@@ -3,6 +3,7 @@ no command ever leaves a partial output file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 from .errors import BadInputError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically, with the usual file mode (umask applied)."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path):
+    """A binary file to write: it replaces `path` (with the usual file mode, umask applied) when the
+    block ends without an error; on any error the temp file is removed and `path` is untouched."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -22,7 +25,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise BadInputError(f"cannot write into {folder}", "choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
@@ -30,6 +33,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see atomic_open)."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -133,6 +133,21 @@ def test_cache_hit_and_key(tmp_path, spec):
     assert load_images(d, 3, spec, cache_dir=cache).cache == "miss"
 
 
+def test_cache_write_failure_leaves_nothing(tmp_path, spec, monkeypatch):
+    """A cache entry that fails half-way (disk full, say) is no error and leaves no file behind."""
+    from idle_export.calibration import data
+
+    def broken_save(f, *a, **k):
+        f.write(b"half an array")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.np, "save", broken_save)
+    cache = tmp_path / "cache"
+    got = load_images(_folder(tmp_path), 3, spec, cache_dir=cache)
+    assert got.array.shape == (3, 3, 224, 224)
+    assert list(cache.iterdir()) == []
+
+
 def test_builtin_set_is_deterministic(spec):
     a = load_images(None, 12, spec)
     b = load_images(None, 12, spec)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError
+from ..fileio import atomic_open, atomic_write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -197,16 +197,11 @@ def _cache_read(folder: Path, key: str) -> tuple[np.ndarray, dict] | None:
 def _cache_write(folder: Path, key: str, array: np.ndarray, info: dict) -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy", dir=folder)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(folder / f"{key}.npy") as f:  # streamed: no second copy of the array
             np.save(f, array, allow_pickle=False)
-        os.replace(tmp, folder / f"{key}.npy")
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".json", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, folder / f"{key}.json")
+        atomic_write_text(folder / f"{key}.json", json.dumps(info))
         return True
-    except OSError:
+    except (OSError, BadInputError):
         return False  # the cache is an optimisation: an unwritable cache folder is not an error
 
 
