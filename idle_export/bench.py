@@ -580,7 +580,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
     import shutil
     import tempfile
 
-    from .calibration.images import builtin_photos, seeded_noise
+    from .calibration.images import input_set
 
     status = status or (lambda msg: contextlib.nullcontext())
     score_modes = score_modes or ["official"]
@@ -611,8 +611,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
             for v in variants:
                 with status(f"loading {v.key}"):
                     v.runner = stack.enter_context(v.make_runner())
-            makers = {"noise": seeded_noise, "photos": builtin_photos}
-            pool = makers[inputs](max(batches), spec, seed=seed)
+            pool = input_set(inputs, max(batches), spec, seed=seed)
             # variants of one backend are interleaved; backends go one after the other, so one
             # runtime's spinning worker threads never steal cores from another's timed calls
             groups = [[v for v in variants if v.backend == b] for b in dict.fromkeys(backends)]

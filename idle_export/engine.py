@@ -29,7 +29,7 @@ import numpy as np
 from . import __version__
 from .checkpoint import sha256_file as file_sha256
 from .errors import BadInputError, IdleExportError, MissingDependencyError
-from .runners import Runner
+from .runners import SELECTION_PREFIX, Runner
 
 PRECISIONS = ("fp32", "fp16", "int8")
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
@@ -39,7 +39,6 @@ PIP = {
     "tensorrt_rtx": "pip install tensorrt-rtx-cu13==1.7.1.116 (builds without a GPU: --target sm89)",
 }
 SIDECAR_FORMAT = "idle-export-engine/1"
-TOPK_MAX = 3840
 RTX_MAGIC = b"vtrt"
 # Harmless on a machine without GPU: the RTX builder probes the driver, then cross-builds.
 _NO_GPU_NOISE = ("CUDA driver version is insufficient", "Error reading CUDA GPU properties",
@@ -460,7 +459,7 @@ def _mark_selection(mod, network, facts: dict) -> list[str]:
     names = []
     for layer_index, layer in zip(layers, topk, strict=True):
         tensor = layer.get_output(1)
-        tensor.name = f"selection_layer{layer_index}"
+        tensor.name = f"{SELECTION_PREFIX}{layer_index}"
         network.mark_output(tensor)
         names.append(tensor.name)
     return names
@@ -696,7 +695,7 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path, *, batch_siz
                          threads: int | None = None) -> dict:
     """`idle-export check X.engine --against Y.onnx`: TensorRT on the GPU against ONNX Runtime
     (FP32, CPU) on the same inputs, with the tolerance of the engine's precision."""
-    from .calibration.images import builtin_photos, seeded_noise
+    from .calibration.images import input_set
     from .config import TOLERANCES, ModelSpec
     from .parity import compare_runners
     from .runners import OrtRunner, load_onnx
@@ -709,8 +708,7 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path, *, batch_siz
     if info.get("onnx", {}).get("sha256") != file_sha256(onnx_path):
         warnings.append(f"{Path(engine).name} was built from {info['onnx']['path']}, not from "
                         f"{Path(onnx_path).name} (sha256 differs)")
-    makers = {"noise": seeded_noise, "photos": builtin_photos}
-    inputs = {name: makers[name](max(sizes), spec, seed=seed) for name in input_sets}
+    inputs = {name: input_set(name, max(sizes), spec, seed=seed) for name in input_sets}
     tol = tol or TOLERANCES[info["precision"]]
     selection = bool(info.get("selection_outputs"))
     report = compare_runners(TrtRunner(engine), OrtRunner(onnx_path, selection=selection, threads=threads),

@@ -16,8 +16,11 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
 
+SELECTION_PREFIX = "selection_layer"  # + idle layer index: the int64 [B, K+1] kept-token outputs
+
+
 def selection_output_names(spec) -> list[str]:
-    return [f"selection_layer{i}" for i in spec.idle_layers]
+    return [f"{SELECTION_PREFIX}{i}" for i in spec.idle_layers]
 
 
 def check_output_path(path: Path, option: str = "-o/--output") -> Path:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .export import MIN_OPSET
+
 TOPK_MAX = 3840
-MIN_OPSET, MAX_OPSET = 17, 20
+MAX_OPSET = 20
 
 # ONNX-TensorRT docs/operators.md (TensorRT 10.0), the operators marked supported.
 TRT_OPS = frozenset("""

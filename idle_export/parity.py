@@ -194,7 +194,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     import json
     from dataclasses import replace
 
-    from .calibration.images import builtin_photos, seeded_noise
+    from .calibration.images import input_set
     from .checkpoint import Checkpoint, load_checkpoint
     from .config import ModelSpec
     from .errors import BadInputError
@@ -233,8 +233,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         reference = OrtRunner(against, selection=not dense, threads=threads)
     candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
     n = max(batch_sizes)
-    makers = {"noise": seeded_noise, "photos": builtin_photos}
-    inputs = {name: makers[name](n, spec, seed=seed) for name in input_sets}
+    inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
     if inputs or images is None:
         report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
     else:

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError, MissingDependencyError
-
-SELECTION_PREFIX = "selection_layer"
+from .export import SELECTION_PREFIX
 
 
 class Runner:

@@ -71,3 +71,9 @@ def seeded_noise(n: int, spec, *, seed: int = 0) -> np.ndarray:
     """n standard-normal inputs (already in normalised space), deterministic."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, 3, spec.img_size, spec.img_size), dtype=np.float32)
+
+
+def input_set(name: str, n: int, spec, *, seed: int = 0) -> np.ndarray:
+    """The synthetic input set `check` and `bench` call by name: "noise" (seeded_noise) or
+    "photos" (builtin_photos)."""
+    return {"noise": seeded_noise, "photos": builtin_photos}[name](n, spec, seed=seed)

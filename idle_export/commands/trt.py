@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..cli import JsonOut, _err, _status, command, report_console, write_json
-from ..errors import BadInputError, MissingDependencyError
+from ..errors import BadInputError
 
 
 @command("trt")
@@ -75,11 +75,8 @@ def _quantize(onnx: Path, output: Path, calib: Path, num: int) -> Path:
     """--int8 --calib DIR: Q/DQ ONNX for TensorRT via idle_export.quantize (issue 5)."""
     if not calib.is_dir():
         raise BadInputError(f"--calib {calib} is not a folder", "pass a folder of calibration images")
-    try:
-        from ..quantize import quantize_onnx
-    except ImportError:
-        raise MissingDependencyError("--calib needs idle_export.quantize, which this build does not have",
-                                     "make the Q/DQ ONNX first with `idle-export calibrate`") from None
+    from ..quantize import quantize_onnx
+
     stem = output.name[:-7] if output.name.endswith(".engine") else output.name
     dst = output.with_name(f"{stem}.qdq.onnx")
     with _status(f"calibrating {onnx.name} on {calib} ({num} images)"):
