@@ -1,5 +1,5 @@
 """`python -m idle_export` runs the CLI (the same app as the `idle-export` script)."""
 
-from .cli import run
+from idle_export.cli import run
 
 run()

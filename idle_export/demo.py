@@ -15,8 +15,8 @@ def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float
     """Seeded random DeiT weights saved like the authors' main.py does (model, model_ema, args)."""
     import torch
 
-    from .config import ModelSpec
-    from .model import create_vit
+    from idle_export.model.config import ModelSpec
+    from idle_export.model.vit import create_vit
 
     spec = ModelSpec.create(arch, keep_rate)
     torch.manual_seed(DEMO_SEED)
@@ -31,11 +31,11 @@ def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float
 
 def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
              batch_sizes=(1, 7, 32), status=None) -> dict:
-    from .checkpoint import load_checkpoint
-    from .config import canonical_arch, check_keep_rate
-    from .errors import BadInputError
-    from .export import export_checkpoint, onnx_summary
-    from .parity import check_onnx
+    from idle_export.errors import BadInputError
+    from idle_export.model.checkpoint import load_checkpoint
+    from idle_export.model.config import canonical_arch, check_keep_rate
+    from idle_export.onnx.export import export_checkpoint, onnx_summary
+    from idle_export.parity.compare import check_onnx
 
     status = status or (lambda msg: contextlib.nullcontext())
     arch = canonical_arch(arch)

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import BadInputError
+from idle_export.errors import BadInputError
 
 
 @contextlib.contextmanager

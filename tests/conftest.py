@@ -26,8 +26,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 def _export(ckpt_path: Path, out: Path, **kwargs) -> Path:
-    from idle_export.checkpoint import load_checkpoint
-    from idle_export.export import export_checkpoint
+    from idle_export.model.checkpoint import load_checkpoint
+    from idle_export.onnx.export import export_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     return export_checkpoint(ckpt, ckpt.spec(), out, **kwargs)

@@ -1,1 +1,0 @@
-"""Images for checks and INT8 calibration: timm's eval transform, readers, built-in photos."""

@@ -1,0 +1,66 @@
+"""`idle-export calibrate`: FP32 ONNX → INT8 Q/DQ ONNX (ONNX Runtime's quantizer), with the
+token-selection path (scores, TopK, Gather/Scatter indices) left in FP32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from idle_export.cli.app import JsonOut, _err, _status, command, write_json
+
+
+@command("calibrate")
+def calibrate_cmd(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX file written by `idle-export onnx`.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="INT8 ONNX file to write "
+                                                   "(default: MODEL.int8.onnx).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Calibration images: a folder "
+                                                   "of JPEG/PNG (searched recursively), a .txt list of "
+                                                   "paths, or one image. Default: the built-in set "
+                                                   "(skimage.data photos).")] = None,
+    num: Annotated[int, typer.Option("--num", help="Number of calibration images (0: all in "
+                                     "--images). Fewer usable images than --num is an error.")] = 512,
+    method: Annotated[str, typer.Option("--method", help="Activation ranges: minmax, percentile "
+                                        "(99.999) or entropy.")] = "minmax",
+    target: Annotated[str, typer.Option("--target", help="ort: fastest Q/DQ placement for ONNX "
+                                        "Runtime CPU (uses com.microsoft BiasGelu); trt: symmetric "
+                                        "Q/DQ, float biases, standard ops (TensorRT).")] = "ort",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per "
+                                              "output channel (default) or one per tensor.")] = True,
+    batch: Annotated[int, typer.Option("--batch", help="Calibration batch size.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Which images of a folder are drawn.")] = 0,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse preprocessed images from "
+                                        "$IDLE_EXPORT_CACHE (default ~/.cache/idle-export).")] = True,
+    json_out: JsonOut = None,
+):
+    """Calibrate on real images and write an INT8 model; check it with
+    `idle-export check INT8.onnx --against FP32.onnx --images DIR`."""
+    import warnings
+
+    from idle_export.data.images import ImagesSkippedWarning
+    from idle_export.onnx.export import check_output_path
+    from idle_export.quantize.qdq import quantize_onnx
+
+    if output is None:
+        stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
+        output = model.with_name(f"{stem}.int8.onnx")
+    check_output_path(output)
+    with _status(f"calibrating {model.name}") as status, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImagesSkippedWarning)
+        report = quantize_onnx(model, output, images=images, num=num, method=method, target=target,
+                               per_channel=per_channel, batch_size=batch, seed=seed,
+                               cache_dir=None if cache else False, status=status.update)
+    info = report["images"]
+    if info["skipped_count"]:
+        _err(f"warning: skipped {info['skipped_count']} unreadable file(s) in {info['source']}, e.g. "
+             f"{info['skipped'][0]}")
+    if info["converted"]:
+        _err(f"note: converted {info['converted']} grayscale/RGBA/palette image(s) to RGB")
+    _err(f"wrote {output} (INT8 {report['format']} for {target}, {report['method']} on "
+         f"{report['num_images']} image(s) from {info['source']}; score path FP32 in "
+         f"{report['score_matmuls_fp32']}/{report['topk']} idle layers; "
+         f"{report['size_bytes'] / 2**20:.1f} MiB, {report['seconds']:.0f} s)")
+    if json_out:
+        write_json(report, json_out)

@@ -1,0 +1,129 @@
+"""`idle-export check`: parity of an ONNX file (or engine) against torch or another ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from idle_export.cli.app import (
+    Ema,
+    JsonOut,
+    Threads,
+    _int_list,
+    _status,
+    _threads,
+    command,
+    report_console,
+    write_json,
+)
+from idle_export.errors import BadInputError
+
+
+@command("check")
+def check_cmd(
+    model: Annotated[Path, typer.Argument(help="ONNX file written by `idle-export onnx` (or "
+                                          "`idle-export calibrate`), or a TensorRT engine (GPU).")],
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Compare against torch built "
+                                                 "from this checkpoint.")] = None,
+    against: Annotated[Path | None, typer.Option("--against", help="Compare against another "
+                                                    "ONNX file (the reference).")] = None,
+    ema: Ema = False,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes to test.")] = "1,7,32",
+    inputs: Annotated[str | None, typer.Option("--inputs", help="Input sets: noise (seeded), photos "
+                                                  "(skimage.data photos, timm eval transform). Default: "
+                                                  "noise,photos; none with --images.")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Real images (folder, .txt list "
+                                                   "or file; timm eval transform), all run at each "
+                                                   "batch size. DIR/<class>/x.png with the model's "
+                                                   "class names also reports accuracy.")] = None,
+    num: Annotated[int, typer.Option("--num", help="How many of --images (0: all).")] = 0,
+    max_abs: Annotated[float | None, typer.Option("--max-abs", help="Logit tolerance (default "
+                                                     "from the model's precision: fp32 1e-4, fp16 "
+                                                     "5e-2, int8 none; int8 needs top-1 ≥ 99%).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Threads = None,
+    json_out: JsonOut = None,
+):
+    """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
+    from idle_export.parity.compare import check_onnx
+
+    sizes = _int_list(batch, "--batch") or []
+    if not sizes or min(sizes) < 1:
+        raise BadInputError(f"--batch {batch!r} needs positive sizes", "e.g. --batch 1,7,32")
+    if inputs is None:
+        inputs = "" if images is not None else "noise,photos"
+    sets = [s for s in inputs.replace(" ", "").split(",") if s]
+    unknown = [s for s in sets if s not in ("noise", "photos")]
+    if unknown or (not sets and images is None):
+        raise BadInputError(f"--inputs {inputs!r}: unknown set {', '.join(unknown) or '(none)'}",
+                            "use noise, photos or noise,photos (or --images DIR)")
+    if model.suffix in (".engine", ".plan"):
+        from idle_export.trt.engine import check_engine_against
+
+        if against is None or ckpt is not None or images is not None:
+            raise BadInputError(f"{model.name} is a TensorRT engine: it is checked against the ONNX "
+                                "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
+        with _status(f"checking {model.name} against {against.name}"):
+            report = check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
+                                          seed=seed, threads=_threads(threads))
+    else:
+        with _status(f"checking {model.name}"):
+            report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
+                                input_sets=sets, seed=seed, threads=_threads(threads), images=images,
+                                num=num, max_abs=max_abs)
+    console = report_console(json_out)
+    print_check(report, console)
+    print_check_details(report, console)
+    if json_out:
+        write_json(report, json_out)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def print_check_details(report: dict, console) -> None:
+    """Token-selection agreement per idle layer, and accuracy where labels are known."""
+    from rich.table import Table
+
+    cases = [c for c in report["cases"] if c.get("selection_per_layer")]
+    if cases:
+        layers = list(cases[0]["selection_per_layer"])
+        table = Table(title="token-selection agreement per idle layer (same kept set, ties counted)")
+        table.add_column("inputs")
+        table.add_column("batch", justify="right")
+        for layer in layers:
+            table.add_column(f"L{layer}", justify="right")
+        for c in cases:
+            table.add_row(c["inputs"], str(c["batch"]),
+                          *[f"{c['selection_per_layer'].get(k, float('nan')):.1%}" for k in layers])
+            if "selection_overlap_per_layer" in c:
+                table.add_row("  kept-token overlap", "",
+                              *[f"{c['selection_overlap_per_layer'].get(k, float('nan')):.1%}"
+                                for k in layers])
+        console.print(table)
+    for c in report["cases"]:
+        acc = c.get("accuracy")
+        if acc:
+            console.print(f"accuracy on {c.get('images', '?')} labelled {c['inputs']} (batch {c['batch']}): "
+                          f"candidate {acc['candidate']:.2%}, reference {acc['reference']:.2%}, "
+                          f"drop {acc['drop'] * 100:+.2f} points")
+
+
+def print_check(report: dict, console) -> None:
+    from rich.table import Table
+
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    table = Table(title=f"{report['a']}  vs  {report['b']}  ({report.get('model', '')})")
+    for col in ("inputs", "batch", "max abs", "max rel", "cos min", "top-1", "top-5", "selection",
+                "ties", "verdict"):
+        table.add_column(col, justify="right" if col not in ("inputs", "verdict") else "left")
+    for c in report["cases"]:
+        sel = f"{c['selection']:.2%}" if "selection" in c else "-"
+        table.add_row(c["inputs"], str(c["batch"]), f"{c['max_abs']:.2e}", f"{c['max_rel']:.2e}",
+                      f"{c['cosine_min']:.7f}", f"{c['top1']:.0%}", f"{c['top5']:.0%}", sel,
+                      str(c.get("selection_ties", "-")),
+                      "[green]ok[/]" if c["passed"] else "[red]" + "; ".join(c["failures"]) + "[/]")
+    console.print(table)
+    console.print("[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]")

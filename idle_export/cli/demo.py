@@ -1,0 +1,47 @@
+"""`idle-export demo`: the whole pipeline on a seeded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from idle_export.cli.app import JsonOut, _int_list, _status, command, report_console, write_json
+
+
+@command("demo")
+def demo_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output",
+                                         help="Folder for the demo files.")] = Path("demo_out"),
+    arch: Annotated[str, typer.Option("--arch", help="Architecture of the demo model.")] = "deit_small",
+    keep: Annotated[float, typer.Option("--keep", help="Keep rate of the demo model.")] = 0.7,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes to check.")] = "1,7,32",
+    json_out: JsonOut = None,
+):
+    """Seeded IdleViT checkpoint (official training format) → idle and dense ONNX → checks."""
+    from idle_export.demo import run_demo
+
+    sizes = _int_list(batch, "--batch") or [1]
+    report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=_status)
+    print_demo(report, report_console(json_out))
+    if json_out:
+        write_json(report, json_out)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def print_demo(report: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"idle-export demo: {report['model']}")
+    for col in ("file", "TopK", "GMACs", "max abs", "top-1", "selection", "check"):
+        table.add_column(col)
+    for row in report["rows"]:
+        sel = "-" if row["selection"] is None else f"{row['selection']:.0%}"
+        table.add_row(Path(row["file"]).name, str(row["topk"]), f"{row['gmacs']:.2f}",
+                      f"{row['max_abs']:.1e}", f"{row['top1']:.0%}", sel,
+                      "[green]ok[/]" if row["passed"] else "[red]FAILED[/]")
+    console.print(table)
+    console.print(f"K per idle layer: {report['keep_k']}; {report['scores']} scores; FLOP ideal "
+                  f"speed-up {report['ideal']:.2f}x; files in {report['folder']}")

@@ -1,0 +1,145 @@
+"""`idle-export serve repo|run|query`: Triton model repository, local pytriton server, client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from idle_export.cli.app import (
+    JsonOut,
+    Threads,
+    _err,
+    _int_list,
+    _threads,
+    app,
+    command,
+    report_console,
+    write_json,
+)
+
+serve_app = typer.Typer(name="serve", no_args_is_help=True, add_completion=False,
+                        help="Triton Inference Server: write a model repository, serve it locally "
+                        "(pytriton, CPU), query a server.")
+app.add_typer(serve_app, name="serve")
+
+
+def _serve_command(name: str):
+    return command(name, target=serve_app)
+
+
+@_serve_command("repo")
+def repo_cmd(
+    model: Annotated[Path, typer.Argument(help="ONNX file (→ onnxruntime_onnx) or TensorRT engine "
+                                          ".engine/.plan with its .json sidecar (→ tensorrt_plan).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model repository folder (created "
+                                         "if its parent exists).")] = Path("model_repository"),
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: file stem).")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="max_batch_size (default 64; "
+                                                     "an engine: its profile's max).")] = None,
+    preferred: Annotated[str | None, typer.Option("--preferred", help="Preferred batch sizes of the "
+                                                     "dynamic batcher (default: MAX/2,MAX or the "
+                                                     "engine's opt,max).")] = None,
+    queue_delay_us: Annotated[int, typer.Option("--queue-delay-us", help="Dynamic batcher: longest "
+                                                "wait for a fuller batch, microseconds.")] = 100,
+    instances: Annotated[int, typer.Option("--instances", help="instance_group count.")] = 1,
+    kind: Annotated[str | None, typer.Option("--kind", help="instance_group kind: auto|cpu|gpu "
+                                                "(default auto; gpu for engines).")] = None,
+    version: Annotated[int, typer.Option("--version", help="Version folder number.")] = 1,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="For an engine: the ONNX it was "
+                                                 "built from (tensor names, shapes, metadata).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
+    json_out: JsonOut = None,
+):
+    """Write a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx|model.plan, labels."""
+    from idle_export.serve.serve import write_repository
+
+    sizes = _int_list(preferred, "--preferred")
+    report = write_repository(model, output, name=name, max_batch=max_batch, preferred=sizes,
+                              queue_delay_us=queue_delay_us, instances=instances, kind=kind,
+                              version=version, onnx=onnx, force=force)
+    for w in report["warnings"]:
+        _err(f"warning: {w}")
+    check = "parsed back with Triton's model_config protobuf" if report["validated_with_triton_protobuf"] \
+        else "not parsed back (tritonclient missing)"
+    _err(f"wrote {report['folder']} ({report['platform']}, max batch {report['max_batch_size']}, "
+         f"preferred {report['preferred_batch_sizes']}, {report['labels'] or 'no'} labels; "
+         f"config.pbtxt {check})")
+    if json_out:
+        write_json(report, json_out)
+
+
+@_serve_command("run")
+def run_cmd(
+    repository: Annotated[Path, typer.Argument(help="Model repository written by `serve repo`.")],
+    port: Annotated[int, typer.Option("--port", help="HTTP port (KServe v2).")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; keep 127.0.0.1 unless the "
+                                      "server must be reachable from other machines.")] = "127.0.0.1",
+    model: Annotated[list[str] | None, typer.Option("--model", help="Serve only this model "
+                                                       "(repeatable).")] = None,
+    threads: Threads = None,
+    grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="Also serve gRPC on this "
+                                                     "port (off by default).")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus metrics "
+                                                        "on this port (off by default).")] = None,
+    exit_timeout: Annotated[int, typer.Option("--exit-timeout", help="Seconds to let in-flight "
+                                              "requests finish on shutdown.")] = 10,
+    log_file: Annotated[Path | None, typer.Option("--log-file", help="Keep tritonserver's log "
+                                                     "here (default: a temp file, removed on a clean "
+                                                     "exit).")] = None,
+):
+    """Serve a repository's ONNX models locally: Triton core via pytriton, ONNX Runtime on CPU."""
+    from idle_export.serve.serve import serve_repository
+
+    def ready(handle):
+        _err(f"serving {', '.join(handle.models)} at {handle.url} (Triton via pytriton, ONNX Runtime "
+             f"CPU); stop with Ctrl+C or SIGTERM")
+
+    _err(f"starting Triton on {host}:{port} ...")
+    summary = serve_repository(repository, host=host, port=port, models=model or None,
+                               threads=_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
+                               exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready)
+    if summary["skipped"]:
+        _err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")
+    _err(f"stopped ({summary['signal'] or 'stop requested'}) after {summary['uptime_s']:.0f} s")
+
+
+@_serve_command("query")
+def query_cmd(
+    url: Annotated[str, typer.Argument(help="Server, e.g. http://127.0.0.1:8000")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, ...).")],
+    model: Annotated[str | None, typer.Option("--model", help="Model name (default: the only "
+                                                 "model the server has ready).")] = None,
+    top: Annotated[int, typer.Option("--top", help="Classes to show per image.")] = 5,
+    repeat: Annotated[int, typer.Option("--repeat", help="Send the request N times (latency "
+                                        "percentiles).")] = 1,
+    timeout: Annotated[float, typer.Option("--timeout", help="Network timeout, seconds.")] = 60.0,
+    json_out: JsonOut = None,
+):
+    """Top-k classes and latency from a Triton server; preprocessing identical to `check`."""
+    from idle_export.serve.serve import query
+
+    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout)
+    print_query(report, report_console(json_out))
+    if json_out:
+        write_json(report, json_out)
+
+
+def print_query(report: dict, console) -> None:
+    from rich.table import Table
+
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    table = Table(title=f"{report['model']} at {report['url']}")
+    for col in ("image", "#", "class", "label", "prob", "logit"):
+        table.add_column(col, justify="left" if col in ("image", "label") else "right")
+    for row in report["results"]:
+        for rank, t in enumerate(row["top"], 1):
+            table.add_row(Path(row["image"]).name if rank == 1 else "", str(rank), str(t["index"]),
+                          t["label"] or "-", f"{t['prob']:.2%}", f"{t['logit']:.4f}")
+        table.add_section()
+    console.print(table)
+    lat = report["latency_ms"]
+    console.print(f"latency over {report['requests']} request(s): mean {lat['mean']:.1f} ms, "
+                  f"p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms (client wall time)")

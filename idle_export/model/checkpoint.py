@@ -1,0 +1,223 @@
+"""Safe loading of every checkpoint form IdleViT users have.
+
+Forms: the official training checkpoint ({'model', 'model_ema', 'optimizer', 'args', ...},
+args an argparse.Namespace with `arch`, `base_rate`), {'model': sd}, {'state_dict': sd}, a bare
+state dict, or a .safetensors file. Pickles are read with torch.load(weights_only=True) and only
+argparse.Namespace allowlisted: nothing in a checkpoint can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from idle_export.errors import CheckpointError
+from idle_export.model.config import ARCHS, EMBED_DIM_TO_ARCH, ModelSpec
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    sha256: str
+    state_dict: dict
+    source: str  # which entry the weights came from: 'model', 'model_ema', 'state_dict', 'file'
+    args: dict = field(default_factory=dict)  # the training args, when the checkpoint has them
+
+    @property
+    def arch(self) -> str | None:
+        """Architecture from args.arch, else from the embedding width of the weights."""
+        arch = self.args.get("arch")
+        if isinstance(arch, str) and arch:
+            return arch
+        return infer_arch(self.state_dict)
+
+    @property
+    def keep_rate(self) -> float | None:
+        rate = self.args.get("base_rate")
+        return float(rate) if isinstance(rate, (int, float)) else None
+
+    @property
+    def num_classes(self) -> int:
+        head = self.state_dict.get("head.weight")
+        return int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
+
+    @property
+    def img_size(self) -> int:
+        pos = self.state_dict.get("pos_embed")
+        if pos is not None and pos.ndim == 3:
+            side = math.isqrt(int(pos.shape[1]) - 1)
+            if side * side == int(pos.shape[1]) - 1:
+                return side * 16
+        return 224
+
+    @property
+    def classes(self) -> list[str] | None:
+        names = self.args.get("classes")
+        return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+
+    def spec(self, *, arch: str | None = None, keep_rate: float | None = None, **kwargs) -> ModelSpec:
+        """ModelSpec from the checkpoint, with the user's --arch / --keep taking precedence."""
+        arch = arch or self.arch
+        if arch is None:
+            raise CheckpointError(
+                f"cannot tell the architecture of {self.path.name}: no args.arch and no cls_token",
+                f"pass --arch ({', '.join(ARCHS)})",
+            )
+        rate = keep_rate if keep_rate is not None else self.keep_rate
+        return ModelSpec.create(arch, rate, num_classes=self.num_classes, img_size=self.img_size,
+                                **kwargs)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def infer_arch(state_dict: dict) -> str | None:
+    cls = state_dict.get("cls_token")
+    if cls is None or cls.ndim != 3:
+        return None
+    return EMBED_DIM_TO_ARCH.get(int(cls.shape[-1]))
+
+
+def _read_raw(path: Path):
+    """The deserialised object; every failure becomes a one-line CheckpointError."""
+    import pickle
+
+    import torch
+
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path.name} is not a readable safetensors file ({str(e).splitlines()[0]})",
+                "re-save it with safetensors.torch.save_file or pass the .pth checkpoint",
+            ) from None
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text:
+            culprit = _unsafe_global(text)
+            raise CheckpointError(
+                f"{path.name} refers to the Python object {culprit}, which idle-export will not "
+                "unpickle (loading it could run code)",
+                "save only tensors: torch.save({'model': model.state_dict()}, path) or safetensors",
+            ) from None
+        raise CheckpointError(
+            f"{path.name} is not a PyTorch checkpoint ({text.splitlines()[0][:120]})",
+            "pass the .pth file that torch.save wrote, or a .safetensors file",
+        ) from None
+    except RuntimeError as e:
+        text = str(e).splitlines()[0][:160]
+        raise CheckpointError(
+            f"{path.name} is truncated or corrupt ({text})",
+            "copy the checkpoint again; its download or save may have been cut short",
+        ) from None
+    except (EOFError, ValueError, UnicodeDecodeError, IndexError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path.name} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})",
+            "pass the .pth file that torch.save wrote, or a .safetensors file",
+        ) from None
+
+
+def _unsafe_global(text: str) -> str:
+    import re
+
+    m = re.search(r"(?:Unsupported global: GLOBAL|GLOBAL)\s+([\w.]+)", text)
+    return m.group(1) if m else "that is not a tensor"
+
+
+def _is_state_dict(obj) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def load_checkpoint(path: str | Path, *, ema: bool = False) -> Checkpoint:
+    """Read a checkpoint safely and pick its weights (EMA ones with ema=True)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}", "check the path")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file", "pass the checkpoint file itself")
+    obj = _read_raw(path)
+    args: dict = {}
+    if isinstance(obj, dict) and "args" in obj:
+        raw_args = obj["args"]
+        args = dict(vars(raw_args)) if hasattr(raw_args, "__dict__") else (
+            dict(raw_args) if isinstance(raw_args, dict) else {})
+    if ema:
+        if not isinstance(obj, dict) or not _is_state_dict(obj.get("model_ema")):
+            raise CheckpointError(f"{path.name} has no EMA weights ('model_ema')",
+                                  "drop --ema to use the regular weights")
+        state_dict, source = obj["model_ema"], "model_ema"
+    elif _is_state_dict(obj):
+        state_dict, source = obj, "file"
+    else:
+        for key in ("model", "state_dict", "model_ema"):
+            if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
+                state_dict, source = obj[key], key
+                break
+        else:
+            keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(
+                f"{path.name} holds no state dict (found: {keys})",
+                "expected {'model': state_dict}, a bare state dict or a .safetensors file",
+            )
+    state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
+    return Checkpoint(path=path, sha256=sha256_file(path), state_dict=state_dict, source=source,
+                      args=args)
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_weights(vit, state_dict: dict, spec: ModelSpec) -> None:
+    """Copy timm-keyed weights into `vit`, naming every missing, unexpected or misshapen key."""
+    import torch
+
+    expected = vit.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (checkpoint {list(state_dict[k].shape)}, {spec.arch} {list(v.shape)})"
+        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("size mismatch for", mismatched), ("missing keys", missing),
+                             ("unexpected keys", unexpected)):
+            if items:
+                more = f" and {len(items) - 4} more" if len(items) > 4 else ""
+                parts.append(f"{label}: {', '.join(items[:4])}{more}")
+        guess = infer_arch(state_dict)
+        hint = (f"the weights look like {guess}: pass --arch {guess}"
+                if guess and guess != spec.arch else
+                "pass a DeiT checkpoint with timm VisionTransformer keys")
+        raise CheckpointError(f"weights do not fit {spec.arch}: {'; '.join(parts)}", hint)
+    bad = [k for k, v in state_dict.items() if not torch.is_floating_point(v)]
+    if bad:
+        raise CheckpointError(f"non-float weights in the checkpoint: {', '.join(bad[:4])}",
+                              "pass the float weights of the model")
+    vit.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)

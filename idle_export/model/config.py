@@ -1,0 +1,226 @@
+"""ModelSpec: the one source of truth for architecture, idle layers and K per layer.
+
+Light module (no torch): the CLI, the FLOP model and the ONNX metadata all read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from idle_export.errors import BadInputError
+
+# Official short names (args.arch in the authors' scripts) → timm VisionTransformer settings.
+ARCHS: dict[str, dict] = {
+    "deit_tiny": dict(timm_name="deit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3),
+    "deit_small": dict(timm_name="deit_small_patch16_224", embed_dim=384, depth=12, num_heads=6),
+    "deit_base": dict(timm_name="deit_base_patch16_224", embed_dim=768, depth=12, num_heads=12),
+}
+ALIASES = {v["timm_name"]: k for k, v in ARCHS.items()} | {
+    f"vit_{v['timm_name']}": k for k, v in ARCHS.items()
+}
+EMBED_DIM_TO_ARCH = {v["embed_dim"]: k for k, v in ARCHS.items()}
+
+# How idle layers rank tokens (model.IdleBlock): the paper's q_cls·k, or xn·(Wkᵀq_cls) (same top-K).
+SCORE_MODES = ("official", "folded")
+
+# Preset schedules: (idle layers, exponent p of keep_rate**p for each idle layer).
+SCHEDULES = {
+    # infer.py, the official evaluation script: layers 3..11, r,r,r, r²,r²,r², r³,r³,r³
+    "eval": (tuple(range(3, 12)), (1, 1, 1, 2, 2, 2, 3, 3, 3)),
+    # main.py, the official training script: layers 4..11 zipped with the same ratio list
+    "train": (tuple(range(4, 12)), (1, 1, 1, 2, 2, 2, 3, 3)),
+}
+
+# timm's eval preprocessing for DeiT (resize 224/0.875 bicubic, centre crop, ImageNet mean/std)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def canonical_arch(name: str) -> str:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key.startswith("lvvit"):  # the authors' other family (lvvit_s, lvvit_m): a different model
+        raise BadInputError(
+            f"architecture {name!r} is LV-ViT, which idle-export cannot export yet",
+            f"only DeiT checkpoints are supported ({', '.join(ARCHS)}); LV-ViT is planned",
+        )
+    if key not in ARCHS:
+        raise BadInputError(
+            f"unknown architecture {name!r}",
+            f"use one of {', '.join(ARCHS)} (or the timm names {', '.join(ALIASES)})",
+        )
+    return key
+
+
+def check_keep_rate(rate: float) -> float:
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        raise BadInputError(f"keep rate {rate!r} is not a number", "pass --keep 0.7") from None
+    if math.isnan(rate) or not 0.0 < rate <= 1.0:
+        raise BadInputError(
+            f"keep rate {rate} is outside (0, 1]", "pass a fraction such as --keep 0.7"
+        )
+    return rate
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the deployed graph (and its FLOP count) from weights."""
+
+    arch: str
+    keep_rate: float | None  # None: K per layer given explicitly
+    idle_layers: tuple[int, ...]
+    keep_k: tuple[int, ...]  # patch tokens kept in each idle layer (CLS always kept in addition)
+    num_classes: int = 1000
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = field(default=0)
+    depth: int = field(default=0)
+    num_heads: int = field(default=0)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        info = ARCHS[self.arch]
+        for key in ("embed_dim", "depth", "num_heads"):
+            if not getattr(self, key):
+                object.__setattr__(self, key, info[key])
+        n = self.num_patches
+        if len(self.idle_layers) != len(self.keep_k):
+            raise BadInputError(
+                f"{len(self.idle_layers)} idle layers but {len(self.keep_k)} K values",
+                "give one K per idle layer",
+            )
+        if len(set(self.idle_layers)) != len(self.idle_layers):
+            raise BadInputError(f"idle layers {list(self.idle_layers)} repeat a layer",
+                                "list each layer once")
+        for layer, k in zip(self.idle_layers, self.keep_k):
+            if not 0 <= layer < self.depth:
+                raise BadInputError(
+                    f"idle layer {layer} is out of range for {self.arch} (layers 0..{self.depth - 1})",
+                    f"choose idle layers between 0 and {self.depth - 1}",
+                )
+            if not 1 <= k <= n:
+                raise BadInputError(
+                    f"idle layer {layer} would keep {k} of {n} patch tokens",
+                    "K must be between 1 and the number of patch tokens; raise the keep rate",
+                )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        arch: str,
+        keep_rate: float | None = None,
+        *,
+        schedule: str = "eval",
+        idle_layers: list[int] | None = None,
+        keep_k: list[int] | None = None,
+        num_classes: int = 1000,
+        img_size: int = 224,
+    ) -> ModelSpec:
+        """The official K rule, K = int(N * keep_rate ** p) in Python floats, or explicit K."""
+        arch = canonical_arch(arch)
+        n = (img_size // 16) ** 2
+        if schedule not in SCHEDULES:
+            raise BadInputError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        preset_layers, preset_pows = SCHEDULES[schedule]
+        layers = tuple(preset_layers if idle_layers is None else idle_layers)
+        if keep_k is not None:
+            if keep_rate is not None:
+                keep_rate = check_keep_rate(keep_rate)
+            ks = tuple(int(k) for k in keep_k)
+        else:
+            if keep_rate is None:
+                raise BadInputError(
+                    "no keep rate: the checkpoint has no args.base_rate",
+                    "pass --keep 0.7 (the rate the model was trained with) or --keep-k",
+                )
+            keep_rate = check_keep_rate(keep_rate)
+            # p-th idle layer keeps r**(p//3 + 1) as in the official scripts (groups of three)
+            pows = preset_pows if idle_layers is None else tuple(i // 3 + 1 for i in range(len(layers)))
+            ks = tuple(int(n * keep_rate**p) for p in pows)
+        return cls(arch=arch, keep_rate=keep_rate, idle_layers=layers, keep_k=ks,
+                   num_classes=num_classes, img_size=img_size)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def timm_name(self) -> str:
+        return ARCHS[self.arch]["timm_name"]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def k_by_layer(self) -> dict[int, int]:
+        return dict(zip(self.idle_layers, self.keep_k))
+
+    def macs(self, dense: bool = False, folded_scores: bool = False) -> int:
+        """Multiply-accumulates of one image: the FLOP model bench uses (LayerNorm, softmax,
+        GELU and adds are not counted; they are O(N·C))."""
+        c, n, hidden = self.embed_dim, self.num_patches + 1, 4 * self.embed_dim
+        total = self.num_patches * 3 * self.patch_size**2 * c + c * self.num_classes
+        k_by_layer = {} if dense else self.k_by_layer
+        for layer in range(self.depth):
+            if layer not in k_by_layer:
+                total += n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * hidden
+                continue
+            s = k_by_layer[layer] + 1  # selected tokens, CLS included
+            if folded_scores:  # w = Wkᵀ q_cls, score = xn·w, keys only for the selected tokens
+                select = c * c + c * c + n * c
+                qkv = s * c * 3 * c
+            else:  # official: q_cls, keys for every token, q_cls·k
+                select = c * c + n * c * c + n * c
+                qkv = s * c * 2 * c
+            total += select + qkv + 2 * s * s * c + s * c * c + 2 * s * c * hidden
+        return total
+
+    # ------------------------------------------------------------------ metadata
+    def to_metadata(self) -> dict[str, str]:
+        d = asdict(self)
+        return {f"idle_export.{k}": json.dumps(v) for k, v in d.items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> ModelSpec:
+        prefix = "idle_export."
+        args = {}
+        for name in cls.__dataclass_fields__:
+            if prefix + name in props:
+                value = json.loads(props[prefix + name])
+                args[name] = tuple(value) if isinstance(value, list) else value
+        if "arch" not in args:
+            raise BadInputError(
+                "the ONNX file has no idle-export metadata",
+                "export it with `idle-export onnx` or pass the checkpoint and --keep",
+            )
+        return cls(**args)
+
+    def describe(self) -> str:
+        rate = "explicit K" if self.keep_rate is None else f"keep {self.keep_rate:g}"
+        ks = ",".join(str(k) for k in self.keep_k)
+        layers = ",".join(str(i) for i in self.idle_layers)
+        return f"{self.arch} {rate}, idle layers {layers or '-'}, K {ks or '-'}"
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """What `check` demands of runner A against reference B."""
+
+    max_abs: float = 1e-4  # on logits
+    min_top1: float = 1.0  # fraction of images whose top-1 class agrees
+    min_selection: float = 1.0  # fraction of (image, layer) pairs with the same kept set, ties aside
+    tie_atol: float = 1e-6  # a differing token is a tie if its reference score is this close
+    tie_rtol: float = 1e-5  # to the K-th largest score (absolute + relative)
+
+
+TOLERANCES = {
+    "fp32": Tolerances(),
+    "fp16": Tolerances(max_abs=5e-2, min_top1=0.99, min_selection=0.95),
+    "int8": Tolerances(max_abs=float("inf"), min_top1=0.99, min_selection=0.0),
+}

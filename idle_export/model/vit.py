@@ -1,0 +1,150 @@
+"""IdleViT's evaluation graph on timm's VisionTransformer, written for export.
+
+Each idle layer (the authors' vit.py, `test=True` path):
+  xn = LN1(x); q_cls = xn[:,0] Wq + bq; k = xn Wk + bk
+  score_j = mean over heads of q_cls,h · k_j,h (unscaled), j = 1..N-1
+  idx = [0, topk(score, K) + 1]
+  res = x[idx] + proj(attn(q(xn[idx]), k[idx], v(xn[idx])));  res += MLP(LN2(res))
+  x = scatter(x, idx, res)        out of place: unselected tokens pass through unchanged
+Constant K per layer, TopK + GatherElements + ScatterElements, no data-dependent Python
+control flow, so the same module runs eagerly and exports to ONNX.
+
+Ties: TopK's order among exactly equal scores is up to the runtime (ONNX Runtime prefers the
+lower index); the selected *set* is what parity compares, and exactly equal float scores do not
+occur in practice on real inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idle_export.model.config import SCORE_MODES, ModelSpec
+
+
+class IdleBlock(nn.Module):
+    """One timm Block run on its K highest-scoring tokens (plus CLS)."""
+
+    def __init__(self, block: nn.Module, keep: int, score_mode: str = "official"):
+        super().__init__()
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}")
+        self.block = block
+        self.keep = int(keep)
+        self.score_mode = score_mode
+        attn = block.attn
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale = self.head_dim**-0.5
+        self.record_scores = False  # eager only: keep the last scores for tie analysis
+        self.last_scores: torch.Tensor | None = None
+
+    def select(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Indices [B, K+1] of the kept tokens (CLS first) and, in the official mode, all keys."""
+        c = xn.shape[-1]
+        weight, bias = self.block.attn.qkv.weight, self.block.attn.qkv.bias
+        wq, wk = weight[:c], weight[c : 2 * c]
+        bq, bk = bias[:c], bias[c : 2 * c]
+        q_cls = F.linear(xn[:, :1], wq, bq)  # [B, 1, C]
+        if self.score_mode == "official":
+            keys = F.linear(xn, wk, bk)  # [B, N, C]
+            # mean over heads of q_h·k_h == (q·k) / H
+            scores = torch.matmul(q_cls, keys[:, 1:].transpose(1, 2)).squeeze(1) / self.num_heads
+        else:
+            # q·(Wk xn_j + bk) = (Wkᵀ q)·xn_j + q·bk: the last term is the same for every token,
+            # so ranking by xn_j·(Wkᵀ q) keeps the same top-K without any keys.
+            keys = None
+            w = torch.matmul(q_cls, wk)  # [B, 1, C]
+            scores = torch.matmul(w, xn[:, 1:].transpose(1, 2)).squeeze(1)
+        if self.record_scores:
+            self.last_scores = scores.detach()
+        top = torch.topk(scores, self.keep, dim=1, largest=True, sorted=True).indices
+        idx = torch.cat([torch.zeros_like(top[:, :1]), top + 1], dim=1)
+        return idx, keys
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blk = self.block
+        b, _, c = x.shape
+        s = self.keep + 1
+        xn = blk.norm1(x)
+        idx, keys = self.select(xn)
+        gather_idx = idx.unsqueeze(-1).expand(b, s, c)
+        xn_sel = torch.gather(xn, 1, gather_idx)
+        x_sel = torch.gather(x, 1, gather_idx)
+        weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
+        # q, k, v as separate projections of the kept tokens: one [B, S, 3C] GEMM followed by a
+        # Split would copy its whole output once more
+        q = F.linear(xn_sel, weight[:c], bias[:c])
+        v = F.linear(xn_sel, weight[2 * c :], bias[2 * c :])
+        if keys is None:
+            k = F.linear(xn_sel, weight[c : 2 * c], bias[c : 2 * c])
+        else:
+            k = torch.gather(keys, 1, gather_idx)
+        h, d = self.num_heads, self.head_dim
+        q = q.reshape(b, s, h, d).transpose(1, 2)
+        k = k.reshape(b, s, h, d).transpose(1, 2)
+        v = v.reshape(b, s, h, d).transpose(1, 2)
+        attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, s, c)
+        res = x_sel + blk.ls1(blk.attn.proj(out))
+        res = res + blk.ls2(blk.mlp(blk.norm2(res)))
+        return torch.scatter(x, 1, gather_idx, res), idx
+
+
+class IdleViT(nn.Module):
+    """timm VisionTransformer with idle layers. `dense=True`: the same weights, every token
+    computed in every layer (the baseline every comparison uses)."""
+
+    def __init__(self, vit: nn.Module, spec: ModelSpec, *, dense: bool = False,
+                 emit_selection: bool = False, score_mode: str = "official"):
+        super().__init__()
+        self.vit = vit
+        self.spec = spec
+        self.dense = dense
+        self.emit_selection = emit_selection and not dense
+        self.score_mode = score_mode
+        k_by_layer = {} if dense else spec.k_by_layer
+        # A plain list: IdleBlock wraps timm's block without parameters of its own, so the
+        # state dict keeps timm's keys (under `vit.`) and nothing is registered twice.
+        self.layers = [
+            IdleBlock(blk, k_by_layer[i], score_mode) if i in k_by_layer else blk
+            for i, blk in enumerate(vit.blocks)
+        ]
+
+    def forward(self, images: torch.Tensor):
+        vit = self.vit
+        x = vit.patch_embed(images)
+        x = vit._pos_embed(x)
+        x = vit.norm_pre(x)
+        selections = []
+        for layer in self.layers:
+            if isinstance(layer, IdleBlock):
+                x, idx = layer(x)
+                selections.append(idx)
+            else:
+                x = layer(x)
+        logits = vit.forward_head(vit.norm(x))
+        if self.emit_selection:
+            return (logits, *selections)
+        return logits
+
+
+def create_vit(spec: ModelSpec) -> nn.Module:
+    """timm's VisionTransformer for the spec, random weights (no hub access)."""
+    import timm
+
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=spec.num_classes,
+                             img_size=spec.img_size)
+
+
+def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool = False,
+                emit_selection: bool = False, score_mode: str = "official") -> IdleViT:
+    """IdleViT in eval mode with the given timm-keyed weights (or seeded random ones if None)."""
+    vit = create_vit(spec)
+    if state_dict is not None:
+        from idle_export.model.checkpoint import load_weights
+
+        load_weights(vit, state_dict, spec)
+    model = IdleViT(vit, spec, dense=dense, emit_selection=emit_selection, score_mode=score_mode)
+    return model.eval()

@@ -1,0 +1,260 @@
+"""Compare two runners: logits error, top-1/top-5 agreement and token-selection agreement.
+
+Selection agreement compares *sets* of kept tokens per image and idle layer (the order TopK
+returns among the kept ones does not change the result). A differing set is counted as a tie,
+not a failure, when every token in the difference has a reference score within
+tie_atol + tie_rtol·|s_K| of the K-th largest score s_K: there the choice is up to rounding.
+Reference scores come from whichever runner records them (the torch runner does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from idle_export.model.config import Tolerances
+from idle_export.runtime.runners import SELECTION_PREFIX
+
+
+def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.min(num / np.maximum(den, 1e-30)))
+
+
+def _topk_sets(x: np.ndarray, k: int) -> list[set]:
+    return [set(row) for row in np.argsort(-x, axis=1, kind="stable")[:, :k]]
+
+
+def compare_outputs(out_a: dict, out_b: dict, scores: list[np.ndarray] | None,
+                    tol: Tolerances) -> dict:
+    """Figures for one batch; `out_b` is the reference."""
+    a, b = out_a["logits"].astype(np.float64), out_b["logits"].astype(np.float64)
+    diff = np.abs(a - b)
+    case = {
+        "max_abs": float(diff.max()),
+        "max_rel": float(diff.max() / max(np.abs(b).max(), 1e-30)),
+        "cosine_min": _cosine_min(a, b),
+        "top1": float(np.mean(a.argmax(1) == b.argmax(1))),
+        "top5": float(np.mean([x == y for x, y in zip(_topk_sets(a, 5), _topk_sets(b, 5))])),
+    }
+    layers = sorted({k for k in out_a if k.startswith(SELECTION_PREFIX)}
+                    & {k for k in out_b if k.startswith(SELECTION_PREFIX)},
+                    key=lambda k: int(k[len(SELECTION_PREFIX):]))
+    per_layer, ties, matches, total = {}, 0, 0, 0
+    for li, key in enumerate(layers):
+        sa, sb = out_a[key], out_b[key]
+        same = 0
+        for row in range(sa.shape[0]):
+            set_a, set_b = set(sa[row].tolist()), set(sb[row].tolist())
+            if set_a == set_b:
+                same += 1
+            elif scores is not None and _is_tie(scores[li][row], set_a ^ set_b, len(set_b), tol):
+                same += 1
+                ties += 1
+        per_layer[key[len(SELECTION_PREFIX):]] = same / sa.shape[0]
+        matches += same
+        total += sa.shape[0]
+    if layers:
+        case["selection"] = matches / total
+        case["selection_per_layer"] = per_layer
+        case["selection_ties"] = ties
+    failures = []
+    if case["max_abs"] > tol.max_abs:
+        failures.append(f"max abs error {case['max_abs']:.3g} > {tol.max_abs:g}")
+    if case["top1"] < tol.min_top1:
+        failures.append(f"top-1 agreement {case['top1']:.2%} < {tol.min_top1:.2%}")
+    if layers and case["selection"] < tol.min_selection:
+        failures.append(f"token-selection agreement {case['selection']:.2%} < {tol.min_selection:.2%}")
+    case["failures"] = failures
+    case["passed"] = not failures
+    return case
+
+
+def _is_tie(scores: np.ndarray, differing: set, k: int, tol: Tolerances) -> bool:
+    kth = np.sort(scores)[::-1][k - 1]
+    limit = tol.tie_atol + tol.tie_rtol * abs(kth)
+    return all(abs(scores[j] - kth) <= limit for j in differing)
+
+
+def compare_runners(runner_a, runner_b, inputs: dict[str, np.ndarray], batch_sizes: list[int],
+                    tol: Tolerances) -> dict:
+    """Run both runners on the first `bs` images of every input set for each batch size."""
+    cases = []
+    with runner_a, runner_b:
+        for set_name, images in inputs.items():
+            for bs in batch_sizes:
+                feed = {"images": images[:bs]}
+                out_a, out_b = runner_a.infer(feed), runner_b.infer(feed)
+                scores = (getattr(runner_b, "last_scores", None) or getattr(runner_a, "last_scores", None)
+                          or None)
+                case = compare_outputs(out_a, out_b, scores, tol)
+                cases.append({"inputs": set_name, "batch": int(bs), **case})
+    return {
+        "a": runner_a.name,
+        "b": runner_b.name,
+        "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()},
+        "cases": cases,
+        "passed": all(c["passed"] for c in cases),
+    }
+
+
+def tolerance_for(meta: dict[str, str]) -> Tolerances:
+    """Tolerances for a candidate model from its `idle_export.precision` metadata (fp32 when
+    absent or unknown)."""
+    import json
+
+    from idle_export.model.config import TOLERANCES
+
+    try:
+        precision = json.loads(meta.get("idle_export.precision", '"fp32"'))
+    except ValueError:
+        precision = "fp32"
+    return TOLERANCES.get(precision, TOLERANCES["fp32"])
+
+
+def labels_from_folders(files: list[str], classes: list[str] | None) -> np.ndarray | None:
+    """Ground-truth labels for an ImageFolder layout (DIR/<class name>/image.png) when every
+    image's parent folder is one of the model's class names; None otherwise."""
+    if not classes or not files:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index.get(Path(f).parent.name) for f in files]
+    if any(label is None for label in labels):
+        return None
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _run_chunked(runner, images: np.ndarray, bs: int) -> tuple[dict, list | None]:
+    """All images through `runner` in batches of `bs`: concatenated outputs (and the reference
+    scores, per idle layer, when the runner records them)."""
+    outs, scores = [], []
+    for i in range(0, len(images), bs):
+        outs.append(runner.infer({"images": images[i:i + bs]}))
+        recorded = getattr(runner, "last_scores", None)
+        if recorded:
+            scores.append(recorded)
+    merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    merged_scores = None
+    if scores and len(scores) == len(outs):
+        merged_scores = [np.concatenate([s[li] for s in scores]) for li in range(len(scores[0]))]
+    return merged, merged_scores
+
+
+def selection_overlap(out_a: dict, out_b: dict) -> dict[str, float]:
+    """Per idle layer: mean fraction of the reference's kept tokens that the candidate kept too
+    (|A∩B| / K). Softer than set agreement: one swapped token of 137 costs 0.7%, not 100%."""
+    result = {}
+    for key in out_b:
+        if key.startswith(SELECTION_PREFIX) and key in out_a:
+            sa, sb = out_a[key], out_b[key]
+            common = [len(set(a.tolist()) & set(b.tolist())) / max(len(b), 1)
+                      for a, b in zip(sa, sb, strict=True)]
+            result[key[len(SELECTION_PREFIX):]] = float(np.mean(common))
+    return result
+
+
+def compare_on_images(candidate, reference, images: np.ndarray, batch_sizes: list[int], tol: Tolerances,
+                      labels: np.ndarray | None = None, set_name: str = "images") -> list[dict]:
+    """One case per batch size over *all* images (run in chunks of that size); with labels,
+    the top-1 accuracy of both runners and the drop."""
+    cases = []
+    for bs in batch_sizes:
+        out_a, _ = _run_chunked(candidate, images, bs)
+        out_b, scores = _run_chunked(reference, images, bs)
+        case = {"inputs": set_name, "batch": int(bs), "images": int(len(images)),
+                **compare_outputs(out_a, out_b, scores, tol)}
+        overlap = selection_overlap(out_a, out_b)
+        if overlap:
+            case["selection_overlap_per_layer"] = overlap
+            case["selection_overlap"] = float(np.mean(list(overlap.values())))
+        if labels is not None:
+            acc_a = float(np.mean(out_a["logits"].argmax(1) == labels))
+            acc_b = float(np.mean(out_b["logits"].argmax(1) == labels))
+            case["accuracy"] = {"candidate": acc_a, "reference": acc_b, "drop": acc_b - acc_a}
+        cases.append(case)
+    return cases
+
+
+def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
+               batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
+               seed: int = 0, threads: int | None = None, images=None, num: int = 0,
+               max_abs: float | None = None) -> dict:
+    """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
+    path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
+    which model and preprocessing to use.
+
+    Tolerances: `tol` if given, else from the candidate's `idle_export.precision` (fp32, fp16,
+    int8), with `max_abs` overriding the logit tolerance. `images` (a folder, .txt list or image
+    file; see calibration.data) adds the input set "images": all of them (or `num`), each batch
+    size running over the whole set; with an ImageFolder layout whose folder names are the
+    model's classes, accuracy is reported too."""
+    import json
+    from dataclasses import replace
+
+    from idle_export.data.inputs import input_set
+    from idle_export.errors import BadInputError
+    from idle_export.model.checkpoint import Checkpoint, load_checkpoint
+    from idle_export.model.config import ModelSpec
+    from idle_export.model.vit import build_model
+    from idle_export.runtime.runners import OrtRunner, TorchRunner, load_onnx
+
+    # a clear error for a missing or broken file, before anything else
+    meta = {p.key: p.value for p in load_onnx(onnx_path).metadata_props}
+    spec = ModelSpec.from_metadata(meta)
+    dense = json.loads(meta.get("idle_export.dense", "false"))
+    warnings = []
+    if (ckpt_path is None) == (against is None):
+        raise BadInputError("check needs exactly one reference",
+                            "pass --ckpt CHECKPOINT (torch) or --against OTHER.onnx")
+    if tol is None:
+        tol = tolerance_for(meta)
+        if max_abs is not None:
+            tol = replace(tol, max_abs=max_abs)
+    precision = json.loads(meta.get("idle_export.precision", '"fp32"'))
+    if ckpt_path is not None:
+        ckpt = ckpt_path if isinstance(ckpt_path, Checkpoint) else load_checkpoint(ckpt_path, ema=ema)
+        expected = json.loads(meta.get("idle_export.checkpoint_sha256", "null"))
+        if expected and expected != ckpt.sha256:
+            warnings.append(f"{ckpt.path.name} is not the checkpoint {Path(onnx_path).name} was "
+                            "exported from (sha256 differs)")
+        # The reference is always the paper's formulation (keys for every token), whatever
+        # score mode the file was exported with: a folded export is checked against it.
+        model = build_model(spec, ckpt.state_dict, dense=dense, score_mode="official")
+        reference = TorchRunner(model, name=f"torch:{ckpt.path.name} (official scores)",
+                                selection=not dense,
+                                threads=threads)
+    else:
+        ref_meta = {p.key: p.value for p in load_onnx(against).metadata_props}
+        if json.loads(ref_meta.get("idle_export.precision", '"fp32"')) != "fp32":
+            warnings.append(f"the reference {Path(against).name} is not FP32")
+        reference = OrtRunner(against, selection=not dense, threads=threads)
+    candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
+    n = max(batch_sizes)
+    inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
+    if inputs or images is None:
+        report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
+    else:
+        report = {"a": candidate.name, "b": reference.name, "cases": [],
+                  "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()}}
+    if images is not None:
+        from idle_export.data.images import load_images
+
+        real = load_images(images, num, spec, seed=seed, what="--images")
+        classes = json.loads(meta.get("idle_export.classes", "null"))
+        labels = labels_from_folders(real.files, classes)
+        with candidate, reference:
+            cases = compare_on_images(candidate, reference, real.array, list(batch_sizes), tol, labels)
+        report["cases"].extend(cases)
+        report["passed"] = all(c["passed"] for c in report["cases"])
+        report["images"] = real.summary()
+        if real.skipped:
+            warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
+                            f"{real.skipped[0][0]} ({real.skipped[0][1]})")
+    report["precision"] = precision
+    report["model"] = spec.describe() + (" (dense)" if dense else "") + (
+        f" [{precision}]" if precision != "fp32" else "")
+    report["warnings"] = warnings
+    return report

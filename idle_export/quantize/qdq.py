@@ -1,0 +1,388 @@
+"""INT8 post-training quantization with ONNX Runtime's quantizer, sparing the token selection.
+
+`quantize_onnx(src, dst, images=..., target="ort"|"trt")`:
+1. load the FP32 graph with its weights (external .onnx.data too) and refuse one that is
+   already quantized;
+2. ONNX Runtime's `quant_pre_process` on the in-memory model (constant folding turns the
+   sliced Wq/Wk of the score path into plain initializers; shape inference);
+3. find the selection path: every node walked backwards from each TopK until the idle
+   layer's LayerNorm — q_cls, the key projection, q_cls·kᵀ, the head mean, TopK itself — and
+   the index arithmetic after TopK (Add/Concat/Unsqueeze/Expand feeding Gather/ScatterElements
+   indices); they go into `nodes_to_exclude`, so the scores are computed in FP32 and the
+   kept-token sets only change when the FP32 inputs of the score path change;
+4. `quantize_static` with a CalibrationDataReader over the calibration images, in chunks
+   (ORT's `CalibStridedMinMax`), so entropy/percentile histograms do not hold every activation
+   of every image in memory at once;
+5. for target "ort", fold the bias Adds into com.microsoft.MatMulIntegerToFloat (the node ORT
+   makes of DQ→MatMul anyway; `fuse_matmul_bias`);
+6. copy the idle_export.* metadata, add `idle_export.precision = "int8"` and the recipe, write
+   atomically (external data when the source had it).
+
+Recipes (see the README, section INT8 for the measurements behind the ORT one):
+- target "ort": fastest on ONNX Runtime CPU (x86 VNNI): see ORT_RECIPE.
+- target "trt": TensorRT wants symmetric int8 Q/DQ (zero point 0) in front of MatMul/Gemm/Conv
+  and float biases (`QuantizeBias: False`: TensorRT rejects int32 bias DQ).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from idle_export.errors import BadInputError, MissingDependencyError
+from idle_export.onnx.surgery import consumers as consumers_of
+from idle_export.onnx.surgery import producers as producers_of
+
+METHODS = ("minmax", "percentile", "entropy")
+TARGETS = ("ort", "trt")
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "QLinearAdd",
+                 "QLinearMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QGemm",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"}
+# Ops that only move or index data between TopK and GatherElements/ScatterElements
+INDEX_OPS = {"Add", "Sub", "Concat", "Unsqueeze", "Squeeze", "Expand", "Reshape", "Slice", "Cast",
+             "ConstantOfShape", "Shape", "Gather", "Mul", "Tile", "Transpose"}
+
+NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization"}
+
+# The recipes: quant_format (QDQ|QOperator), activation / weight type, op_types, whether
+# activation×activation MatMuls (attention q·kᵀ, attn·v) are quantized, bias_gelu (idle_export.
+# optimize's Erf-GELU + bias → com.microsoft.BiasGelu before quantizing; ORT only), quantize_static
+# extra_options, fuse_bias (fuse_matmul_bias after quantizing).
+RECIPES: dict[str, dict] = {
+    # Measured fastest on ORT CPU (x86 AVX-512 VNNI; README, INT8): u8 activations × s8 weights,
+    # weight MatMuls only, float MatMul outputs (DQ→MatMul fuses into MatMulIntegerToFloat, no
+    # requantize), Erf-GELU + bias fused into BiasGelu; SkipLayerNormalization fusion off (its
+    # CPU kernel was slower than Add + LayerNormalization here); the other bias Adds folded into
+    # MatMulIntegerToFloat (fuse_matmul_bias).
+    "ort": {
+        "quant_format": "QDQ",
+        "activation": "QUInt8",
+        "weight": "QInt8",
+        "op_types": ["MatMul", "Gemm", "Conv"],
+        "activation_matmuls": False,
+        "bias_gelu": True,
+        "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+        "fuse_bias": True,
+    },
+    # TensorRT: symmetric int8 Q/DQ (zero point 0) in front of every MatMul/Gemm/Conv, float biases
+    # (TensorRT rejects int32 bias DQ), standard ONNX ops only.
+    "trt": {
+        "quant_format": "QDQ",
+        "activation": "QInt8",
+        "weight": "QInt8",
+        "op_types": ["MatMul", "Gemm", "Conv"],
+        "activation_matmuls": True,
+        "bias_gelu": False,
+        "extra_options": {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True},
+        "fuse_bias": False,
+    },
+}
+
+
+def _ort_quantization():
+    try:
+        from onnxruntime import quantization
+    except ImportError:
+        raise MissingDependencyError("onnxruntime (with its quantization tools) is not installed",
+                                     "pip install onnxruntime") from None
+    return quantization
+
+
+# ----------------------------------------------------------------------------- graph helpers
+def is_quantized(proto) -> bool:
+    """True when the graph already holds Q/DQ or integer operators (or says it is INT8)."""
+    if any(n.op_type in QUANTIZED_OPS for n in proto.graph.node):
+        return True
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return meta.get("idle_export.precision") == json.dumps("int8")
+
+
+def selection_path_nodes(proto) -> list[str]:
+    """Names of the nodes that compute the token scores (walking back from each TopK to the
+    idle layer's LayerNorm), TopK itself, and the index arithmetic from TopK to the
+    GatherElements/ScatterElements index inputs."""
+    producers, consumers = producers_of(proto), consumers_of(proto)
+    names: list[str] = []
+    seen: set[str] = set()
+
+    def add(node) -> bool:
+        if node.name in seen:
+            return False
+        seen.add(node.name)
+        names.append(node.name)
+        return True
+
+    for topk in (n for n in proto.graph.node if n.op_type == "TopK"):
+        add(topk)
+        stack = [topk.input[0]]
+        while stack:  # backwards: the score computation
+            node = producers.get(stack.pop())
+            if node is None or node.op_type in NORM_OPS:
+                continue
+            if add(node):
+                stack.extend(node.input)
+        stack = [topk.output[1]]
+        while stack:  # forwards: index arithmetic until the Gather/Scatter that consume it
+            for node in consumers.get(stack.pop(), []):
+                if node.op_type in INDEX_OPS and add(node):
+                    stack.extend(node.output)
+    return names
+
+
+def activation_matmuls(proto) -> list[str]:
+    """MatMuls whose both inputs are activations (attention: q·kᵀ and attn·v)."""
+    inits = {i.name for i in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+
+
+def score_matmuls(proto) -> list:
+    """The MatMul that produces the token scores feeding each TopK (q_cls·kᵀ), in graph order."""
+    producers = producers_of(proto)
+    found = []
+    for topk in (n for n in proto.graph.node if n.op_type == "TopK"):
+        node = producers.get(topk.input[0])
+        while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulInteger",
+                                                        "QLinearMatMul", "MatMulIntegerToFloat"):
+            node = producers.get(node.input[0]) if node.input else None
+        found.append(node)
+    return found
+
+
+def dequantized_score_inputs(proto) -> list[bool]:
+    """Per TopK: True when the score MatMul (q_cls·kᵀ) is quantized or has an input that comes
+    from a DequantizeLinear. All False = the selection path is FP32."""
+    producers = producers_of(proto)
+    result = []
+    for mm in score_matmuls(proto):
+        if mm is None or mm.op_type != "MatMul":
+            result.append(True)
+            continue
+        result.append(any(getattr(producers.get(i), "op_type", "") == "DequantizeLinear" for i in mm.input))
+    return result
+
+
+# ----------------------------------------------------------------------------- calibration data
+class _Reader:
+    """ORT CalibrationDataReader over a preprocessed array, in batches; supports set_range so
+    quantize_static's CalibStridedMinMax can calibrate chunk by chunk."""
+
+    def __init__(self, input_name: str, array: np.ndarray, batch_size: int, progress=None):
+        self.input_name = input_name
+        self.batches = [array[i:i + batch_size] for i in range(0, len(array), batch_size)]
+        self.progress = progress
+        self.set_range(0, len(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(range(start_index, min(end_index, len(self.batches))))
+
+    def get_next(self):
+        i = next(self._it, None)
+        if i is None:
+            return None
+        if self.progress:
+            self.progress(i, len(self.batches))
+        return {self.input_name: np.ascontiguousarray(self.batches[i], dtype=np.float32)}
+
+    def rewind(self) -> None:
+        self.set_range(0, len(self.batches))
+
+
+def _make_reader_class(quantization):
+    """The reader as a subclass of ORT's CalibrationDataReader (imported lazily)."""
+
+    class Reader(_Reader, quantization.CalibrationDataReader):
+        pass
+
+    return Reader
+
+
+def _bias_gelu(path: Path, spec, external: bool) -> Path:
+    """optimize.bias_gelu (fc1 bias + Erf-GELU → BiasGelu, the pass `bench` runs) on the
+    preprocessed model, before quantizing: the MatMuls stay visible to the quantizer."""
+    import onnx
+
+    from idle_export.onnx.passes import bias_gelu
+
+    fused = bias_gelu(onnx.load(str(path)), spec.num_heads, spec.embed_dim)
+    out = path.with_name("fused.onnx")
+    if external:
+        onnx.save(fused, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="fused.onnx.data")
+    else:
+        onnx.save(fused, str(out))
+    return out
+
+
+def fuse_matmul_bias(proto) -> int:
+    """In place: DequantizeLinear(x_q) · DequantizeLinear(W_q) followed by `+ bias` becomes one
+    com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero points, bias) — the node ONNX
+    Runtime's CPU kernels make of DQ→MatMul anyway, minus the separate bias Add. Returns the
+    number of MatMuls fused. ORT-only (TensorRT does not know the op)."""
+    import onnx
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers, consumers = producers_of(proto), consumers_of(proto)
+    graph_outputs = {o.name for o in graph.output}
+    replace, drop = {}, set()
+    for mm in graph.node:
+        if mm.op_type != "MatMul" or mm.output[0] in graph_outputs:
+            continue
+        a, b = (producers.get(i) for i in mm.input)
+        if not (a is not None and b is not None and a.op_type == b.op_type == "DequantizeLinear"
+                and b.input[0] in inits and len(a.input) == 3 and len(b.input) == 3):
+            continue
+        users = consumers.get(mm.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        bias = [i for i in add.input if i != mm.output[0]]
+        if len(bias) != 1 or bias[0] not in inits or len(inits[bias[0]].dims) != 1:
+            continue
+        inputs = [a.input[0], b.input[0], a.input[1], b.input[1], a.input[2], b.input[2], bias[0]]
+        replace[mm.name] = onnx.helper.make_node("MatMulIntegerToFloat", inputs, [add.output[0]],
+                                                 name=f"{mm.name}_int8_bias", domain="com.microsoft")
+        drop.add(add.name)
+        drop.update(dq.name for dq in (a, b) if len(consumers[dq.output[0]]) == 1)
+    if not replace:
+        return 0
+    nodes = [replace.get(n.name, n) for n in graph.node if n.name not in drop]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return len(replace)
+
+
+# ----------------------------------------------------------------------------- main entry
+def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minmax", target: str = "ort",
+                  per_channel: bool = True, batch_size: int = 16, seed: int = 0,
+                  cache_dir=None, status=None) -> dict:
+    """Calibrate on `images` (None: the built-in set; a folder, list file, list of paths or a
+    preprocessed array) and write an INT8 Q/DQ model to `dst`. Returns a report dict."""
+    from idle_export.onnx.export import check_output_path, install_onnx, set_metadata
+    from idle_export.runtime.runners import load_onnx
+
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise BadInputError(f"--method {method!r} is not one of {', '.join(METHODS)}",
+                            "use --method minmax (default), percentile or entropy")
+    if target not in TARGETS:
+        raise BadInputError(f"--target {target!r} is not one of {', '.join(TARGETS)}",
+                            "use --target ort (ONNX Runtime CPU) or --target trt (TensorRT)")
+    if batch_size < 1:
+        raise BadInputError(f"batch size {batch_size} must be at least 1", "e.g. 16")
+    src, dst = Path(src), Path(dst)
+    check_output_path(dst)
+    if dst.resolve() == src.resolve():
+        raise BadInputError(f"output {dst} is the input model", "write the INT8 model to a new file, "
+                            "e.g. -o model.int8.onnx")
+    proto = load_onnx(src)
+    if is_quantized(proto):
+        raise BadInputError(f"{src.name} is already quantized (it has Q/DQ or integer operators)",
+                            "calibrate the FP32 model exported by `idle-export onnx`")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    from idle_export.model.config import ModelSpec
+
+    spec = ModelSpec.from_metadata(meta)
+    input_name = proto.graph.input[0].name
+    import onnx
+
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(str(src), load_external_data=False).graph.initializer)
+
+    from idle_export.data.images import load_images
+
+    def say(msg):
+        if status is not None:
+            status(msg)
+
+    say(f"reading calibration images ({'built-in set' if images is None else images})")
+    calib = load_images(images, num, spec, seed=seed, cache_dir=cache_dir)
+
+    q = _ort_quantization()
+    rec = RECIPES[target]
+    fmt = getattr(q.QuantFormat, rec["quant_format"])
+    act = getattr(q.QuantType, rec["activation"])
+    wt = getattr(q.QuantType, rec["weight"])
+    cal_method = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
+                  "entropy": q.CalibrationMethod.Entropy}[method]
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=".idle-export-int8-", dir=dst.parent))
+    try:
+        say("preprocessing (constant folding, shape inference)")
+        pre = tmpdir / "pre.onnx"
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        quant_pre_process(proto, str(pre), save_as_external_data=external,
+                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
+        if not pre.exists():
+            raise BadInputError(f"ONNX Runtime could not preprocess {src.name}",
+                                "rerun with --debug and report it")
+        if rec["bias_gelu"]:
+            say("fusing bias + GELU into BiasGelu (onnxruntime.transformers)")
+            pre = _bias_gelu(pre, spec, external)
+        pre_proto = onnx.load(str(pre), load_external_data=False)
+        exclude = selection_path_nodes(pre_proto)
+        if not rec.get("activation_matmuls", True):
+            exclude += [n for n in activation_matmuls(pre_proto) if n not in exclude]
+        topk = sum(1 for n in pre_proto.graph.node if n.op_type == "TopK")
+        del pre_proto, proto
+
+        reader = _make_reader_class(q)(input_name, calib.array, batch_size,
+                                       progress=lambda i, n: say(f"calibrating ({method}) batch {i + 1}/{n}"))
+        extra = {**rec.get("extra_options", {}), "CalibStridedMinMax": 1}
+        if method == "percentile":
+            extra.setdefault("CalibPercentile", 99.999)
+        out = tmpdir / dst.name
+        say(f"quantizing ({rec['quant_format']}, {len(exclude)} selection-path nodes kept FP32)")
+        q.quantize_static(str(pre), str(out), reader, quant_format=fmt, op_types_to_quantize=rec["op_types"],
+                          per_channel=per_channel, reduce_range=False, activation_type=act, weight_type=wt,
+                          nodes_to_exclude=exclude, use_external_data_format=external,
+                          calibrate_method=cal_method, extra_options=extra)
+        say("writing")
+        model = onnx.load(str(out))
+        fused_bias = fuse_matmul_bias(model) if rec.get("fuse_bias") else 0
+        recipe_meta = {"target": target, "method": method, "num_images": len(calib),
+                       "calibration": calib.source, "per_channel": per_channel,
+                       "format": rec["quant_format"], "activation": rec["activation"],
+                       "weight": rec["weight"], "op_types": rec["op_types"],
+                       "selection_path_fp32": len(exclude), "bias_fused_matmuls": fused_bias}
+        props = {k: v for k, v in meta.items() if k.startswith("idle_export.")}
+        props["idle_export.precision"] = json.dumps("int8")
+        props["idle_export.quantization"] = json.dumps(recipe_meta)
+        props["idle_export.source_model"] = json.dumps(src.name)
+        set_metadata(model, props)
+        ops: dict[str, int] = {}
+        for n in model.graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        dq_scores = dequantized_score_inputs(model)
+        final_dir = tmpdir / "final"  # quantize_static wrote `out` (same name) into tmpdir
+        final_dir.mkdir()
+        install_onnx(model, final_dir, dst, external_data=external)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return {
+        "source": str(src),
+        "output": str(dst),
+        "external_data": external,
+        "model": spec.describe(),
+        **recipe_meta,
+        "extra_options": {k: v for k, v in extra.items() if k != "CalibStridedMinMax"},
+        "images": calib.summary(),
+        "topk": topk,
+        "score_matmuls_fp32": sum(1 for d in dq_scores if not d),
+        "ops": dict(sorted(ops.items())),
+        "size_bytes": dst.stat().st_size + (dst.with_name(dst.name + ".data").stat().st_size
+                                            if external else 0),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -1,0 +1,136 @@
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+
+from idle_export.errors import BadInputError, CheckpointError
+from idle_export.model.checkpoint import load_checkpoint
+from idle_export.model.config import ModelSpec
+from idle_export.model.vit import build_model, create_vit
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    torch.manual_seed(0)
+    return create_vit(ModelSpec.create("deit_tiny", 0.7)).state_dict()
+
+
+def test_training_checkpoint_with_ema_and_args(tmp_path, tiny_sd):
+    ema = {k: v + 1.0 for k, v in tiny_sd.items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": tiny_sd, "model_ema": ema, "optimizer": {"state": {}, "param_groups": []},
+                "lr_scheduler": {"last_epoch": 3}, "epoch": 3, "scaler": {"scale": 1024.0},
+                "args": argparse.Namespace(arch="deit_tiny", base_rate=0.5, lr=1e-3)}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.source == "model" and ckpt.arch == "deit_tiny" and ckpt.keep_rate == 0.5
+    assert torch.equal(ckpt.state_dict["cls_token"], tiny_sd["cls_token"])
+    spec = ckpt.spec()
+    assert spec.keep_k == ModelSpec.create("deit_tiny", 0.5).keep_k
+    ema_ckpt = load_checkpoint(path, ema=True)
+    assert ema_ckpt.source == "model_ema"
+    assert torch.equal(ema_ckpt.state_dict["cls_token"], ema["cls_token"])
+    assert ckpt.spec(keep_rate=0.7).keep_k[0] == 137  # --keep overrides args.base_rate
+
+
+@pytest.mark.parametrize("form", ["model", "state_dict", "bare", "module_prefix", "safetensors"])
+def test_weight_forms(tmp_path, tiny_sd, form):
+    if form == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in tiny_sd.items()}, str(path))
+    else:
+        obj = {"model": tiny_sd, "state_dict": {"state_dict": tiny_sd}, "bare": tiny_sd,
+               "module_prefix": {"model": {f"module.{k}": v for k, v in tiny_sd.items()}}}[form]
+        if form == "state_dict":
+            obj = obj["state_dict"]
+        path = tmp_path / "w.pth"
+        torch.save(obj, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.arch == "deit_tiny"  # from the weights' width
+    assert ckpt.keep_rate is None
+    with pytest.raises(Exception, match="no keep rate"):
+        ckpt.spec()
+    model = build_model(ckpt.spec(keep_rate=0.7), ckpt.state_dict)
+    assert torch.equal(model.vit.pos_embed, tiny_sd["pos_embed"])
+
+
+def test_num_classes_from_head(tmp_path):
+    spec = ModelSpec.create("deit_tiny", 0.7, num_classes=10)
+    torch.save({"model": create_vit(spec).state_dict(),
+                "args": argparse.Namespace(arch="deit_tiny", base_rate=0.7)}, tmp_path / "c.pth")
+    assert load_checkpoint(tmp_path / "c.pth").spec().num_classes == 10
+
+
+def test_lvvit_checkpoint_is_named_not_guessed(tmp_path, tiny_sd):
+    """The authors' LV-ViT checkpoints (args.arch lvvit_s/lvvit_m) get their own message, not
+    'unknown architecture' or a shape mismatch against some DeiT."""
+    torch.save({"model": tiny_sd, "args": argparse.Namespace(arch="lvvit_s", base_rate=0.7)},
+               tmp_path / "lv.pth")
+    with pytest.raises(BadInputError, match="'lvvit_s' is LV-ViT, which idle-export cannot export yet"):
+        load_checkpoint(tmp_path / "lv.pth").spec()
+
+
+def test_trained_photos10_checkpoint(photos10_ckpt):
+    ckpt = load_checkpoint(photos10_ckpt)
+    spec = ckpt.spec()
+    assert (spec.arch, spec.num_classes, spec.keep_rate) == ("deit_tiny", 10, 0.7)
+    assert ckpt.classes[0] == "astronaut"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_marker",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="will not unpickle"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned_marker").exists()
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not (tmp_path / "pwned_marker").exists()
+
+
+def test_bad_files(tmp_path, tiny_sd):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+    (tmp_path / "notes.txt").write_text("hello, I am not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "notes.txt")
+    good = tmp_path / "good.pth"
+    torch.save({"model": tiny_sd}, good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(cut)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+    torch.save({"epoch": 3}, tmp_path / "noweights.pth")
+    with pytest.raises(CheckpointError, match="holds no state dict"):
+        load_checkpoint(tmp_path / "noweights.pth")
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        load_checkpoint(good, ema=True)
+
+
+def test_wrong_architecture_names_the_keys(tmp_path, tiny_sd):
+    torch.save({"model": tiny_sd, "args": argparse.Namespace(arch="deit_small", base_rate=0.7)},
+               tmp_path / "c.pth")
+    ckpt = load_checkpoint(tmp_path / "c.pth")
+    pattern = r"size mismatch for: cls_token \(checkpoint \[1, 1, 192\]"
+    with pytest.raises(CheckpointError, match=pattern) as e:
+        build_model(ckpt.spec(), ckpt.state_dict)
+    assert "pass --arch deit_tiny" in e.value.one_line()
+    partial = {k: v for k, v in tiny_sd.items() if not k.startswith("blocks.11.")}
+    partial["head_dist.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.11\..*unexpected keys: head_dist"):
+        build_model(ModelSpec.create("deit_tiny", 0.7), partial)
