@@ -44,7 +44,7 @@ gpu-check: $(STAMP)
 	scripts/gpu_acceptance.sh gpu_acceptance_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check idle_export tests
+	$(BIN)/ruff check idle_export tests plugins
 
 clean:
 	rm -rf demo_out gpu_acceptance_out .pytest_cache

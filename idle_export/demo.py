@@ -7,6 +7,16 @@ import argparse
 import contextlib
 from pathlib import Path
 
+from idle_export.errors import BadInputError
+from idle_export.lazy import lazy_module
+from idle_export.model.checkpoint import load_checkpoint
+from idle_export.model.config import ModelSpec, canonical_arch, check_keep_rate
+from idle_export.onnx.export import export_checkpoint
+from idle_export.onnx.io import onnx_summary
+from idle_export.parity.check import check_onnx
+
+vit = lazy_module("idle_export.model.vit")  # torch
+
 DEMO_SEED = 0
 SCORE_MODE = "folded"  # the default export: the same top-K as the paper's scores, fewer FLOPs
 
@@ -15,12 +25,9 @@ def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float
     """Seeded random DeiT weights saved like the authors' main.py does (model, model_ema, args)."""
     import torch
 
-    from idle_export.model.config import ModelSpec
-    from idle_export.model.vit import create_vit
-
     spec = ModelSpec.create(arch, keep_rate)
     torch.manual_seed(DEMO_SEED)
-    sd = create_vit(spec).state_dict()
+    sd = vit.create_vit(spec).state_dict()
     args = argparse.Namespace(arch=spec.arch, base_rate=keep_rate, input_size=spec.img_size,
                               model_ema=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -31,12 +38,6 @@ def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float
 
 def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
              batch_sizes=(1, 7, 32), status=None) -> dict:
-    from idle_export.errors import BadInputError
-    from idle_export.model.checkpoint import load_checkpoint
-    from idle_export.model.config import canonical_arch, check_keep_rate
-    from idle_export.onnx.export import export_checkpoint, onnx_summary
-    from idle_export.parity.compare import check_onnx
-
     status = status or (lambda msg: contextlib.nullcontext())
     arch = canonical_arch(arch)
     keep_rate = check_keep_rate(keep_rate)

@@ -1,4 +1,4 @@
-"""Errors that the CLI turns into one line, a hint and an exit code (see shared/DESIGN.md)."""
+"""Errors that the CLI turns into one line, a hint and an exit code (the README lists the codes)."""
 
 from __future__ import annotations
 

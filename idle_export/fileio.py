@@ -4,6 +4,7 @@ no command ever leaves a partial output file."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -43,3 +44,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def check_output_path(path: Path, option: str = "-o/--output") -> Path:
+    """Fail before any work if the output cannot be written."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.exists() and path.is_dir():
+        raise BadInputError(f"output {path} is a folder", "give a file name such as model.onnx")
+    if not folder.exists():
+        raise BadInputError(f"output folder {folder} does not exist", f"create it: mkdir -p {folder}")
+    if not folder.is_dir():
+        raise BadInputError(f"output folder {folder} is not a folder", "give a path inside a folder")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".idle-export-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError:
+        raise BadInputError(f"output folder {folder} is not writable",
+                            f"choose another {option} or fix the folder's permissions") from None
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -7,17 +7,22 @@ from typing import Annotated
 
 import typer
 
-from idle_export.cli.app import (
+from idle_export.bench.plot import plot_report
+from idle_export.bench.report import print_report
+from idle_export.bench.run import run_bench
+from idle_export.cli.app import command
+from idle_export.cli.options import (
     JsonOut,
     Threads,
-    _int_list,
-    _status,
-    _threads,
-    command,
+    check_threads,
+    int_list,
     report_console,
+    status,
     write_json,
 )
 from idle_export.errors import BadInputError
+from idle_export.fileio import check_output_path
+from idle_export.model.config import SCORE_MODES
 
 
 @command("bench")
@@ -55,11 +60,8 @@ def bench_cmd(
                                                  "idle vs dense, ideal line.")] = None,
 ):
     """Measure idle vs dense (and the official code) on each backend, against the FLOP ideal."""
-    from idle_export.bench.bench import plot_report, print_report, run_bench
-    from idle_export.model.config import SCORE_MODES
-    from idle_export.onnx.export import check_output_path
 
-    sizes = _int_list(batch, "--batch") or []
+    sizes = int_list(batch, "--batch") or []
     if not sizes or min(sizes) < 1:
         raise BadInputError(f"--batch {batch!r} needs positive sizes", "e.g. --batch 1,8,64")
     backends = [b for b in backend.replace(" ", "").split(",") if b]
@@ -73,10 +75,10 @@ def bench_cmd(
                             "git clone https://github.com/Ackesnal/IdleViT and pass its path")
     if plot is not None:  # (--json FILE is checked by cli.command before this runs)
         check_output_path(plot, "--plot")
-    report = run_bench(targets, backends=backends, batches=sizes, threads=_threads(threads), runs=runs,
+    report = run_bench(targets, backends=backends, batches=sizes, threads=check_threads(threads), runs=runs,
                        warmup=warmup, min_time=min_time, inputs=inputs, score_modes=modes,
                        optimize=optimize, official_repo=official_repo, independent=independent,
-                       seed=seed, status=_status)
+                       seed=seed, status=status)
     print_report(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)

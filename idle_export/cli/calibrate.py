@@ -8,7 +8,11 @@ from typing import Annotated
 
 import typer
 
-from idle_export.cli.app import JsonOut, _err, _status, command, write_json
+from idle_export.cli.app import command
+from idle_export.cli.options import JsonOut, echo_err, status, write_json
+from idle_export.data.images import ImagesSkippedWarning
+from idle_export.fileio import check_output_path
+from idle_export.quantize.qdq import quantize_onnx
 
 
 @command("calibrate")
@@ -39,28 +43,24 @@ def calibrate_cmd(
     `idle-export check INT8.onnx --against FP32.onnx --images DIR`."""
     import warnings
 
-    from idle_export.data.images import ImagesSkippedWarning
-    from idle_export.onnx.export import check_output_path
-    from idle_export.quantize.qdq import quantize_onnx
-
     if output is None:
         stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
         output = model.with_name(f"{stem}.int8.onnx")
     check_output_path(output)
-    with _status(f"calibrating {model.name}") as status, warnings.catch_warnings():
+    with status(f"calibrating {model.name}") as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", ImagesSkippedWarning)
         report = quantize_onnx(model, output, images=images, num=num, method=method, target=target,
                                per_channel=per_channel, batch_size=batch, seed=seed,
-                               cache_dir=None if cache else False, status=status.update)
+                               cache_dir=None if cache else False, status=progress.update)
     info = report["images"]
     if info["skipped_count"]:
-        _err(f"warning: skipped {info['skipped_count']} unreadable file(s) in {info['source']}, e.g. "
-             f"{info['skipped'][0]}")
+        echo_err(f"warning: skipped {info['skipped_count']} unreadable file(s) in {info['source']}, e.g. "
+                 f"{info['skipped'][0]}")
     if info["converted"]:
-        _err(f"note: converted {info['converted']} grayscale/RGBA/palette image(s) to RGB")
-    _err(f"wrote {output} (INT8 {report['format']} for {target}, {report['method']} on "
-         f"{report['num_images']} image(s) from {info['source']}; score path FP32 in "
-         f"{report['score_matmuls_fp32']}/{report['topk']} idle layers; "
-         f"{report['size_bytes'] / 2**20:.1f} MiB, {report['seconds']:.0f} s)")
+        echo_err(f"note: converted {info['converted']} grayscale/RGBA/palette image(s) to RGB")
+    echo_err(f"wrote {output} (INT8 {report['format']} for {target}, {report['method']} on "
+             f"{report['num_images']} image(s) from {info['source']}; score path FP32 in "
+             f"{report['score_matmuls_fp32']}/{report['topk']} idle layers; "
+             f"{report['size_bytes'] / 2**20:.1f} MiB, {report['seconds']:.0f} s)")
     if json_out:
         write_json(report, json_out)

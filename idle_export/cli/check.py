@@ -7,18 +7,19 @@ from typing import Annotated
 
 import typer
 
-from idle_export.cli.app import (
+from idle_export.cli.app import command
+from idle_export.cli.options import (
     Ema,
     JsonOut,
     Threads,
-    _int_list,
-    _status,
-    _threads,
-    command,
+    check_threads,
+    int_list,
     report_console,
+    status,
     write_json,
 )
-from idle_export.errors import BadInputError
+from idle_export.errors import BadInputError, CheckFailedError
+from idle_export.parity.check import check_engine_against, check_onnx
 
 
 @command("check")
@@ -47,9 +48,8 @@ def check_cmd(
     json_out: JsonOut = None,
 ):
     """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
-    from idle_export.parity.compare import check_onnx
 
-    sizes = _int_list(batch, "--batch") or []
+    sizes = int_list(batch, "--batch") or []
     if not sizes or min(sizes) < 1:
         raise BadInputError(f"--batch {batch!r} needs positive sizes", "e.g. --batch 1,7,32")
     if inputs is None:
@@ -60,18 +60,17 @@ def check_cmd(
         raise BadInputError(f"--inputs {inputs!r}: unknown set {', '.join(unknown) or '(none)'}",
                             "use noise, photos or noise,photos (or --images DIR)")
     if model.suffix in (".engine", ".plan"):
-        from idle_export.trt.engine import check_engine_against
 
         if against is None or ckpt is not None or images is not None:
             raise BadInputError(f"{model.name} is a TensorRT engine: it is checked against the ONNX "
                                 "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
-        with _status(f"checking {model.name} against {against.name}"):
+        with status(f"checking {model.name} against {against.name}"):
             report = check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
-                                          seed=seed, threads=_threads(threads))
+                                          seed=seed, threads=check_threads(threads))
     else:
-        with _status(f"checking {model.name}"):
+        with status(f"checking {model.name}"):
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
-                                input_sets=sets, seed=seed, threads=_threads(threads), images=images,
+                                input_sets=sets, seed=seed, threads=check_threads(threads), images=images,
                                 num=num, max_abs=max_abs)
     console = report_console(json_out)
     print_check(report, console)
@@ -79,7 +78,10 @@ def check_cmd(
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
-        raise typer.Exit(1)
+        failed = sum(not c["passed"] for c in report["cases"])
+        raise CheckFailedError(f"{model.name}: {failed} of {len(report['cases'])} case(s) outside the "
+                               "tolerance (table above)",
+                               "see the failing column; --max-abs sets the logit tolerance")
 
 
 def print_check_details(report: dict, console) -> None:

@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
-from idle_export.cli.app import JsonOut, _int_list, _status, command, report_console, write_json
+from idle_export.cli.app import command
+from idle_export.cli.options import JsonOut, int_list, report_console, status, write_json
+from idle_export.demo import run_demo
+from idle_export.errors import CheckFailedError
 
 
 @command("demo")
@@ -20,15 +23,15 @@ def demo_cmd(
     json_out: JsonOut = None,
 ):
     """Seeded IdleViT checkpoint (official training format) → idle and dense ONNX → checks."""
-    from idle_export.demo import run_demo
 
-    sizes = _int_list(batch, "--batch") or [1]
-    report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=_status)
+    sizes = int_list(batch, "--batch") or [1]
+    report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=status)
     print_demo(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
-        raise typer.Exit(1)
+        raise CheckFailedError("the demo's parity checks failed (table above)",
+                               "rerun with --debug and report it: the demo model should always pass")
 
 
 def print_demo(report: dict, console) -> None:

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from idle_export.cli.app import (
+from idle_export.cli.app import command
+from idle_export.cli.options import (
     Arch,
     Ema,
     IdleLayers,
@@ -15,13 +16,17 @@ from idle_export.cli.app import (
     Keep,
     KeepK,
     Schedule,
-    _err,
-    _spec,
-    _status,
-    command,
+    echo_err,
+    spec_from_options,
+    status,
     write_json,
 )
 from idle_export.errors import BadInputError
+from idle_export.fileio import check_output_path
+from idle_export.model.checkpoint import load_checkpoint
+from idle_export.model.config import SCORE_MODES
+from idle_export.onnx.export import export_checkpoint
+from idle_export.onnx.io import onnx_summary
 
 
 @command("onnx")
@@ -48,9 +53,6 @@ def onnx_cmd(
     json_out: JsonOut = None,
 ):
     """Export a checkpoint to ONNX with the idle path (TopK + GatherElements + ScatterElements)."""
-    from idle_export.model.checkpoint import load_checkpoint
-    from idle_export.model.config import SCORE_MODES
-    from idle_export.onnx.export import check_output_path, export_checkpoint, onnx_summary
 
     if scores not in SCORE_MODES:
         raise BadInputError(f"--scores {scores!r} is not one of {', '.join(SCORE_MODES)}",
@@ -58,16 +60,16 @@ def onnx_cmd(
     if output is None:
         output = checkpoint.with_name(f"{checkpoint.stem}_{'dense' if dense else 'idle'}.onnx")
     check_output_path(output)
-    with _status(f"loading {checkpoint.name}"):
+    with status(f"loading {checkpoint.name}"):
         ckpt = load_checkpoint(checkpoint, ema=ema)
-        spec = _spec(ckpt, arch, keep, schedule, idle_layers, keep_k)
-    with _status(f"exporting {spec.describe()}{' dense' if dense else ''} to {output}"):
+        spec = spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k)
+    with status(f"exporting {spec.describe()}{' dense' if dense else ''} to {output}"):
         export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                           score_mode=scores, opset=opset, external_data=external_data)
     summary = onnx_summary(output)
     what = (f"dense baseline of {spec.arch}" if dense else
             f"{spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")
-    _err(f"wrote {output} ({what}; opset {summary['opset']}"
-         f"{'; weights in ' + output.name + '.data' if external_data else ''})")
+    echo_err(f"wrote {output} ({what}; opset {summary['opset']}"
+             f"{'; weights in ' + output.name + '.data' if external_data else ''})")
     if json_out:
         write_json({"spec": spec.describe(), "dense": dense, **summary}, json_out)

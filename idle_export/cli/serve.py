@@ -7,17 +7,19 @@ from typing import Annotated
 
 import typer
 
-from idle_export.cli.app import (
+from idle_export.cli.app import app, command
+from idle_export.cli.options import (
     JsonOut,
     Threads,
-    _err,
-    _int_list,
-    _threads,
-    app,
-    command,
+    check_threads,
+    echo_err,
+    int_list,
     report_console,
     write_json,
 )
+from idle_export.serve.client import query
+from idle_export.serve.repository import write_repository
+from idle_export.serve.server import serve_repository
 
 serve_app = typer.Typer(name="serve", no_args_is_help=True, add_completion=False,
                         help="Triton Inference Server: write a model repository, serve it locally "
@@ -53,19 +55,18 @@ def repo_cmd(
     json_out: JsonOut = None,
 ):
     """Write a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx|model.plan, labels."""
-    from idle_export.serve.serve import write_repository
 
-    sizes = _int_list(preferred, "--preferred")
+    sizes = int_list(preferred, "--preferred")
     report = write_repository(model, output, name=name, max_batch=max_batch, preferred=sizes,
                               queue_delay_us=queue_delay_us, instances=instances, kind=kind,
                               version=version, onnx=onnx, force=force)
     for w in report["warnings"]:
-        _err(f"warning: {w}")
+        echo_err(f"warning: {w}")
     check = "parsed back with Triton's model_config protobuf" if report["validated_with_triton_protobuf"] \
         else "not parsed back (tritonclient missing)"
-    _err(f"wrote {report['folder']} ({report['platform']}, max batch {report['max_batch_size']}, "
-         f"preferred {report['preferred_batch_sizes']}, {report['labels'] or 'no'} labels; "
-         f"config.pbtxt {check})")
+    echo_err(f"wrote {report['folder']} ({report['platform']}, max batch {report['max_batch_size']}, "
+             f"preferred {report['preferred_batch_sizes']}, {report['labels'] or 'no'} labels; "
+             f"config.pbtxt {check})")
     if json_out:
         write_json(report, json_out)
 
@@ -90,19 +91,18 @@ def run_cmd(
                                                      "exit).")] = None,
 ):
     """Serve a repository's ONNX models locally: Triton core via pytriton, ONNX Runtime on CPU."""
-    from idle_export.serve.serve import serve_repository
 
     def ready(handle):
-        _err(f"serving {', '.join(handle.models)} at {handle.url} (Triton via pytriton, ONNX Runtime "
-             f"CPU); stop with Ctrl+C or SIGTERM")
+        echo_err(f"serving {', '.join(handle.models)} at {handle.url} (Triton via pytriton, ONNX Runtime "
+                 f"CPU); stop with Ctrl+C or SIGTERM")
 
-    _err(f"starting Triton on {host}:{port} ...")
+    echo_err(f"starting Triton on {host}:{port} ...")
     summary = serve_repository(repository, host=host, port=port, models=model or None,
-                               threads=_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
+                               threads=check_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
                                exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready)
     if summary["skipped"]:
-        _err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")
-    _err(f"stopped ({summary['signal'] or 'stop requested'}) after {summary['uptime_s']:.0f} s")
+        echo_err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")
+    echo_err(f"stopped ({summary['signal'] or 'stop requested'}) after {summary['uptime_s']:.0f} s")
 
 
 @_serve_command("query")
@@ -118,7 +118,6 @@ def query_cmd(
     json_out: JsonOut = None,
 ):
     """Top-k classes and latency from a Triton server; preprocessing identical to `check`."""
-    from idle_export.serve.serve import query
 
     report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout)
     print_query(report, report_console(json_out))

@@ -7,8 +7,12 @@ from typing import Annotated
 
 import typer
 
-from idle_export.cli.app import JsonOut, _err, _status, command, report_console, write_json
-from idle_export.errors import BadInputError
+from idle_export.cli.app import command
+from idle_export.cli.options import JsonOut, echo_err, report_console, status, write_json
+from idle_export.errors import BadInputError, CheckFailedError
+from idle_export.onnx.lint import lint_file
+from idle_export.quantize.qdq import quantize_onnx
+from idle_export.trt.build import build_engine, default_engine_path, parse_batch
 
 
 @command("trt")
@@ -43,7 +47,6 @@ def trt_cmd(
     json_out: JsonOut = None,
 ):
     """Build a TensorRT engine (TensorRT 10/11 on a GPU, or TensorRT-RTX without one)."""
-    from idle_export.trt.engine import build_engine, default_engine_path, parse_batch
 
     chosen = [name for name, on in (("fp32", fp32), ("fp16", fp16), ("int8", int8)) if on]
     if len(chosen) > 1:
@@ -59,29 +62,28 @@ def trt_cmd(
     source = onnx
     if calib is not None:
         source = _quantize(onnx, output, calib, calib_num)
-    with _status(f"building {output.name} ({precision})"):
+    with status(f"building {output.name} ({precision})"):
         info = build_engine(source, precision=precision, batch=profile, target=target,
                             timing_cache=timing_cache, workspace=workspace, verbose=verbose,
-                            output=output, flavour=flavour, selection=emit_selection, echo=_err)
-    _err(f"equivalent: {info['trtexec']}")
-    _err(f"wrote {output} ({info['engine_bytes'] / 1e6:.1f} MB, {precision}, {info['flavour']} "
-         f"{info['trt_version']}, {info['compute_capability']}, batch {batch}, built in "
-         f"{info['build_seconds']:.1f} s) and {output.name}.json")
+                            output=output, flavour=flavour, selection=emit_selection, echo=echo_err)
+    echo_err(f"equivalent: {info['trtexec']}")
+    echo_err(f"wrote {output} ({info['engine_bytes'] / 1e6:.1f} MB, {precision}, {info['flavour']} "
+             f"{info['trt_version']}, {info['compute_capability']}, batch {batch}, built in "
+             f"{info['build_seconds']:.1f} s) and {output.name}.json")
     if json_out:
         write_json(info, json_out)
 
 
 def _quantize(onnx: Path, output: Path, calib: Path, num: int) -> Path:
-    """--int8 --calib DIR: Q/DQ ONNX for TensorRT via idle_export.quantize (issue 5)."""
+    """--int8 --calib DIR: Q/DQ ONNX for TensorRT via idle_export.quantize."""
     if not calib.is_dir():
         raise BadInputError(f"--calib {calib} is not a folder", "pass a folder of calibration images")
-    from idle_export.quantize.qdq import quantize_onnx
 
     stem = output.name[:-7] if output.name.endswith(".engine") else output.name
     dst = output.with_name(f"{stem}.qdq.onnx")
-    with _status(f"calibrating {onnx.name} on {calib} ({num} images)"):
+    with status(f"calibrating {onnx.name} on {calib} ({num} images)"):
         quantize_onnx(onnx, dst, images=calib, num=num, method="minmax", target="trt")
-    _err(f"wrote {dst} (Q/DQ for TensorRT)")
+    echo_err(f"wrote {dst} (Q/DQ for TensorRT)")
     return dst
 
 
@@ -94,8 +96,6 @@ def lint_cmd(
 ):
     """Static check that TensorRT (10, 11, RTX) supports every op and attribute: exit 1 on errors."""
     from rich.table import Table
-
-    from idle_export.onnx.lint import lint_file
 
     report = lint_file(onnx, expect_idle=expect_idle)
     console = report_console(json_out)
@@ -117,4 +117,5 @@ def lint_cmd(
     if json_out:
         write_json(report, json_out)
     if not report["passed"]:
-        raise typer.Exit(1)
+        raise CheckFailedError(f"{onnx.name}: {report['errors']} error(s) for TensorRT (table above)",
+                               "fix the graph or re-export it with `idle-export onnx`")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from idle_export.data.inputs import builtin_photos, eval_transform
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_open, atomic_write_text
 
@@ -134,7 +135,6 @@ def open_rgb(path: Path):
 def _select(files: list[Path], num: int, seed: int, spec, shuffle: bool):
     """Decode files (a seeded order for folders) until `num` usable ones: (arrays, used,
     skipped, converted)."""
-    from idle_export.data.inputs import eval_transform
 
     transform = eval_transform(spec)
     order = list(range(len(files)))
@@ -215,7 +215,6 @@ def load_images(source, num: int, spec, *, seed: int = 0, cache_dir: str | Path 
         raise BadInputError(f"--num {num} must be ≥ 0", "e.g. --num 512 (0: all images)")
     num = int(num)
     if source is None:
-        from idle_export.data.inputs import builtin_photos
 
         n = num or 64
         return CalibrationImages(builtin_photos(n, spec, seed=seed), source="builtin")

@@ -8,12 +8,12 @@ argparse.Namespace allowlisted: nothing in a checkpoint can run code.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from idle_export.errors import CheckpointError
+from idle_export.fileio import sha256_file
 from idle_export.model.config import ARCHS, EMBED_DIM_TO_ARCH, ModelSpec
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -70,14 +70,6 @@ class Checkpoint:
         rate = keep_rate if keep_rate is not None else self.keep_rate
         return ModelSpec.create(arch, rate, num_classes=self.num_classes, img_size=self.img_size,
                                 **kwargs)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def infer_arch(state_dict: dict) -> str | None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idle_export.model.checkpoint import load_weights
 from idle_export.model.config import SCORE_MODES, ModelSpec
 
 
@@ -143,7 +144,6 @@ def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool 
     """IdleViT in eval mode with the given timm-keyed weights (or seeded random ones if None)."""
     vit = create_vit(spec)
     if state_dict is not None:
-        from idle_export.model.checkpoint import load_weights
 
         load_weights(vit, state_dict, spec)
     model = IdleViT(vit, spec, dense=dense, emit_selection=emit_selection, score_mode=score_mode)

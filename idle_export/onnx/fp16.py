@@ -21,17 +21,27 @@ parser rejects a Half/Float Div; `mixed_float_inputs` checks for it).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from idle_export.errors import BadInputError
-from idle_export.fileio import atomic_write_bytes
+from idle_export.fileio import atomic_write_bytes, check_output_path
+from idle_export.onnx.graph import (
+    FLOAT,
+    FLOAT16,
+    _node_key,
+    _type_name,
+    constant_tensors,
+    copy_model,
+    mixed_float_inputs,
+    producers,
+    tensor_types,
+)
+from idle_export.onnx.io import load_onnx
+from idle_export.onnx.metadata import OnnxMetadata
 
-FLOAT = 1  # onnx.TensorProto.FLOAT
-FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 FP16_MAX = 65504.0
 
 # Ops the score walk may pass through (arithmetic on the scores themselves).
@@ -42,74 +52,9 @@ PROJECTION_OPS = {"MatMul", "Gemm", "Conv"}
 # Ops always kept in FP32: Q/DQ scales are FLOAT in opset < 19, Resize scales must be FLOAT.
 ALWAYS_FP32_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Resize",
                    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike"}
-# Ops whose inputs must all have one float type (a Cast would be needed otherwise).
-SAME_TYPE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Sum", "Max", "Min", "Mean",
-                 "Concat", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
-                 "LayerNormalization", "Conv", "PRelu", "Where", "Clip"}
 
 
 # ----------------------------------------------------------------------------- helpers
-def load(path: str | Path):
-    """ModelProto of `path` with a clear error for anything that is not an ONNX file."""
-    from idle_export.runtime.runners import load_onnx
-
-    return load_onnx(path)
-
-
-def tensor_types(model) -> dict[str, int]:
-    """Element type of every named tensor (inputs, initializers, inferred intermediates)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    types: dict[str, int] = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    types[node.output[0]] = attr.t.data_type
-    return types
-
-
-def constant_tensors(model) -> set[str]:
-    """Names computed from initializers and Constants only (weights and their reshapes)."""
-    const = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:  # ONNX nodes are in topological order
-        ins = [i for i in node.input if i]
-        if node.op_type == "Constant" or (ins and all(i in const for i in ins)):
-            const.update(o for o in node.output if o)
-    return const
-
-
-def producers(model) -> dict[str, object]:
-    """tensor name → the node that writes it."""
-    return {o: n for n in model.graph.node for o in n.output if o}
-
-
-def consumers(model) -> dict[str, list]:
-    """tensor name → the nodes that read it (a node once per input that names it)."""
-    out: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
-
-
-def copy_model(model):
-    """A deep copy of an onnx.ModelProto (passes return new models, the input stays as it is)."""
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
-def _node_key(node, index: int) -> str:
-    return node.name or f"{node.op_type}#{index}"
 
 
 # ----------------------------------------------------------------------------- passes
@@ -273,20 +218,6 @@ def _retype_attributes(node) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
-def mixed_float_inputs(model, types: dict[str, int] | None = None) -> list[str]:
-    """Nodes whose float inputs are of different types (TensorRT's parser rejects them).
-    `types`: tensor_types(model) when the caller already has it (shape inference is not cheap)."""
-    types = tensor_types(model) if types is None else types
-    findings = []
-    for i, node in enumerate(model.graph.node):
-        if node.op_type not in SAME_TYPE_OPS:
-            continue
-        ins = node.input[1:] if node.op_type == "Where" else node.input
-        kinds = {types.get(t) for t in ins if t and types.get(t) in (FLOAT, FLOAT16, 16)}
-        if len(kinds) > 1:
-            findings.append(f"{_node_key(node, i)} ({node.op_type}) mixes "
-                            + "/".join(sorted(_type_name(k) for k in kinds)))
-    return findings
 
 
 def precision_summary(model) -> dict:
@@ -314,33 +245,20 @@ def precision_summary(model) -> dict:
     }
 
 
-def _type_name(elem_type: int | None) -> str:
-    from onnx import TensorProto
-
-    if elem_type is None:
-        return "unknown"
-    return TensorProto.DataType.Name(elem_type).lower()
-
-
 # ----------------------------------------------------------------------------- file level
 def fp16_onnx(src, dst: str | Path, **kwargs) -> dict:
     """`convert_fp16` to a file (atomic), with the metadata updated; returns the report. `src`: the
     FP32 ONNX file, or its ModelProto when the caller has loaded it already (it is not changed)."""
     import onnx
 
-    from idle_export.onnx.export import check_output_path, set_metadata
-
     dst = check_output_path(Path(dst))
     is_proto = isinstance(src, onnx.ModelProto)
-    model = src if is_proto else load(src)
+    model = src if is_proto else load_onnx(src)
     if any(i.data_type == FLOAT16 for i in model.graph.initializer):
         raise BadInputError(f"{'the model' if is_proto else Path(src).name} already has FP16 weights",
                             "pass the FP32 export of `idle-export onnx`")
     model, report = convert_fp16(model, **kwargs)
-    props = {p.key: p.value for p in model.metadata_props}
-    props["idle_export.precision"] = json.dumps("fp16")
-    props["idle_export.fp32_nodes"] = json.dumps(report["fp32_nodes"])
-    set_metadata(model, props)
+    OnnxMetadata.of(model).updated(precision="fp16", fp32_nodes=report["fp32_nodes"]).write(model)
     onnx.checker.check_model(model, full_check=False)
     mixed = mixed_float_inputs(model)
     if mixed:  # a bug in this pass, not the user's input

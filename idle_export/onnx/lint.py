@@ -1,7 +1,7 @@
 """`idle-export lint`: will TensorRT take this ONNX? A static check, no TensorRT or GPU needed.
 
 Rules come from the ONNX-TensorRT operator matrix (TensorRT 10: opsets 9..20; TensorRT 11 and
-TensorRT-RTX parse the same set) and from what we saw fail here (FACTS.md):
+TensorRT-RTX parse the same set) and from what we saw fail in practice:
   unsupported-op       op not in TensorRT's ONNX parser, or a custom domain (needs a plugin)
   topk-k               TopK's K must be a constant ≤ 3840, `sorted` must be 1
   scatter-reduction    ScatterElements/ScatterND only without reduction
@@ -16,12 +16,13 @@ TensorRT-RTX parse the same set) and from what we saw fail here (FACTS.md):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from idle_export.onnx.export import MIN_OPSET
+from idle_export.onnx.graph import constant_tensors, mixed_float_inputs, producers, tensor_types
+from idle_export.onnx.io import MIN_OPSET, load_onnx
+from idle_export.onnx.metadata import OnnxMetadata
 
 TOPK_MAX = 3840
 MAX_OPSET = 20
@@ -69,8 +70,6 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
     """Findings for a loaded ModelProto, most serious first (severity 'error' or 'warning')."""
     from onnx import TensorProto
 
-    from idle_export.onnx.surgery import constant_tensors, mixed_float_inputs, producers, tensor_types
-
     g = model.graph
     findings: list[dict] = []
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -116,8 +115,9 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
                                          "constant K (export K as a Python int)", node, i))
             elif k is None:
                 findings.append(_finding("topk-k", "TopK's K is folded from constants, not an "
-                                         "initializer; fold constants (onnx-graphsurgeon "
-                                         "fold_constants) if the parser refuses", node, i, "warning"))
+                                         "initializer; fold constants (`polygraphy surgeon "
+                                         "sanitize --fold-constants`) if the parser refuses", node, i,
+                                         "warning"))
             elif int(np.asarray(k).reshape(-1)[0]) > TOPK_MAX:
                 findings.append(_finding("topk-k", f"TopK K={int(np.asarray(k).reshape(-1)[0])} exceeds "
                                          f"TensorRT's limit of {TOPK_MAX}", node, i))
@@ -181,10 +181,10 @@ def _idle_findings(model) -> list[dict]:
     from collections import Counter
 
     counts = Counter(n.op_type for n in model.graph.node)
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = OnnxMetadata.of(model)
     found = {op: counts.get(op, 0) for op in IDLE_OPS}
     out = []
-    if json.loads(meta.get("idle_export.dense", "false")):
+    if meta.dense:
         out.append(_finding("idle-ops", "this is the dense baseline export (idle_export.dense = true), not "
                             "an IdleViT graph"))
     if found["TopK"] == 0:
@@ -194,7 +194,7 @@ def _idle_findings(model) -> list[dict]:
     if found["GatherElements"] == 0 or found["ScatterElements"] == 0:
         out.append(_finding("idle-ops", "TopK without GatherElements/ScatterElements: not the idle-layer "
                             "pattern (" + ", ".join(f"{k} {v}" for k, v in found.items()) + ")"))
-    layers = json.loads(meta["idle_export.idle_layers"]) if "idle_export.idle_layers" in meta else None
+    layers = meta.idle_layers
     if layers is not None and len(layers) != found["TopK"]:
         out.append(_finding("idle-ops", f"metadata lists {len(layers)} idle layers but the graph has "
                             f"{found['TopK']} TopK"))
@@ -204,8 +204,6 @@ def _idle_findings(model) -> list[dict]:
 def lint_file(path: str | Path, *, expect_idle: bool = False) -> dict:
     """Report for one file: {'path', 'ops', 'findings', 'errors', 'warnings', 'passed'}."""
     from collections import Counter
-
-    from idle_export.runtime.runners import load_onnx
 
     model = load_onnx(path)
     findings = lint_model(model, expect_idle=expect_idle)

@@ -24,16 +24,16 @@ Also available, not default:
                         GEMM): measured -1..-3% CPU time, within the noise of this machine, and
                         it helps dense more than idle at batch 1; left out of the default.
 Session options: ORT_ENABLE_ALL (ONNX Runtime's own LayerNorm/MatMul fusions), intra-op
-threads as asked. `check` parity (1e-4, 100% top-1 and selection) holds: tests/test_bench.py.
+threads as asked. `check` parity (1e-4, 100% top-1 and selection) holds: tests/bench/test_bench.py.
 """
 
 from __future__ import annotations
 
 from idle_export.errors import MissingDependencyError
-from idle_export.onnx.export import set_metadata
-from idle_export.onnx.surgery import consumers as consumers_of
-from idle_export.onnx.surgery import copy_model
-from idle_export.onnx.surgery import producers as producers_of
+from idle_export.onnx.graph import consumers as consumers_of
+from idle_export.onnx.graph import copy_model
+from idle_export.onnx.graph import producers as producers_of
+from idle_export.onnx.metadata import OnnxMetadata
 
 FOLDABLE_OPS = {"Slice", "Concat", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity",
                 "Split"}
@@ -114,7 +114,7 @@ def _ort_transformer_fusions(proto, num_heads: int | None, hidden_size: int | No
                                      "pip install onnxruntime") from None
     import logging
 
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = OnnxMetadata.of(proto)
     opts = FusionOptions("vit")
     opts.enable_attention = False
     opts.enable_embed_layer_norm = False
@@ -133,7 +133,7 @@ def _ort_transformer_fusions(proto, num_heads: int | None, hidden_size: int | No
     finally:
         logging.disable(previous)
     out = fused.model
-    set_metadata(out, meta)
+    meta.write(out)
     return out
 
 
@@ -289,21 +289,9 @@ PASSES = {"fold_initializer_ops": fold_initializer_ops, "bias_gelu": bias_gelu,
 
 def optimize_model_proto(proto, passes: tuple[str, ...] = DEFAULT_PASSES):
     """Apply the passes in order; the metadata gains idle_export.optimized = [pass names]."""
-    import json
-
     for name in passes:
         proto = PASSES[name](proto)
-    props = {p.key: p.value for p in proto.metadata_props}
-    props["idle_export.optimized"] = json.dumps(list(passes))
-    set_metadata(proto, props)
+    OnnxMetadata.of(proto).updated(optimized=list(passes)).write(proto)
     return proto
 
 
-def session_options(ort, *, threads: int | None = None):
-    """SessionOptions for CPU inference: ORT_ENABLE_ALL, intra-op threads, quiet logs."""
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return opts

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from idle_export.model.config import Tolerances
-from idle_export.runtime.runners import SELECTION_PREFIX
+from idle_export.onnx.io import SELECTION_PREFIX
 
 
 def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,20 +101,6 @@ def compare_runners(runner_a, runner_b, inputs: dict[str, np.ndarray], batch_siz
     }
 
 
-def tolerance_for(meta: dict[str, str]) -> Tolerances:
-    """Tolerances for a candidate model from its `idle_export.precision` metadata (fp32 when
-    absent or unknown)."""
-    import json
-
-    from idle_export.model.config import TOLERANCES
-
-    try:
-        precision = json.loads(meta.get("idle_export.precision", '"fp32"'))
-    except ValueError:
-        precision = "fp32"
-    return TOLERANCES.get(precision, TOLERANCES["fp32"])
-
-
 def labels_from_folders(files: list[str], classes: list[str] | None) -> np.ndarray | None:
     """Ground-truth labels for an ImageFolder layout (DIR/<class name>/image.png) when every
     image's parent folder is one of the model's class names; None otherwise."""
@@ -178,83 +164,3 @@ def compare_on_images(candidate, reference, images: np.ndarray, batch_sizes: lis
     return cases
 
 
-def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
-               batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
-               seed: int = 0, threads: int | None = None, images=None, num: int = 0,
-               max_abs: float | None = None) -> dict:
-    """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
-    path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
-    which model and preprocessing to use.
-
-    Tolerances: `tol` if given, else from the candidate's `idle_export.precision` (fp32, fp16,
-    int8), with `max_abs` overriding the logit tolerance. `images` (a folder, .txt list or image
-    file; see calibration.data) adds the input set "images": all of them (or `num`), each batch
-    size running over the whole set; with an ImageFolder layout whose folder names are the
-    model's classes, accuracy is reported too."""
-    import json
-    from dataclasses import replace
-
-    from idle_export.data.inputs import input_set
-    from idle_export.errors import BadInputError
-    from idle_export.model.checkpoint import Checkpoint, load_checkpoint
-    from idle_export.model.config import ModelSpec
-    from idle_export.model.vit import build_model
-    from idle_export.runtime.runners import OrtRunner, TorchRunner, load_onnx
-
-    # a clear error for a missing or broken file, before anything else
-    meta = {p.key: p.value for p in load_onnx(onnx_path).metadata_props}
-    spec = ModelSpec.from_metadata(meta)
-    dense = json.loads(meta.get("idle_export.dense", "false"))
-    warnings = []
-    if (ckpt_path is None) == (against is None):
-        raise BadInputError("check needs exactly one reference",
-                            "pass --ckpt CHECKPOINT (torch) or --against OTHER.onnx")
-    if tol is None:
-        tol = tolerance_for(meta)
-        if max_abs is not None:
-            tol = replace(tol, max_abs=max_abs)
-    precision = json.loads(meta.get("idle_export.precision", '"fp32"'))
-    if ckpt_path is not None:
-        ckpt = ckpt_path if isinstance(ckpt_path, Checkpoint) else load_checkpoint(ckpt_path, ema=ema)
-        expected = json.loads(meta.get("idle_export.checkpoint_sha256", "null"))
-        if expected and expected != ckpt.sha256:
-            warnings.append(f"{ckpt.path.name} is not the checkpoint {Path(onnx_path).name} was "
-                            "exported from (sha256 differs)")
-        # The reference is always the paper's formulation (keys for every token), whatever
-        # score mode the file was exported with: a folded export is checked against it.
-        model = build_model(spec, ckpt.state_dict, dense=dense, score_mode="official")
-        reference = TorchRunner(model, name=f"torch:{ckpt.path.name} (official scores)",
-                                selection=not dense,
-                                threads=threads)
-    else:
-        ref_meta = {p.key: p.value for p in load_onnx(against).metadata_props}
-        if json.loads(ref_meta.get("idle_export.precision", '"fp32"')) != "fp32":
-            warnings.append(f"the reference {Path(against).name} is not FP32")
-        reference = OrtRunner(against, selection=not dense, threads=threads)
-    candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
-    n = max(batch_sizes)
-    inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
-    if inputs or images is None:
-        report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
-    else:
-        report = {"a": candidate.name, "b": reference.name, "cases": [],
-                  "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()}}
-    if images is not None:
-        from idle_export.data.images import load_images
-
-        real = load_images(images, num, spec, seed=seed, what="--images")
-        classes = json.loads(meta.get("idle_export.classes", "null"))
-        labels = labels_from_folders(real.files, classes)
-        with candidate, reference:
-            cases = compare_on_images(candidate, reference, real.array, list(batch_sizes), tol, labels)
-        report["cases"].extend(cases)
-        report["passed"] = all(c["passed"] for c in report["cases"])
-        report["images"] = real.summary()
-        if real.skipped:
-            warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
-                            f"{real.skipped[0][0]} ({real.skipped[0][1]})")
-    report["precision"] = precision
-    report["model"] = spec.describe() + (" (dense)" if dense else "") + (
-        f" [{precision}]" if precision != "fp32" else "")
-    report["warnings"] = warnings
-    return report

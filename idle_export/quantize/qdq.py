@@ -18,7 +18,7 @@
 6. copy the idle_export.* metadata, add `idle_export.precision = "int8"` and the recipe, write
    atomically (external data when the source had it).
 
-Recipes (see the README, section INT8 for the measurements behind the ORT one):
+Recipes (docs/int8.md has the measurements behind the ORT one):
 - target "ort": fastest on ONNX Runtime CPU (x86 VNNI): see ORT_RECIPE.
 - target "trt": TensorRT wants symmetric int8 Q/DQ (zero point 0) in front of MatMul/Gemm/Conv
   and float biases (`QuantizeBias: False`: TensorRT rejects int32 bias DQ).
@@ -26,7 +26,6 @@ Recipes (see the README, section INT8 for the measurements behind the ORT one):
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -34,21 +33,24 @@ from pathlib import Path
 
 import numpy as np
 
+from idle_export.data.images import load_images
 from idle_export.errors import BadInputError, MissingDependencyError
-from idle_export.onnx.surgery import consumers as consumers_of
-from idle_export.onnx.surgery import producers as producers_of
+from idle_export.fileio import check_output_path
+from idle_export.onnx.graph import consumers as consumers_of
+from idle_export.onnx.graph import producers as producers_of
+from idle_export.onnx.io import install_onnx, load_onnx
+from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.onnx.passes import bias_gelu
+from idle_export.quantize.selection import (
+    activation_matmuls,
+    dequantized_score_inputs,
+    is_quantized,
+    selection_path_nodes,
+)
 
 METHODS = ("minmax", "percentile", "entropy")
 TARGETS = ("ort", "trt")
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "QLinearAdd",
-                 "QLinearMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QGemm",
-                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"}
-# Ops that only move or index data between TopK and GatherElements/ScatterElements
-INDEX_OPS = {"Add", "Sub", "Concat", "Unsqueeze", "Squeeze", "Expand", "Reshape", "Slice", "Cast",
-             "ConstantOfShape", "Shape", "Gather", "Mul", "Tile", "Transpose"}
 
-NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
-            "SkipSimplifiedLayerNormalization"}
 
 # The recipes: quant_format (QDQ|QOperator), activation / weight type, op_types, whether
 # activation×activation MatMuls (attention q·kᵀ, attn·v) are quantized, bias_gelu (idle_export.
@@ -95,76 +97,6 @@ def _ort_quantization():
 
 
 # ----------------------------------------------------------------------------- graph helpers
-def is_quantized(proto) -> bool:
-    """True when the graph already holds Q/DQ or integer operators (or says it is INT8)."""
-    if any(n.op_type in QUANTIZED_OPS for n in proto.graph.node):
-        return True
-    meta = {p.key: p.value for p in proto.metadata_props}
-    return meta.get("idle_export.precision") == json.dumps("int8")
-
-
-def selection_path_nodes(proto) -> list[str]:
-    """Names of the nodes that compute the token scores (walking back from each TopK to the
-    idle layer's LayerNorm), TopK itself, and the index arithmetic from TopK to the
-    GatherElements/ScatterElements index inputs."""
-    producers, consumers = producers_of(proto), consumers_of(proto)
-    names: list[str] = []
-    seen: set[str] = set()
-
-    def add(node) -> bool:
-        if node.name in seen:
-            return False
-        seen.add(node.name)
-        names.append(node.name)
-        return True
-
-    for topk in (n for n in proto.graph.node if n.op_type == "TopK"):
-        add(topk)
-        stack = [topk.input[0]]
-        while stack:  # backwards: the score computation
-            node = producers.get(stack.pop())
-            if node is None or node.op_type in NORM_OPS:
-                continue
-            if add(node):
-                stack.extend(node.input)
-        stack = [topk.output[1]]
-        while stack:  # forwards: index arithmetic until the Gather/Scatter that consume it
-            for node in consumers.get(stack.pop(), []):
-                if node.op_type in INDEX_OPS and add(node):
-                    stack.extend(node.output)
-    return names
-
-
-def activation_matmuls(proto) -> list[str]:
-    """MatMuls whose both inputs are activations (attention: q·kᵀ and attn·v)."""
-    inits = {i.name for i in proto.graph.initializer}
-    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
-
-
-def score_matmuls(proto) -> list:
-    """The MatMul that produces the token scores feeding each TopK (q_cls·kᵀ), in graph order."""
-    producers = producers_of(proto)
-    found = []
-    for topk in (n for n in proto.graph.node if n.op_type == "TopK"):
-        node = producers.get(topk.input[0])
-        while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulInteger",
-                                                        "QLinearMatMul", "MatMulIntegerToFloat"):
-            node = producers.get(node.input[0]) if node.input else None
-        found.append(node)
-    return found
-
-
-def dequantized_score_inputs(proto) -> list[bool]:
-    """Per TopK: True when the score MatMul (q_cls·kᵀ) is quantized or has an input that comes
-    from a DequantizeLinear. All False = the selection path is FP32."""
-    producers = producers_of(proto)
-    result = []
-    for mm in score_matmuls(proto):
-        if mm is None or mm.op_type != "MatMul":
-            result.append(True)
-            continue
-        result.append(any(getattr(producers.get(i), "op_type", "") == "DequantizeLinear" for i in mm.input))
-    return result
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -206,11 +138,9 @@ def _make_reader_class(quantization):
 
 
 def _bias_gelu(path: Path, spec, external: bool) -> Path:
-    """optimize.bias_gelu (fc1 bias + Erf-GELU → BiasGelu, the pass `bench` runs) on the
+    """onnx.passes.bias_gelu (fc1 bias + Erf-GELU → BiasGelu, the pass `bench` runs) on the
     preprocessed model, before quantizing: the MatMuls stay visible to the quantizer."""
     import onnx
-
-    from idle_export.onnx.passes import bias_gelu
 
     fused = bias_gelu(onnx.load(str(path)), spec.num_heads, spec.embed_dim)
     out = path.with_name("fused.onnx")
@@ -269,8 +199,6 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
                   cache_dir=None, status=None) -> dict:
     """Calibrate on `images` (None: the built-in set; a folder, list file, list of paths or a
     preprocessed array) and write an INT8 Q/DQ model to `dst`. Returns a report dict."""
-    from idle_export.onnx.export import check_output_path, install_onnx, set_metadata
-    from idle_export.runtime.runners import load_onnx
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -290,17 +218,13 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
     if is_quantized(proto):
         raise BadInputError(f"{src.name} is already quantized (it has Q/DQ or integer operators)",
                             "calibrate the FP32 model exported by `idle-export onnx`")
-    meta = {p.key: p.value for p in proto.metadata_props}
-    from idle_export.model.config import ModelSpec
-
-    spec = ModelSpec.from_metadata(meta)
+    meta = OnnxMetadata.of(proto)
+    spec = meta.spec
     input_name = proto.graph.input[0].name
     import onnx
 
     external = any(t.data_location == onnx.TensorProto.EXTERNAL
                    for t in onnx.load(str(src), load_external_data=False).graph.initializer)
-
-    from idle_export.data.images import load_images
 
     def say(msg):
         if status is not None:
@@ -357,11 +281,8 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
                        "format": rec["quant_format"], "activation": rec["activation"],
                        "weight": rec["weight"], "op_types": rec["op_types"],
                        "selection_path_fp32": len(exclude), "bias_fused_matmuls": fused_bias}
-        props = {k: v for k, v in meta.items() if k.startswith("idle_export.")}
-        props["idle_export.precision"] = json.dumps("int8")
-        props["idle_export.quantization"] = json.dumps(recipe_meta)
-        props["idle_export.source_model"] = json.dumps(src.name)
-        set_metadata(model, props)
+        OnnxMetadata(meta.ours()).updated(precision="int8", quantization=recipe_meta,
+                                          source_model=src.name).write(model)
         ops: dict[str, int] = {}
         for n in model.graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from idle_export.cli.app import app
+from idle_export.cli import app
 
 MIRROR = Path("/work/.mirror/Ackesnal+IdleViT/repo")
 FAST = dict(runs=2, warmup=1, min_time=0.02)
@@ -72,7 +72,7 @@ def test_flop_model_matches_graph_op_count(request, tiny_ckpt, tmp_path, dense, 
 
 
 def test_flop_ideals_deit_small_match_the_issue():
-    from idle_export.bench.bench import flop_model
+    from idle_export.bench.variants import flop_model
     from idle_export.model.config import ModelSpec
 
     f = flop_model(ModelSpec.create("deit_small", 0.7))
@@ -87,7 +87,7 @@ def test_flop_ideals_deit_small_match_the_issue():
 
 # ----------------------------------------------------------------------------- report
 def test_bench_report_structure(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
-    from idle_export.bench.bench import run_bench
+    from idle_export.bench.run import run_bench
 
     report = run_bench([tiny_idle_onnx, tiny_dense_onnx], backends=["ort"], batches=[1, 2], threads=1,
                        independent=True, **FAST)
@@ -120,7 +120,7 @@ def test_bench_report_structure(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
 
     from rich.console import Console
 
-    from idle_export.bench.bench import NOISY_SPREAD, noisy_results, print_report
+    from idle_export.bench.report import NOISY_SPREAD, noisy_results, print_report
 
     def printed(rep):
         buf = io.StringIO()
@@ -186,10 +186,10 @@ def test_bench_needs_both_idle_and_dense(tiny_idle_onnx, tmp_path):
 
 
 def test_bench_gpu_backends_without_gpu_exit_3(tiny_idle_onnx, tiny_dense_onnx):
-    from idle_export.bench.bench import gpu_name
-    from idle_export.runtime.runners import ort_available_providers
+    from idle_export.hardware import gpu_info
+    from idle_export.runtime.onnxruntime import ort_available_providers
 
-    if gpu_name() is not None:
+    if gpu_info() is not None:
         pytest.skip("a GPU is present: the no-GPU error path cannot be exercised")
     res = CliRunner().invoke(app, ["bench", str(tiny_idle_onnx), str(tiny_dense_onnx), "--backend", "trt"])
     assert res.exit_code == 3 and "needs a GPU" in res.output
@@ -212,7 +212,8 @@ def test_optimize_passes_rewrite_graph_and_keep_parity(tiny_ckpt, tiny_idle_onnx
     from idle_export.model.vit import build_model
     from idle_export.onnx.passes import DEFAULT_PASSES, optimize_model_proto
     from idle_export.parity.compare import compare_runners
-    from idle_export.runtime.runners import OrtRunner, TorchRunner
+    from idle_export.runtime.onnxruntime import OrtRunner
+    from idle_export.runtime.torch import TorchRunner
 
     passes = passes or DEFAULT_PASSES
     ckpt = load_checkpoint(tiny_ckpt)
@@ -250,7 +251,8 @@ def test_optimized_parity_on_trained_model(photos10_ckpt, photos10_idle_onnx, tm
     from idle_export.model.vit import build_model
     from idle_export.onnx.export import export_checkpoint
     from idle_export.parity.compare import compare_runners
-    from idle_export.runtime.runners import OrtRunner, TorchRunner
+    from idle_export.runtime.onnxruntime import OrtRunner
+    from idle_export.runtime.torch import TorchRunner
 
     ckpt = load_checkpoint(photos10_ckpt)
     spec = ckpt.spec()
@@ -271,7 +273,7 @@ def test_folded_scores_select_the_same_tokens_on_real_images(photos10_ckpt):
     from idle_export.model.config import TOLERANCES
     from idle_export.model.vit import build_model
     from idle_export.parity.compare import compare_runners
-    from idle_export.runtime.runners import TorchRunner
+    from idle_export.runtime.torch import TorchRunner
 
     ckpt = load_checkpoint(photos10_ckpt)
     spec = ckpt.spec()
@@ -298,11 +300,11 @@ def official_repo(tmp_path_factory) -> Path:
 def test_official_code_backend_matches_our_model(tiny_ckpt, official_repo):
     import sys
 
-    from idle_export.bench.bench import OfficialRunner, build_official_model
     from idle_export.data.inputs import builtin_photos
     from idle_export.model.checkpoint import load_checkpoint
     from idle_export.model.vit import build_model
-    from idle_export.runtime.runners import TorchRunner
+    from idle_export.runtime.official import OfficialRunner, build_official_model
+    from idle_export.runtime.torch import TorchRunner
 
     ckpt = load_checkpoint(tiny_ckpt)
     spec = ckpt.spec()
@@ -317,7 +319,7 @@ def test_official_code_backend_matches_our_model(tiny_ckpt, official_repo):
 
 
 def test_bench_torch_official_backend(tiny_ckpt, tiny_idle_onnx, tiny_dense_onnx, official_repo):
-    from idle_export.bench.bench import run_bench
+    from idle_export.bench.run import run_bench
 
     report = run_bench([tiny_ckpt, tiny_idle_onnx, tiny_dense_onnx], backends=["torch-official", "ort"],
                        batches=[1], threads=1, official_repo=official_repo, score_modes=["official"],
@@ -339,8 +341,9 @@ def test_official_repo_errors(tiny_ckpt, tmp_path):
 def test_bench_engine_targets(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
     """Engines are paired by their sidecar's metadata; without a GPU the trt backend exits 3."""
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX builder not installed")
-    from idle_export.bench.bench import gpu_name, resolve_targets
-    from idle_export.trt.engine import build_engine
+    from idle_export.bench.targets import resolve_targets
+    from idle_export.hardware import gpu_info
+    from idle_export.trt.build import build_engine
 
     engines = []
     for path in (tiny_idle_onnx, tiny_dense_onnx):
@@ -351,13 +354,13 @@ def test_bench_engine_targets(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
     assert [(p.name, d, m) for p, d, m in targets.engines] == [
         ("tiny_idle.engine", False, "official"), ("tiny_dense.engine", True, "official")]
     assert targets.spec.arch == "deit_tiny"
-    if gpu_name() is None:
+    if gpu_info() is None:
         res = CliRunner().invoke(app, ["bench", *map(str, engines), "--backend", "trt"])
         assert res.exit_code == 3 and "needs a GPU" in res.output
 
 
 def test_bench_two_files_with_the_same_role_stay_apart(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
-    from idle_export.bench.bench import run_bench
+    from idle_export.bench.run import run_bench
 
     twin = tmp_path / "tiny_idle_copy.onnx"
     shutil.copy(tiny_idle_onnx, twin)

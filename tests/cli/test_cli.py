@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from idle_export.cli.app import app
+from idle_export.cli import app
 
 runner = CliRunner()
 EXE = Path(sys.executable).with_name("idle-export")

@@ -6,8 +6,10 @@ import onnxruntime as ort
 import pytest
 
 from idle_export.model.checkpoint import load_checkpoint
-from idle_export.onnx.export import export_checkpoint, onnx_summary, read_metadata
-from idle_export.runtime.runners import OrtRunner
+from idle_export.onnx.export import export_checkpoint
+from idle_export.onnx.io import onnx_summary
+from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.runtime.onnxruntime import OrtRunner
 
 
 def topk_ks(path) -> list[int]:
@@ -29,7 +31,7 @@ def test_tiny_idle_graph(tiny_idle_onnx, tiny_ckpt):
     assert summary["opset"] >= 17 and not summary["external_data"]
     assert topk_ks(tiny_idle_onnx) == [137, 137, 137, 96, 96, 96, 67, 67, 67]
     onnx.checker.check_model(str(tiny_idle_onnx), full_check=True)
-    meta = read_metadata(tiny_idle_onnx)
+    meta = OnnxMetadata.read(tiny_idle_onnx).props
     assert json.loads(meta["idle_export.keep_k"]) == [137, 137, 137, 96, 96, 96, 67, 67, 67]
     assert json.loads(meta["idle_export.arch"]) == "deit_tiny"
     assert json.loads(meta["idle_export.checkpoint_sha256"]) == load_checkpoint(tiny_ckpt).sha256
@@ -39,7 +41,7 @@ def test_tiny_idle_graph(tiny_idle_onnx, tiny_ckpt):
 def test_dense_graph_has_no_selection(tiny_dense_onnx):
     ops = onnx_summary(tiny_dense_onnx)["ops"]
     assert "TopK" not in ops and "ScatterElements" not in ops
-    assert json.loads(read_metadata(tiny_dense_onnx)["idle_export.dense"]) is True
+    assert OnnxMetadata.read(tiny_dense_onnx).dense is True
 
 
 def test_dynamic_batch(tiny_idle_onnx):

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from idle_export.cli.app import app
+from idle_export.cli import app
 from idle_export.onnx.lint import lint_file, lint_model
 
 runner = CliRunner()

@@ -10,16 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from idle_export.errors import BadInputError
-from idle_export.onnx.surgery import (
-    convert_fp16,
-    fp16_onnx,
-    load,
-    mixed_float_inputs,
-    precision_summary,
-    producers,
-    score_path_nodes,
-    tensor_types,
-)
+from idle_export.onnx.fp16 import convert_fp16, fp16_onnx, precision_summary, score_path_nodes
+from idle_export.onnx.graph import mixed_float_inputs, producers, tensor_types
+from idle_export.onnx.io import load_onnx as load
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +98,12 @@ def test_fp16_dense_graph_is_fp16_but_its_io(tiny_dense_onnx, tmp_path):
 
 def test_fp16_graph_runs_on_onnxruntime_and_agrees(tiny_fp16, tiny_idle_onnx):
     from idle_export.data.inputs import builtin_photos
-    from idle_export.model.config import TOLERANCES, ModelSpec
-    from idle_export.onnx.export import read_metadata
+    from idle_export.model.config import TOLERANCES
+    from idle_export.onnx.metadata import OnnxMetadata
     from idle_export.parity.compare import compare_runners
-    from idle_export.runtime.runners import OrtRunner
+    from idle_export.runtime.onnxruntime import OrtRunner
 
-    spec = ModelSpec.from_metadata(read_metadata(tiny_idle_onnx))
+    spec = OnnxMetadata.read(tiny_idle_onnx).spec
     images = builtin_photos(8, spec, seed=1)
     r = compare_runners(OrtRunner(tiny_fp16[0], selection=True), OrtRunner(tiny_idle_onnx, selection=True),
                         {"photos": images}, [8], TOLERANCES["fp16"])
@@ -122,14 +115,14 @@ def test_fp16_graph_runs_on_onnxruntime_and_agrees(tiny_fp16, tiny_idle_onnx):
 def test_trained_model_fp16_agrees_with_fp32(photos10_idle_onnx, tmp_path):
     """The real check: a trained model's FP16 graph keeps top-1 and nearly all selections."""
     from idle_export.data.inputs import builtin_photos
-    from idle_export.model.config import TOLERANCES, ModelSpec
-    from idle_export.onnx.export import read_metadata
+    from idle_export.model.config import TOLERANCES
+    from idle_export.onnx.metadata import OnnxMetadata
     from idle_export.parity.compare import compare_runners
-    from idle_export.runtime.runners import OrtRunner
+    from idle_export.runtime.onnxruntime import OrtRunner
 
     dst = tmp_path / "p10.fp16.onnx"
     fp16_onnx(photos10_idle_onnx, dst)
-    spec = ModelSpec.from_metadata(read_metadata(photos10_idle_onnx))
+    spec = OnnxMetadata.read(photos10_idle_onnx).spec
     r = compare_runners(OrtRunner(dst, selection=True), OrtRunner(photos10_idle_onnx, selection=True),
                         {"photos": builtin_photos(32, spec, seed=1)}, [32], TOLERANCES["fp16"])
     case = r["cases"][0]

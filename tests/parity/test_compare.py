@@ -3,7 +3,8 @@ import onnx
 import pytest
 
 from idle_export.model.config import TOLERANCES
-from idle_export.parity.compare import check_onnx, compare_outputs
+from idle_export.parity.check import check_onnx
+from idle_export.parity.compare import compare_outputs
 
 
 def test_onnx_matches_torch(tiny_idle_onnx, tiny_ckpt):

@@ -16,9 +16,10 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from idle_export.cli.app import app
+from idle_export.cli import app
 from idle_export.errors import BadInputError
-from idle_export.quantize.qdq import dequantized_score_inputs, is_quantized, quantize_onnx, score_matmuls
+from idle_export.quantize.qdq import quantize_onnx
+from idle_export.quantize.selection import dequantized_score_inputs, is_quantized, score_matmuls
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +124,7 @@ def test_metadata_precision_and_recipe(demo_int8, tiny_idle_onnx):
 
 
 def test_int8_check_uses_int8_tolerances(demo_int8, tiny_idle_onnx):
-    from idle_export.parity.compare import check_onnx
+    from idle_export.parity.check import check_onnx
 
     path, _ = demo_int8
     report = check_onnx(path, against=tiny_idle_onnx, batch_sizes=[4], input_sets=["photos"])
@@ -175,7 +176,7 @@ def test_bench_passes_keep_int8_graphs(demo_int8, tiny_ckpt, tiny_idle_onnx, tmp
     from idle_export.model.checkpoint import load_checkpoint
     from idle_export.model.config import TOLERANCES
     from idle_export.parity.compare import compare_runners
-    from idle_export.runtime.runners import OrtRunner
+    from idle_export.runtime.onnxruntime import OrtRunner
 
     trt = tmp_path / "tiny.trt.int8.onnx"
     quantize_onnx(tiny_idle_onnx, trt, num=8, target="trt", cache_dir=False)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from idle_export.cli.app import app
+from idle_export.cli import app
 from idle_export.errors import BadInputError
 
 pytest.importorskip("tritonclient.http",
@@ -111,7 +111,7 @@ def named_onnx(tiny_idle_onnx, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def repo(tiny_idle_onnx, named_onnx, tmp_path_factory) -> Path:
-    from idle_export.serve.serve import write_repository
+    from idle_export.serve.repository import write_repository
 
     root = tmp_path_factory.mktemp("serve") / "model_repository"
     write_repository(tiny_idle_onnx, root, name="tiny_idle", max_batch=MAX_BATCH, preferred=[4, 8],
@@ -121,8 +121,8 @@ def repo(tiny_idle_onnx, named_onnx, tmp_path_factory) -> Path:
 
 
 def test_repo_config_parses_with_triton_protobuf(repo, tiny_idle_onnx):
-    from idle_export.model.checkpoint import sha256_file
-    from idle_export.serve.serve import parse_config
+    from idle_export.fileio import sha256_file
+    from idle_export.serve.config import parse_config
 
     folder = repo / "tiny_idle"
     cfg = parse_config((folder / "config.pbtxt").read_text())
@@ -143,7 +143,7 @@ def test_repo_config_parses_with_triton_protobuf(repo, tiny_idle_onnx):
 
 
 def test_repo_labels_and_escaping_round_trip(repo):
-    from idle_export.serve.serve import parse_config
+    from idle_export.serve.config import parse_config
 
     folder = repo / "tiny_named"
     cfg = parse_config((folder / "config.pbtxt").read_text())
@@ -156,8 +156,8 @@ def test_repo_labels_and_escaping_round_trip(repo):
 def test_repo_copies_external_data(tiny_idle_onnx, tmp_path):
     import onnx
 
-    from idle_export.runtime.runners import OrtRunner
-    from idle_export.serve.serve import write_repository
+    from idle_export.runtime.onnxruntime import OrtRunner
+    from idle_export.serve.repository import write_repository
 
     proto = onnx.load(str(tiny_idle_onnx))
     src = tmp_path / "src" / "ext.onnx"
@@ -177,8 +177,8 @@ def _engine(tmp_path: Path, onnx_path: Path, data: bytes = b"serialized-engine-b
     copies plans, it never parses them, so the bytes need not be a real TensorRT plan."""
     import hashlib
 
-    from idle_export.model.checkpoint import sha256_file
-    from idle_export.trt.engine import SIDECAR_FORMAT
+    from idle_export.fileio import sha256_file
+    from idle_export.trt.sidecar import SIDECAR_FORMAT
 
     engine = tmp_path / "tiny.engine"
     engine.write_bytes(data)
@@ -194,7 +194,8 @@ def _engine(tmp_path: Path, onnx_path: Path, data: bytes = b"serialized-engine-b
 
 
 def test_repo_tensorrt_plan(tiny_idle_onnx, tmp_path):
-    from idle_export.serve.serve import parse_config, write_repository
+    from idle_export.serve.config import parse_config
+    from idle_export.serve.repository import write_repository
 
     engine = _engine(tmp_path, tiny_idle_onnx)
     report = write_repository(engine, tmp_path / "repo", onnx=tiny_idle_onnx, max_batch=None)
@@ -222,13 +223,13 @@ def test_repo_tensorrt_plan(tiny_idle_onnx, tmp_path):
     ("replaced", "does not match its sidecar"),
 ])
 def test_repo_tensorrt_plan_bad_input(tiny_idle_onnx, tmp_path, case, match):
-    from idle_export.serve.serve import write_repository
+    from idle_export.serve.repository import write_repository
 
     kwargs = {"onnx": tiny_idle_onnx, "max_batch": None}
     side = {}
     data = b"serialized-engine-bytes"
     if case == "rtx":  # a TensorRT-RTX header (magic, builder 1.7.1) that inspect_engine accepts
-        from idle_export.trt.engine import RTX_MAGIC
+        from idle_export.trt.sidecar import RTX_MAGIC
 
         data = RTX_MAGIC + bytes(20) + bytes([1, 7, 1]) + bytes(5)
         side = {"flavour": "tensorrt_rtx", "trt_version": "1.7.1.116"}
@@ -288,7 +289,7 @@ def test_query_decodes_images_like_check(tmp_path):
     from idle_export.data.images import load_images as check_images
     from idle_export.data.inputs import eval_transform
     from idle_export.model.config import ModelSpec
-    from idle_export.serve.serve import load_images
+    from idle_export.serve.client import load_images
 
     ramp = (np.arange(224 * 224, dtype=np.uint32).reshape(224, 224) * 65535 // (224 * 224 - 1))
     path = tmp_path / "gray16.png"
@@ -301,7 +302,7 @@ def test_query_decodes_images_like_check(tmp_path):
 
 
 def test_fix_library_path_is_idempotent():
-    from idle_export.serve.serve import fix_library_path, python_lib_dir
+    from idle_export.serve.server import fix_library_path, python_lib_dir
 
     env = {"LD_LIBRARY_PATH": "/opt/x"}
     assert fix_library_path(env) and env["LD_LIBRARY_PATH"] == f"{python_lib_dir()}:/opt/x"
@@ -311,7 +312,7 @@ def test_fix_library_path_is_idempotent():
 
 def test_int64_outputs_pass_pytritons_dtype_check():
     """ONNX Runtime returns int64 as numpy 'q'; pytriton's strict check wants np.int64 ('l')."""
-    from idle_export.serve.serve import _as_dtype
+    from idle_export.serve.server import _as_dtype
 
     q = np.arange(6, dtype="q").reshape(2, 3)
     out = _as_dtype(q, np.int64)
@@ -374,11 +375,10 @@ def server(repo, tmp_path_factory):
 def pool(tiny_idle_onnx):
     """24 inputs (16 seeded noise, 8 photos) and their logits from ONNX Runtime run directly."""
     from idle_export.data.inputs import builtin_photos, seeded_noise
-    from idle_export.model.config import ModelSpec
-    from idle_export.onnx.export import read_metadata
-    from idle_export.runtime.runners import OrtRunner
+    from idle_export.onnx.metadata import OnnxMetadata
+    from idle_export.runtime.onnxruntime import OrtRunner
 
-    spec = ModelSpec.from_metadata(read_metadata(tiny_idle_onnx))
+    spec = OnnxMetadata.read(tiny_idle_onnx).spec
     x = np.concatenate([seeded_noise(16, spec, seed=1), builtin_photos(8, spec, seed=1)])
     with OrtRunner(tiny_idle_onnx, threads=2) as r:
         ref = r.infer({"images": x})["logits"]
@@ -445,9 +445,8 @@ def test_query_top5_with_labels_and_latency(server, tiny_idle_onnx, tmp_path):
     from skimage import data
 
     from idle_export.data.inputs import eval_transform, to_rgb_pil
-    from idle_export.model.config import ModelSpec
-    from idle_export.onnx.export import read_metadata
-    from idle_export.runtime.runners import OrtRunner
+    from idle_export.onnx.metadata import OnnxMetadata
+    from idle_export.runtime.onnxruntime import OrtRunner
 
     photo = tmp_path / "chelsea.png"
     Image.fromarray(data.chelsea()).save(photo)
@@ -456,7 +455,7 @@ def test_query_top5_with_labels_and_latency(server, tiny_idle_onnx, tmp_path):
                                  "--repeat", "2", "--json", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    spec = ModelSpec.from_metadata(read_metadata(tiny_idle_onnx))
+    spec = OnnxMetadata.read(tiny_idle_onnx).spec
     x = eval_transform(spec)(to_rgb_pil(Image.open(photo))).numpy()[None]  # what `check` does
     with OrtRunner(tiny_idle_onnx, threads=2) as r:
         logits = r.infer({"images": x})["logits"][0]

@@ -12,17 +12,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from idle_export.cli.app import app
+from idle_export.cli import app
 from idle_export.errors import BadInputError, MissingDependencyError
-from idle_export.trt.engine import (
-    TrtRunner,
-    compatibility_problems,
-    gpu_info,
-    import_trt,
-    inspect_engine,
-    parse_batch,
-    parse_target,
-)
+from idle_export.hardware import gpu_info
+from idle_export.runtime.tensorrt import TrtRunner
+from idle_export.trt.build import parse_batch
+from idle_export.trt.flavour import import_trt, parse_target
+from idle_export.trt.sidecar import compatibility_problems, inspect_engine
 
 runner = CliRunner()
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -57,8 +53,9 @@ def built(tiny_idle_onnx, tiny_dense_onnx, tmp_path_factory):
 @needs_rtx
 @pytest.mark.parametrize("name", ["idle", "dense"])
 def test_rtx_builds_fp16_engines_with_sidecar(built, name, tiny_idle_onnx, tiny_dense_onnx):
-    from idle_export.onnx.surgery import load, precision_summary
-    from idle_export.trt.engine import file_sha256
+    from idle_export.fileio import sha256_file as file_sha256
+    from idle_export.onnx.fp16 import precision_summary
+    from idle_export.onnx.io import load_onnx as load
 
     engine, output = built[name]
     assert engine.stat().st_size > 1_000_000
@@ -90,10 +87,9 @@ def test_rtx_builds_int8_from_a_qdq_onnx(tiny_idle_onnx, tmp_path):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from idle_export.data.inputs import builtin_photos
-    from idle_export.model.config import ModelSpec
-    from idle_export.onnx.export import read_metadata
+    from idle_export.onnx.metadata import OnnxMetadata
 
-    spec = ModelSpec.from_metadata(read_metadata(tiny_idle_onnx))
+    spec = OnnxMetadata.read(tiny_idle_onnx).spec
     batches = iter([{"images": builtin_photos(2, spec, seed=s)} for s in range(2)])
 
     class Reader(CalibrationDataReader):
@@ -140,7 +136,8 @@ def test_int8_with_calib_folder_uses_the_quantizer(tiny_idle_onnx, tmp_path):
 @pytest.mark.trt
 @needs_rtx
 def test_runner_refuses_engines_this_runtime_cannot_run(built, tmp_path, monkeypatch):
-    import idle_export.trt.engine as engine_mod
+    import idle_export.runtime.tensorrt as runner_mod
+    from idle_export.trt.flavour import TrtInfo, import_trt
 
     engine, _ = built["idle"]
     copy = tmp_path / engine.name
@@ -149,10 +146,10 @@ def test_runner_refuses_engines_this_runtime_cannot_run(built, tmp_path, monkeyp
     side = copy.with_name(copy.name + ".json")
     meta = json.loads(side.read_text())
     # the runtime is another TensorRT version: refused before any GPU is needed
-    real = engine_mod.import_trt("tensorrt_rtx")
-    newer = engine_mod.TrtInfo(real.module, "tensorrt_rtx", "9.9.0.1")
+    real = import_trt("tensorrt_rtx")
+    newer = TrtInfo(real.module, "tensorrt_rtx", "9.9.0.1")
     with monkeypatch.context() as m:
-        m.setattr(engine_mod, "import_trt", lambda flavour=None: newer)
+        m.setattr(runner_mod, "import_trt", lambda flavour=None: newer)
         with pytest.raises(BadInputError, match=rf"built with TensorRT-RTX {meta['trt_version']}; "
                            r"this runtime is TensorRT-RTX 9\.9\.0\.1"):
             TrtRunner(copy).activate()
@@ -248,7 +245,8 @@ def test_engine_runs_and_matches_onnxruntime_on_gpu(tiny_idle_onnx, tmp_path):
         pytest.skip("no TensorRT installed")
     if gpu_info() is None:
         pytest.skip("no NVIDIA GPU on this machine")
-    from idle_export.trt.engine import build_engine, check_engine_against
+    from idle_export.parity.check import check_engine_against
+    from idle_export.trt.build import build_engine
 
     for precision in ("fp32", "fp16"):
         engine = tmp_path / f"{precision}.engine"

@@ -1,0 +1,134 @@
+"""The bench report: JSON (results, idle vs dense against the FLOP ideal, noise) and its tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from idle_export import __version__
+from idle_export.bench.variants import ideal_for
+
+
+def _cpu_ratio(result: dict, baseline: dict, ideal: float | None) -> dict:
+    if "cpu_ms_per_image" not in result or "cpu_ms_per_image" not in baseline:
+        return {}
+    ratio = baseline["cpu_ms_per_image"] / result["cpu_ms_per_image"]
+    return {"cpu_speedup": ratio, "cpu_over_ideal": ratio / ideal if ideal else None}
+
+
+def build_report(spec, flops, env, variants, batches, targets, *, settings) -> dict:
+    results = []
+    for v in variants:
+        for bs in batches:
+            results.append({"backend": v.backend, "variant": v.label, "file": v.file, "batch": bs,
+                            **v.results[bs]})
+    comparisons = []
+    by_key = {(v.backend, v.label): v for v in variants}
+    for v in variants:
+        if v.dense:
+            continue
+        dense = by_key.get((v.backend, "dense"))
+        if dense is None and v.official_code:
+            dense = by_key.get(("torch", "dense"))
+        ideal = ideal_for(v, flops)
+        for bs in batches:
+            if dense is not None:
+                speedup = v.results[bs]["images_per_s"] / dense.results[bs]["images_per_s"]
+                comparisons.append({
+                    "backend": v.backend, "variant": v.label, "baseline": dense.key, "batch": bs,
+                    "speedup": speedup, "ideal": ideal,
+                    "achieved_over_ideal": speedup / ideal if ideal else None,
+                    **_cpu_ratio(v.results[bs], dense.results[bs], ideal)})
+    official = by_key.get(("torch-official", "official"))
+    if official is not None:
+        for v in variants:
+            if v.official_code or v.dense:
+                continue
+            for bs in batches:
+                comparisons.append({
+                    "backend": v.backend, "variant": v.label, "baseline": official.key, "batch": bs,
+                    "speedup": v.results[bs]["images_per_s"] / official.results[bs]["images_per_s"],
+                    "ideal": None, "achieved_over_ideal": None,
+                    **_cpu_ratio(v.results[bs], official.results[bs], None)})
+
+    return {
+        "tool": f"idle-export {__version__} bench",
+        "model": spec.describe(),
+        "spec": {k: json.loads(v) for k, v in spec.to_metadata().items()},
+        "flops": flops,
+        "settings": settings,
+        "environment": env,
+        "files": [{"file": str(p), "dense": d, "score_mode": m} for p, d, m in targets.onnx],
+        "results": results,
+        "comparisons": comparisons,
+        "noise": {"spread_threshold": NOISY_SPREAD,
+                  "noisy": [f"{r['backend']}:{r['variant']}@{r['batch']}" for r in noisy_results(results)]},
+    }
+
+
+NOISY_SPREAD = 0.10  # (max - min) / median of the per-run images/s above which a figure is flagged
+
+
+def noisy_results(results: list[dict]) -> list[dict]:
+    """The results whose run-to-run spread says the machine was busy while they were timed."""
+    return [r for r in results if r.get("spread", 0.0) > NOISY_SPREAD]
+
+
+def print_report(report: dict, console=None) -> None:
+    """Two rich tables: per-variant figures, then idle vs baseline against the FLOP ideal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    env, st = report["environment"], report["settings"]
+    g = report["flops"]["gmacs"]
+    ideal = report["flops"]["ideal"]
+    table = Table(title=f"idle-export bench: {report['model']}")
+    for col in ("backend", "variant", "batch", "images/s", "p50 ms", "p90 ms", "p99 ms", "spread",
+                "CPU ms/img"):
+        table.add_column(col, justify="left" if col in ("backend", "variant") else "right")
+    for r in report["results"]:
+        lat = r["latency_ms"]
+        cpu = f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "-"
+        table.add_row(r["backend"], r["variant"], str(r["batch"]), f"{r['images_per_s']:.1f}",
+                      f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['spread']:.1%}",
+                      cpu)
+    console.print(table)
+    comp = Table(title="speed-up (images/s ratio) vs FLOP ideal")
+    for col in ("backend", "variant", "vs", "batch", "speed-up", "ideal", "achieved/ideal",
+                "CPU-time speed-up", "CPU/ideal"):
+        comp.add_column(col, justify="left" if col in ("backend", "variant", "vs") else "right")
+    for c in report["comparisons"]:
+        comp.add_row(c["backend"], c["variant"], c["baseline"], str(c["batch"]), f"{c['speedup']:.2f}x",
+                     "-" if c["ideal"] is None else f"{c['ideal']:.2f}x", _coloured(c["achieved_over_ideal"]),
+                     f"{c['cpu_speedup']:.2f}x" if "cpu_speedup" in c else "-",
+                     _coloured(c.get("cpu_over_ideal")))
+    console.print(comp)
+    for c in report.get("independent", []):
+        if "ratio" in c:
+            colour = "" if c["agree_within_10pct"] else "[yellow]"
+            console.print(f"{colour}independent timing (timeit, own process) {Path(c['file']).name} batch "
+                          f"{c['batch']}: {c['images_per_s']:.1f} images/s, {c['cpu_ms_per_image']:.2f} "
+                          f"CPU ms/img; bench/independent {c['ratio']:.3f} (CPU time {c['cpu_ratio']:.3f})"
+                          + ("[/]" if colour else ""))
+        else:
+            console.print(f"[yellow]independent timing of {c['file']} failed: {c.get('error')}[/]")
+    noisy = noisy_results(report["results"])
+    if noisy:
+        worst = max(noisy, key=lambda r: r["spread"])
+        console.print(f"[yellow]noisy timing: {len(noisy)} of {len(report['results'])} figures vary by more "
+                      f"than {NOISY_SPREAD:.0%} from run to run (worst {worst['spread']:.0%}, "
+                      f"{worst['variant']} batch {worst['batch']}); the machine is busy: trust the CPU-time "
+                      f"ratios more than images/s, or re-run when it is quiet[/]")
+    console.print(f"GMACs/image dense {g['dense']:.2f}, idle {g['idle']:.2f} "
+                  f"(ideal {ideal['official']:.2f}x), "
+                  f"idle folded scores {g['idle_folded']:.2f} (ideal {ideal['folded']:.2f}x); "
+                  f"{st['threads']} threads on {env['cpu']}; load average {env.get('load_average_start')}"
+                  f" → {env.get('load_average_end')}")
+
+
+def _coloured(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    colour = "green" if ratio >= 0.95 else "yellow" if ratio >= 0.9 else "red"
+    return f"[{colour}]{ratio:.2f}[/]"

@@ -1,0 +1,151 @@
+"""What `bench` times: one Variant per (backend, model), its runner made lazily, and the FLOP
+model that gives each idle variant its ideal speed-up over dense."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from idle_export.bench.targets import Targets, variant_label
+from idle_export.errors import BadInputError, MissingDependencyError
+from idle_export.hardware import gpu_info
+from idle_export.lazy import lazy_module
+from idle_export.runtime.official import OfficialRunner, build_official_model
+from idle_export.runtime.onnxruntime import OrtRunner, ort_available_providers
+from idle_export.runtime.tensorrt import TrtRunner
+from idle_export.runtime.torch import TorchRunner
+
+vit = lazy_module("idle_export.model.vit")  # torch
+
+BACKENDS = ("torch", "torch-official", "ort", "ort-cuda", "trt")
+
+
+def flop_model(spec) -> dict:
+    """GMACs per image from ModelSpec.macs and the ideal idle/dense speed-ups."""
+    dense = spec.macs(dense=True)
+    idle = spec.macs()
+    folded = spec.macs(folded_scores=True)
+    return {
+        "gmacs": {"dense": dense / 1e9, "idle": idle / 1e9, "idle_folded": folded / 1e9},
+        "ideal": {"official": dense / idle, "folded": dense / folded},
+    }
+
+
+def ideal_for(variant: Variant, flops: dict) -> float | None:
+    if variant.dense or variant.official_code:
+        return None if variant.dense else flops["ideal"]["official"]
+    return flops["ideal"]["folded" if variant.score_mode == "folded" else "official"]
+
+
+@dataclass
+class Variant:
+    """One thing to time: a backend running one model (idle, dense, folded, official code)."""
+
+    backend: str
+    label: str  # idle | idle-folded | dense | official
+    dense: bool = False
+    score_mode: str = "official"
+    official_code: bool = False
+    file: str | None = None
+    make_runner: object = None  # () -> Runner
+    runner: object = None
+    results: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend}:{self.label}"
+
+
+def make_variants(targets: Targets, backends: list[str], *, threads: int | None,
+                  score_modes: list[str], optimize: bool, official_repo: Path | None) -> list[Variant]:
+    """One Variant per (backend, model); runners are created lazily (activate happens later)."""
+    variants: list[Variant] = []
+    for backend in backends:
+        if backend in ("ort", "ort-cuda"):
+            providers = _ort_providers(backend)
+            labels = _unique_labels([(variant_label(d, m), p) for p, d, m in targets.onnx])
+            for (path, dense, mode), label in zip(targets.onnx, labels, strict=True):
+                variants.append(Variant(
+                    backend, label, dense, mode, file=str(path),
+                    make_runner=_ort_factory(path, providers, threads, optimize, backend)))
+        elif backend == "torch":
+            ckpt = _need_ckpt(targets, backend)
+            for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
+                variants.append(Variant(backend, variant_label(dense, mode), dense, mode,
+                                        make_runner=_torch_factory(targets.spec, ckpt, dense, mode, threads)))
+        elif backend == "torch-official":
+            ckpt = _need_ckpt(targets, backend)
+            if official_repo is None:
+                raise BadInputError("the torch-official backend needs the authors' code",
+                                    "git clone https://github.com/Ackesnal/IdleViT and pass "
+                                    "--official-repo PATH")
+            spec = targets.spec
+
+            def factory(spec=spec, ckpt=ckpt):
+                return OfficialRunner(build_official_model(official_repo, spec, ckpt.state_dict),
+                                      threads=threads)
+
+            variants.append(Variant(backend, "official", False, "official", official_code=True,
+                                    make_runner=factory))
+        elif backend == "trt":
+            variants.extend(_trt_variants(targets))
+        else:
+            raise BadInputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+    return variants
+
+
+def _need_ckpt(targets: Targets, backend: str):
+    if targets.ckpt is None:
+        raise BadInputError(f"the {backend} backend needs the checkpoint (ONNX files carry no "
+                            "PyTorch model)", "pass the .pth checkpoint as a TARGET too")
+    return targets.ckpt
+
+
+def _ort_providers(backend: str) -> list[str]:
+    if backend == "ort":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort_available_providers():
+        raise MissingDependencyError("the ort-cuda backend needs onnxruntime-gpu and a GPU "
+                                     "(CUDAExecutionProvider is not available here)",
+                                     "use --backend ort (CPU) or install onnxruntime-gpu on a GPU machine")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _ort_factory(path, providers, threads, optimize, backend):
+    def factory():
+        return OrtRunner(path, name=f"{backend}:{Path(path).name}", providers=providers,
+                         threads=threads, optimize=optimize)
+
+    return factory
+
+
+def _torch_factory(spec, ckpt, dense, mode, threads):
+    def factory():
+        model = vit.build_model(spec, ckpt.state_dict, dense=dense, score_mode=mode)
+        return TorchRunner(model, name=f"torch:{variant_label(dense, mode)}", threads=threads)
+
+    return factory
+
+
+def _trt_variants(targets: Targets) -> list[Variant]:
+    if gpu_info() is None:
+        raise MissingDependencyError("the trt backend needs a GPU (no NVIDIA GPU found); TensorRT "
+                                     "engines can be built here but not run",
+                                     "run the bench on a machine with an NVIDIA GPU, or use --backend ort")
+    if not targets.engines:
+        raise BadInputError("the trt backend needs engine files (.engine)",
+                            "build them with `idle-export trt MODEL.onnx` and pass them as TARGETs")
+    labels = _unique_labels([(variant_label(d, m), p) for p, d, m in targets.engines])
+    return [Variant("trt", label, d, m, file=str(p), make_runner=(lambda p=p: TrtRunner(p)))
+            for (p, d, m), label in zip(targets.engines, labels, strict=True)]
+
+
+def _unique_labels(items: list[tuple[str, Path]]) -> list[str]:
+    """idle / idle-folded / dense, with the file name added where two files share a label
+    (e.g. an FP32 and an INT8 idle export); the first dense stays the baseline 'dense'."""
+    seen: dict[str, int] = {}
+    out = []
+    for label, path in items:
+        out.append(label if label not in seen else f"{label}({Path(path).stem})")
+        seen[label] = seen.get(label, 0) + 1
+    return out

@@ -1,0 +1,71 @@
+"""The machine: CPU model, usable cores, the NVIDIA GPU if any (one way to find it), and the
+environment a benchmark report records."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int | None) -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("idle-export", "numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "timm",
+                 "tensorrt", "tensorrt-rtx-cu13"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": threads,
+        "platform": platform.platform(),
+        "load_average_start": load,
+        "versions": versions,
+        "gpu": (gpu_info() or {}).get("name"),
+    }
+
+
+def gpu_info() -> dict | None:
+    """{'name', 'compute_capability' ('sm90')} of the first NVIDIA GPU, or None when there is none.
+
+    The one place that looks for a GPU: nvidia-smi (ships with the driver), so nothing here loads
+    CUDA; torch, TensorRT and Polygraphy do that only when an engine really runs."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not rows or len(rows[0]) != 2:
+        return None
+    name, cc = rows[0]
+    return {"name": name, "compute_capability": "sm" + cc.replace(".", "")}
+
+
+def default_threads() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -1,0 +1,90 @@
+"""ONNX files in and out: the exported graph's names, loading with one-line errors, saving
+atomically (embedded or external weights), and a summary of a file's ops and metadata."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from idle_export.errors import BadInputError
+
+MIN_OPSET = 17
+
+
+DEFAULT_OPSET = 18
+
+
+INPUT_NAME = "images"
+
+
+OUTPUT_NAME = "logits"
+
+
+SELECTION_PREFIX = "selection_layer"  # + idle layer index: the int64 [B, K+1] kept-token outputs
+
+
+def selection_output_names(spec) -> list[str]:
+    return [f"{SELECTION_PREFIX}{i}" for i in spec.idle_layers]
+
+
+
+
+def install_onnx(proto, tmpdir: Path, path: Path, *, external_data: bool, check: bool = False) -> None:
+    """Save `proto` in `tmpdir` (weights in `path.data` with external_data), optionally run the
+    full ONNX checker on it, then rename it (and its data file) onto `path`. A stale `path.data`
+    of an earlier external-data file is removed when the new file embeds its weights."""
+    import onnx
+
+    final = tmpdir / path.name
+    data_name = path.name + ".data"
+    if external_data:
+        onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(final))
+    if check:
+        onnx.checker.check_model(str(final), full_check=True)
+    if external_data:
+        os.replace(tmpdir / data_name, path.parent / data_name)
+    elif (path.parent / data_name).exists():
+        os.remove(path.parent / data_name)
+    os.replace(final, path)
+
+
+def onnx_summary(path: str | Path) -> dict:
+    """Op counts and metadata of an exported file (for reports and tests)."""
+    from collections import Counter
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    return {
+        "path": str(path),
+        "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0),
+        "ops": dict(sorted(ops.items())),
+        "inputs": [i.name for i in proto.graph.input],
+        "outputs": [o.name for o in proto.graph.output],
+        "metadata": {p.key: p.value for p in proto.metadata_props},
+        "external_data": any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer),
+    }
+
+
+def load_onnx(path: str | Path):
+    """onnx.ModelProto with external data resolved; bad files give a one-line error."""
+    import onnx
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"ONNX file not found: {path}", "check the path")
+    if not path.is_file():
+        raise BadInputError(f"{path} is not a file", "pass the .onnx file itself")
+    try:
+        return onnx.load(str(path))
+    except FileNotFoundError as e:
+        raise BadInputError(f"{path.name} refers to external weights that are missing ({e.filename})",
+                            "keep the .onnx.data file next to the .onnx file") from None
+    except Exception as e:  # onnx raises DecodeError and friends
+        raise BadInputError(f"{path.name} is not an ONNX model ({type(e).__name__})",
+                            "pass a file written by `idle-export onnx` or torch.onnx.export") from None

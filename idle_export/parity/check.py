@@ -1,0 +1,128 @@
+"""`idle-export check`: an ONNX file against torch (from the checkpoint) or another ONNX file, and
+an engine against the ONNX it was built from; the verdict uses the candidate's precision."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from idle_export.data.images import load_images
+from idle_export.data.inputs import input_set
+from idle_export.errors import BadInputError
+from idle_export.fileio import sha256_file
+from idle_export.lazy import lazy_module
+from idle_export.model.checkpoint import Checkpoint, load_checkpoint
+from idle_export.model.config import TOLERANCES, Tolerances
+from idle_export.onnx.io import load_onnx
+from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.parity.compare import compare_on_images, compare_runners, labels_from_folders
+from idle_export.runtime.onnxruntime import OrtRunner
+from idle_export.runtime.tensorrt import TrtRunner
+from idle_export.runtime.torch import TorchRunner
+from idle_export.trt.sidecar import inspect_engine
+
+vit = lazy_module("idle_export.model.vit")  # torch
+
+
+def tolerance_for(meta: OnnxMetadata) -> Tolerances:
+    """Tolerances for a candidate model from its precision metadata (fp32 when absent or unknown)."""
+    try:
+        precision = meta.precision
+    except BadInputError:
+        precision = "fp32"
+    return TOLERANCES.get(precision, TOLERANCES["fp32"])
+
+
+def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
+               batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
+               seed: int = 0, threads: int | None = None, images=None, num: int = 0,
+               max_abs: float | None = None) -> dict:
+    """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
+    path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
+    which model and preprocessing to use.
+
+    Tolerances: `tol` if given, else from the candidate's `idle_export.precision` (fp32, fp16,
+    int8), with `max_abs` overriding the logit tolerance. `images` (a folder, .txt list or image
+    file; see data.images) adds the input set "images": all of them (or `num`), each batch
+    size running over the whole set; with an ImageFolder layout whose folder names are the
+    model's classes, accuracy is reported too."""
+    # a clear error for a missing or broken file, before anything else
+    meta = OnnxMetadata.of(load_onnx(onnx_path))
+    spec = meta.spec
+    dense = meta.dense
+    warnings = []
+    if (ckpt_path is None) == (against is None):
+        raise BadInputError("check needs exactly one reference",
+                            "pass --ckpt CHECKPOINT (torch) or --against OTHER.onnx")
+    if tol is None:
+        tol = tolerance_for(meta)
+        if max_abs is not None:
+            tol = replace(tol, max_abs=max_abs)
+    precision = meta.precision
+    if ckpt_path is not None:
+        ckpt = ckpt_path if isinstance(ckpt_path, Checkpoint) else load_checkpoint(ckpt_path, ema=ema)
+        expected = meta.get("checkpoint_sha256")
+        if expected and expected != ckpt.sha256:
+            warnings.append(f"{ckpt.path.name} is not the checkpoint {Path(onnx_path).name} was "
+                            "exported from (sha256 differs)")
+        # The reference is always the paper's formulation (keys for every token), whatever
+        # score mode the file was exported with: a folded export is checked against it.
+        model = vit.build_model(spec, ckpt.state_dict, dense=dense, score_mode="official")
+        reference = TorchRunner(model, name=f"torch:{ckpt.path.name} (official scores)",
+                                selection=not dense,
+                                threads=threads)
+    else:
+        if OnnxMetadata.of(load_onnx(against)).precision != "fp32":
+            warnings.append(f"the reference {Path(against).name} is not FP32")
+        reference = OrtRunner(against, selection=not dense, threads=threads)
+    candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
+    n = max(batch_sizes)
+    inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
+    if inputs or images is None:
+        report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
+    else:
+        report = {"a": candidate.name, "b": reference.name, "cases": [],
+                  "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()}}
+    if images is not None:
+        real = load_images(images, num, spec, seed=seed, what="--images")
+        labels = labels_from_folders(real.files, meta.get("classes"))
+        with candidate, reference:
+            cases = compare_on_images(candidate, reference, real.array, list(batch_sizes), tol, labels)
+        report["cases"].extend(cases)
+        report["passed"] = all(c["passed"] for c in report["cases"])
+        report["images"] = real.summary()
+        if real.skipped:
+            warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
+                            f"{real.skipped[0][0]} ({real.skipped[0][1]})")
+    report["precision"] = precision
+    report["model"] = spec.describe() + (" (dense)" if dense else "") + (
+        f" [{precision}]" if precision != "fp32" else "")
+    report["warnings"] = warnings
+    return report
+
+
+def check_engine_against(engine: str | Path, onnx_path: str | Path, *, batch_sizes=(1, 7, 32),
+                         input_sets=("noise", "photos"), tol=None, seed: int = 0,
+                         threads: int | None = None) -> dict:
+    """`idle-export check X.engine --against Y.onnx`: TensorRT on the GPU against ONNX Runtime
+    (FP32, CPU) on the same inputs, with the tolerance of the engine's precision."""
+
+    info = inspect_engine(engine)  # sidecar problems surface before the GPU question
+    spec = OnnxMetadata.of(load_onnx(onnx_path)).spec
+    lo, hi = info["profiles"][0]["min"][0], info["profiles"][0]["max"][0]
+    sizes = [b for b in batch_sizes if lo <= b <= hi] or [hi]
+    warnings = []
+    if info.get("onnx", {}).get("sha256") != sha256_file(onnx_path):
+        warnings.append(f"{Path(engine).name} was built from {info['onnx']['path']}, not from "
+                        f"{Path(onnx_path).name} (sha256 differs)")
+    inputs = {name: input_set(name, max(sizes), spec, seed=seed) for name in input_sets}
+    tol = tol or TOLERANCES[info["precision"]]
+    selection = bool(info.get("selection_outputs"))
+    report = compare_runners(TrtRunner(engine), OrtRunner(onnx_path, selection=selection, threads=threads),
+                             inputs, sizes, tol)
+    report["model"] = spec.describe()
+    report["engine"] = {k: info[k] for k in ("flavour", "trt_version", "precision", "compute_capability")}
+    report["warnings"] = warnings
+    return report

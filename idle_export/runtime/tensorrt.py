@@ -1,0 +1,96 @@
+"""A TensorRT engine as a Runner, run by Polygraphy's TrtRunner (its CUDA buffers and streams).
+
+Our own code only checks, before any GPU work, that the engine's sidecar matches this runtime
+(flavour, version, compute capability) and turns failures into one-line errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
+from idle_export.hardware import gpu_info
+from idle_export.runtime.base import Runner
+from idle_export.trt.flavour import FLAVOUR_NAMES, import_trt
+from idle_export.trt.sidecar import compatibility_problems, inspect_engine
+
+POLYGRAPHY_PIP = "pip install polygraphy (or idle-export[trt])"
+
+
+def import_polygraphy_trt(flavour: str):
+    """polygraphy.backend.trt, bound to TensorRT or TensorRT-RTX (Polygraphy picks the module
+    once, from polygraphy.config.USE_TENSORRT_RTX, when its TensorRT backend is first imported)."""
+    import sys
+
+    try:
+        import polygraphy.config as pg_config
+    except ImportError:
+        raise MissingDependencyError("running a TensorRT engine needs Polygraphy", POLYGRAPHY_PIP) from None
+    want_rtx = flavour == "tensorrt_rtx"
+    if "polygraphy.backend.trt" in sys.modules and pg_config.USE_TENSORRT_RTX != want_rtx:
+        raise IdleExportError("Polygraphy is already bound to another TensorRT flavour in this process",
+                              "run engines of one flavour per process")
+    pg_config.USE_TENSORRT_RTX = want_rtx
+    import polygraphy.backend.trt as pg_trt
+
+    return pg_trt
+
+
+class TrtRunner(Runner):
+    """A TensorRT engine on GPU 0 (`with r: out = r.infer({"images": x})`).
+
+    Refuses, with a one-line error, an engine whose sidecar does not match the runtime
+    (flavour/version, compute capability) and, without a GPU, raises MissingDependencyError.
+    """
+
+    def __init__(self, engine: str | Path, *, name: str | None = None):
+        self.path = Path(engine)
+        self.name = name or f"tensorrt:{self.path.name}"
+        self.sidecar: dict = {}
+        self._runner = None
+
+    def activate(self) -> None:
+        self.sidecar = inspect_engine(self.path)
+        flavour = self.sidecar.get("flavour")
+        try:
+            trt = import_trt(flavour)
+        except MissingDependencyError:
+            pin = "tensorrt-rtx-cu13" if flavour == "tensorrt_rtx" else "tensorrt"
+            raise MissingDependencyError(
+                f"{self.path.name} needs {FLAVOUR_NAMES.get(flavour, flavour)} "
+                f"{self.sidecar.get('trt_version')}, which is not installed",
+                f"pip install {pin}=={self.sidecar.get('trt_version')}") from None
+        problems = compatibility_problems(self.sidecar, trt, None)
+        if problems:
+            raise BadInputError(f"{self.path.name}: {problems[0]}", "rebuild it with `idle-export trt` here")
+        gpu = gpu_info()
+        if gpu is None:
+            raise MissingDependencyError("running a TensorRT engine needs an NVIDIA GPU; none found",
+                                         "run it on a machine with an NVIDIA GPU and driver; engines "
+                                         "can be built here with --target smXX")
+        problems = compatibility_problems(self.sidecar, None, gpu["compute_capability"])
+        if problems:
+            raise BadInputError(f"{self.path.name}: {problems[0]}",
+                                "rebuild it on this machine (or with --target for this GPU)")
+        pg_trt = import_polygraphy_trt(flavour)
+        profile = self.sidecar["profiles"][0]
+        self.input_name = profile["input"]
+        self.min_batch, self.max_batch = profile["min"][0], profile["max"][0]
+        self._runner = pg_trt.TrtRunner(pg_trt.EngineFromBytes(self.path.read_bytes()), name=self.name)
+        self._runner.activate()
+
+    def deactivate(self) -> None:
+        if self._runner is not None:
+            self._runner.deactivate()
+        self._runner = None
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(feed["images"], dtype=np.float32)
+        if not self.min_batch <= x.shape[0] <= self.max_batch:
+            raise BadInputError(f"batch {x.shape[0]} is outside the engine's profile "
+                                f"{self.min_batch}..{self.max_batch}",
+                                "rebuild with a wider --batch MIN:OPT:MAX")
+        out = self._runner.infer({self.input_name: x})
+        return {name: np.array(value) for name, value in out.items()}

@@ -1,0 +1,48 @@
+"""An IdleViT (or its dense twin) as a Runner in eager PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from idle_export.lazy import lazy_module
+from idle_export.onnx.io import SELECTION_PREFIX
+from idle_export.runtime.base import Runner
+
+vit = lazy_module("idle_export.model.vit")  # torch
+
+
+class TorchRunner(Runner):
+    """An IdleViT (or its dense twin) in eager PyTorch, FP32, CPU."""
+
+    def __init__(self, model, *, name: str = "torch", selection: bool = False, threads: int | None = None):
+        self.model = model
+        self.name = name
+        self.selection = selection and not model.dense
+        self.threads = threads
+        self.last_scores: list[np.ndarray] = []
+
+    def activate(self) -> None:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model.eval()
+        self.model.emit_selection = self.selection
+
+    def infer(self, feed):
+        import torch
+
+        blocks = [m for m in self.model.layers if isinstance(m, vit.IdleBlock)]
+        for b in blocks:
+            b.record_scores = self.selection
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(feed["images"])))
+        for b in blocks:
+            b.record_scores = False
+        if not self.selection:
+            return {"logits": out.numpy()}
+        result = {"logits": out[0].numpy()}
+        for layer, idx in zip(self.model.spec.idle_layers, out[1:]):
+            result[f"{SELECTION_PREFIX}{layer}"] = idx[:, 1:].numpy() - 1
+        self.last_scores = [b.last_scores.numpy() for b in blocks]
+        return result

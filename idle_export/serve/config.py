@@ -1,0 +1,181 @@
+"""Triton's model configuration: the config.pbtxt we write (rendered, then parsed back with Triton's
+own protobuf and compared field by field), names, platforms and data types."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
+
+CONFIG_NAME = "config.pbtxt"
+
+
+LABELS_NAME = "labels.txt"
+
+
+SIDECAR_NAME = "idle_export.json"
+
+
+ONNX_PLATFORM = "onnxruntime_onnx"
+
+
+PLAN_PLATFORM = "tensorrt_plan"
+
+
+DEFAULT_FILENAMES = {ONNX_PLATFORM: "model.onnx", PLAN_PLATFORM: "model.plan"}
+
+
+PLAN_SUFFIXES = (".engine", ".plan")
+
+
+KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+SERVE_PIP = "pip install 'idle-export[serve]' (nvidia-pytriton, tritonclient[http])"
+
+
+# ONNX TensorProto element type -> Triton data type, numpy dtype
+_ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 11: "TYPE_FP64", 2: "TYPE_UINT8",
+                   3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL"}
+
+
+TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64,
+                   "TYPE_UINT8": np.uint8, "TYPE_INT8": np.int8, "TYPE_INT16": np.int16,
+                   "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_}
+
+
+# ============================================================================ repository writer
+@dataclass
+class TensorConfig:
+    name: str
+    data_type: str  # Triton TYPE_*
+    dims: list[int]  # without the batch dimension
+    label_filename: str | None = None
+
+
+@dataclass
+class RepoConfig:
+    """What goes into config.pbtxt (the subset of Triton's ModelConfig we write)."""
+
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: list[TensorConfig]
+    outputs: list[TensorConfig]
+    preferred_batch_sizes: list[int]
+    max_queue_delay_us: int
+    instance_count: int = 1
+    instance_kind: str = "KIND_AUTO"
+    num_versions: int = 1
+    parameters: dict[str, str] = field(default_factory=dict)
+    comment: str = ""
+
+
+def _pb_string(text: str) -> str:
+    """A protobuf text-format string literal (UTF-8 bytes outside printable ASCII as octal)."""
+    out = []
+    for byte in text.encode("utf-8"):
+        ch = chr(byte)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif 32 <= byte < 127:
+            out.append(ch)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def render_config(cfg: RepoConfig) -> str:
+    """config.pbtxt text in the layout of Triton's documentation."""
+    lines = [f"# {line}" for line in cfg.comment.splitlines()]
+    lines += [f"name: {_pb_string(cfg.name)}", f"platform: {_pb_string(cfg.platform)}",
+              f"max_batch_size: {cfg.max_batch_size}",
+              f"version_policy: {{ latest: {{ num_versions: {cfg.num_versions} }} }}"]
+
+    def tensors(kind: str, items: list[TensorConfig]) -> None:
+        lines.append(f"{kind} [")
+        for i, t in enumerate(items):
+            lines.extend(["  {", f"    name: {_pb_string(t.name)}", f"    data_type: {t.data_type}",
+                          f"    dims: [ {', '.join(str(d) for d in t.dims)} ]"])
+            if t.label_filename:
+                lines.append(f"    label_filename: {_pb_string(t.label_filename)}")
+            lines.append("  }," if i + 1 < len(items) else "  }")
+        lines.append("]")
+
+    tensors("input", cfg.inputs)
+    tensors("output", cfg.outputs)
+    lines += ["dynamic_batching {",
+              f"  preferred_batch_size: [ {', '.join(str(b) for b in cfg.preferred_batch_sizes)} ]",
+              f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}", "}",
+              f"instance_group [ {{ count: {cfg.instance_count}, kind: {cfg.instance_kind} }} ]"]
+    for key, value in cfg.parameters.items():
+        lines.append(f"parameters {{ key: {_pb_string(key)} "
+                     f"value: {{ string_value: {_pb_string(value)} }} }}")
+    return "\n".join(lines) + "\n"
+
+
+def model_config_pb2():
+    """Triton's ModelConfig protobuf module (shipped by tritonclient[grpc|http]), or None."""
+    try:
+        from tritonclient.grpc import model_config_pb2 as pb2
+    except Exception:  # noqa: BLE001 - tritonclient absent or its grpc part incomplete
+        return None
+    return pb2
+
+
+def parse_config(text: str, source: str = CONFIG_NAME):
+    """Parse config.pbtxt text with Triton's protobuf; a one-line error when it is not valid."""
+    pb2 = model_config_pb2()
+    if pb2 is None:
+        raise MissingDependencyError("cannot parse config.pbtxt: tritonclient is not installed", SERVE_PIP)
+    from google.protobuf import text_format
+
+    try:
+        return text_format.Parse(text, pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise BadInputError(f"{source} is not a valid Triton model config ({e})",
+                            "fix the file or rewrite it with `idle-export serve repo`") from None
+
+
+def validate_config(text: str, cfg: RepoConfig) -> bool:
+    """Parse the rendered text back and compare it with `cfg`. False when no parser is installed."""
+    if model_config_pb2() is None:
+        return False
+    pb = parse_config(text)
+    pb2 = model_config_pb2()
+    dtype_name = pb2.DataType.Name
+    kind_name = pb2.ModelInstanceGroup.Kind.Name
+    parsed = {
+        "name": pb.name, "platform": pb.platform, "max_batch_size": pb.max_batch_size,
+        "num_versions": pb.version_policy.latest.num_versions,
+        "inputs": [(t.name, dtype_name(t.data_type), list(t.dims), "") for t in pb.input],
+        "outputs": [(t.name, dtype_name(t.data_type), list(t.dims), t.label_filename) for t in pb.output],
+        "preferred": list(pb.dynamic_batching.preferred_batch_size),
+        "delay": pb.dynamic_batching.max_queue_delay_microseconds,
+        "instances": [(g.count, kind_name(g.kind)) for g in pb.instance_group],
+        "parameters": {k: v.string_value for k, v in pb.parameters.items()},
+    }
+    wanted = {
+        "name": cfg.name, "platform": cfg.platform, "max_batch_size": cfg.max_batch_size,
+        "num_versions": cfg.num_versions,
+        "inputs": [(t.name, t.data_type, t.dims, t.label_filename or "") for t in cfg.inputs],
+        "outputs": [(t.name, t.data_type, t.dims, t.label_filename or "") for t in cfg.outputs],
+        "preferred": cfg.preferred_batch_sizes, "delay": cfg.max_queue_delay_us,
+        "instances": [(cfg.instance_count, cfg.instance_kind)], "parameters": cfg.parameters,
+    }
+    for key in wanted:
+        if parsed[key] != wanted[key]:
+            raise IdleExportError(f"config.pbtxt field {key} reads back as {parsed[key]!r}, "
+                                  f"not {wanted[key]!r}", "report this as a bug")
+    return True
+
+
+def sanitize_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
+    return name

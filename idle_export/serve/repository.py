@@ -1,0 +1,343 @@
+"""A Triton model repository: `write_repository(model, out)` writes `out/NAME/config.pbtxt`,
+`out/NAME/<version>/model.onnx` (or `model.plan` for an engine with its sidecar), `labels.txt` when
+the model knows its classes and `idle_export.json`, built in a temporary folder and renamed into
+place; `read_repository` reads one back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from idle_export import __version__
+from idle_export.errors import BadInputError
+from idle_export.fileio import sha256_file
+from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.serve.config import (
+    _ONNX_TO_TRITON,
+    CONFIG_NAME,
+    DEFAULT_FILENAMES,
+    KINDS,
+    LABELS_NAME,
+    NAME_RE,
+    ONNX_PLATFORM,
+    PLAN_PLATFORM,
+    PLAN_SUFFIXES,
+    SIDECAR_NAME,
+    RepoConfig,
+    TensorConfig,
+    parse_config,
+    render_config,
+    sanitize_name,
+    validate_config,
+)
+from idle_export.trt.sidecar import inspect_engine
+
+
+def _onnx_io(path: Path):
+    """(inputs, outputs, metadata, external data files) of an ONNX file, weights not loaded."""
+    import onnx
+
+    if not path.is_file():
+        raise BadInputError(f"ONNX file not found: {path}", "check the path")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - DecodeError and friends
+        raise BadInputError(f"{path.name} is not an ONNX model ({type(e).__name__})",
+                            "pass a file written by `idle-export onnx`") from None
+    init_names = {t.name for t in proto.graph.initializer}
+
+    def tensor(vi, what: str) -> tuple[TensorConfig, bool]:
+        tt = vi.type.tensor_type
+        dtype = _ONNX_TO_TRITON.get(tt.elem_type)
+        if dtype is None:
+            raise BadInputError(f"{what} {vi.name!r} of {path.name} has ONNX element type {tt.elem_type}, "
+                                "which Triton cannot serve", "export with float32 inputs and outputs")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if not dims:
+            raise BadInputError(f"{what} {vi.name!r} of {path.name} has no batch dimension",
+                                "export with a dynamic batch dimension (idle-export onnx does)")
+        return TensorConfig(vi.name, dtype, dims[1:]), dims[0] == -1
+
+    inputs = [tensor(vi, "input") for vi in proto.graph.input if vi.name not in init_names]
+    outputs = [tensor(vi, "output") for vi in proto.graph.output]
+    meta = OnnxMetadata.of(proto)
+    external = set()
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc is None or Path(loc).is_absolute() or ".." in Path(loc).parts:
+                raise BadInputError(f"{path.name} stores weights at {loc!r}, outside its folder",
+                                    "re-save it with onnx.save_model(..., location='model.onnx.data')")
+            external.add(loc)
+    return inputs, outputs, meta, sorted(external)
+
+
+def write_repository(model: str | Path, output: str | Path, *, name: str | None = None,
+                     max_batch: int | None = 64, preferred: list[int] | None = None,
+                     queue_delay_us: int = 100, instances: int = 1, kind: str | None = None,
+                     version: int = 1, onnx: str | Path | None = None,
+                     force: bool = False) -> dict:
+    """Write `output/NAME/` for an ONNX file or a TensorRT engine (+ the ENGINE.json sidecar that
+    `idle-export trt` writes, read and checked by trt.sidecar.inspect_engine).
+
+    For an engine, tensor names/shapes and metadata come from the ONNX it was built from
+    (`onnx=`, or the sidecar's onnx path, beside the engine, when that file exists). Returns a
+    report dict.
+    """
+    model = Path(model)
+    output = Path(output)
+    if not model.exists():
+        raise BadInputError(f"model file not found: {model}", "check the path")
+    if model.is_dir():
+        raise BadInputError(f"{model} is a folder", "pass the .onnx file or the .engine/.plan file")
+    is_plan = model.suffix.lower() in PLAN_SUFFIXES
+    if not is_plan and model.suffix.lower() != ".onnx":
+        raise BadInputError(f"{model.name}: unknown model type {model.suffix or '(no suffix)'}",
+                            "pass an .onnx file (ONNX Runtime) or an .engine/.plan file (TensorRT)")
+    name = name or sanitize_name(model.stem)
+    if not NAME_RE.match(name):
+        raise BadInputError(f"model name {name!r} has characters Triton does not accept",
+                            "use letters, digits, '.', '_' and '-' only (--name)")
+    if version < 1:
+        raise BadInputError(f"--version {version} must be at least 1", "use --version 1")
+    if instances < 1:
+        raise BadInputError(f"--instances {instances} must be at least 1", "use --instances 1")
+    if queue_delay_us < 0:
+        raise BadInputError(f"--queue-delay-us {queue_delay_us} is negative", "use e.g. --queue-delay-us 100")
+    kind = kind or ("gpu" if is_plan else "auto")
+    if kind not in KINDS:
+        raise BadInputError(f"--kind {kind!r} is not one of {', '.join(KINDS)}", "use --kind auto")
+    if is_plan and kind == "cpu":
+        raise BadInputError("a TensorRT plan cannot run on CPU instances", "use --kind gpu")
+    if output.exists() and not output.is_dir():
+        raise BadInputError(f"output {output} is a file", "give a folder for the model repository")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not output.exists() and not parent.is_dir():
+        raise BadInputError(f"folder {parent} does not exist", f"create it: mkdir -p {parent}")
+    final = output / name
+    if final.exists() and not force:
+        raise BadInputError(f"{final} already exists", "pass --force to replace it, or --name another")
+
+    warnings: list[str] = []
+    engine_info: dict = {}
+    profile = None
+    external: list[str] = []
+    if is_plan:
+        ins, outs, meta, profile, engine_info = _engine_io(model, onnx, warnings)
+    else:
+        ins, outs, meta, external = _onnx_io(model)
+
+    dynamic = [t.name for t, dyn in ins + outs if not dyn]
+    if dynamic:
+        raise BadInputError(f"{model.name} has a fixed batch size ({', '.join(dynamic)})",
+                            "export with a dynamic batch dimension (idle-export onnx does)")
+    if not ins or not outs:
+        raise BadInputError(f"{model.name} has no inputs or no outputs", "pass an exported model")
+    for t, _ in ins:
+        if any(d < 1 for d in t.dims):
+            raise BadInputError(f"input {t.name!r} has a dynamic non-batch dimension {t.dims}",
+                                "export with a fixed image size")
+    max_batch, preferred = _batching(max_batch, preferred, profile)
+
+    params, classes = meta.ours(), meta.classes
+    out_tensors = [t for t, _ in outs]
+    if classes is not None:
+        logits = next((t for t in out_tensors if t.name == "logits"), out_tensors[0])
+        if logits.dims == [len(classes)]:
+            logits.label_filename = LABELS_NAME
+        else:
+            warnings.append(f"{len(classes)} class names but output {logits.name} has dims {logits.dims}: "
+                            "no labels file written")
+            classes = None
+    platform = PLAN_PLATFORM if is_plan else ONNX_PLATFORM
+    cfg = RepoConfig(name=name, platform=platform, max_batch_size=max_batch, inputs=[t for t, _ in ins],
+                     outputs=out_tensors, preferred_batch_sizes=preferred, max_queue_delay_us=queue_delay_us,
+                     instance_count=instances, instance_kind=KINDS[kind], parameters=params,
+                     comment=f"written by idle-export {__version__} from {model.name}")
+    text = render_config(cfg)
+    validated = validate_config(text, cfg)
+    if not validated:
+        warnings.append("config.pbtxt not parsed back: tritonclient is not installed")
+
+    copied = _install(model, output, name, version, platform, text, classes, params, engine_info,
+                      external)
+    return {
+        "repository": str(output), "name": name, "folder": str(final), "platform": platform,
+        "version": version, "max_batch_size": max_batch, "preferred_batch_sizes": preferred,
+        "max_queue_delay_us": queue_delay_us, "instance_group": {"count": instances, "kind": KINDS[kind]},
+        "inputs": [vars(t) for t in cfg.inputs], "outputs": [vars(t) for t in cfg.outputs],
+        "files": [CONFIG_NAME, *([LABELS_NAME] if classes is not None else []), SIDECAR_NAME, *copied],
+        "labels": len(classes) if classes else 0, "validated_with_triton_protobuf": validated,
+        "warnings": warnings,
+    }
+
+
+def _engine_io(model: Path, onnx, warnings: list[str]):
+    """Inputs, outputs and metadata of an engine (from the ONNX it was built from, checked by
+    sha256), its batch profile (min, opt, max) and its sidecar."""
+    side = inspect_engine(model)  # sidecar present, idle-export's format, engine sha256 matches
+    source = side.get("onnx") or {}
+    if side.get("flavour") == "tensorrt_rtx":
+        raise BadInputError(
+            f"{model.name} is a TensorRT-RTX engine; Triton's tensorrt_plan backend loads TensorRT "
+            "engines only", "build the engine with `tensorrt` on (or for) the serving GPU, or serve "
+            "the ONNX file (platform onnxruntime_onnx)")
+    onnx = Path(onnx) if onnx else None
+    if onnx is None and source.get("path") and (model.parent / source["path"]).is_file():
+        onnx = model.parent / source["path"]
+    if onnx is None:
+        raise BadInputError(f"cannot tell the inputs and outputs of {model.name}",
+                            "pass --onnx MODEL.onnx, the ONNX file the engine was built from")
+    ins, outs, meta, _ = _onnx_io(onnx)
+    if source.get("sha256") and source["sha256"] != sha256_file(onnx):
+        raise BadInputError(f"{model.name} was not built from {onnx.name} (ONNX sha256 differs)",
+                            "pass the ONNX file the engine was built from with --onnx")
+    first = (side.get("profiles") or [None])[0]  # batch = dim 0 of min/opt/max
+    profile = tuple(first[k][0] for k in ("min", "opt", "max")) if first else None
+    if profile is None:
+        warnings.append("the engine sidecar has no optimisation profile: trusting --max-batch")
+    return ins, outs, meta, profile, {k: v for k, v in side.items() if k != "checks"}
+
+
+def _batching(max_batch: int | None, preferred: list[int] | None, profile) -> tuple[int, list[int]]:
+    """max_batch_size and the dynamic batcher's preferred sizes, checked against the engine's
+    profile when there is one."""
+    if max_batch is None:
+        max_batch = profile[2] if profile else 64
+    if max_batch < 1:
+        raise BadInputError(f"--max-batch {max_batch} must be at least 1",
+                            "Triton batches requests only with max_batch_size >= 1")
+    if profile:
+        pmin, popt, pmax = profile
+        if pmin > 1:
+            raise BadInputError(f"the engine's profile starts at batch {pmin}; Triton sends batches of 1 "
+                                "and up", "rebuild the engine with --batch 1:OPT:MAX")
+        if max_batch > pmax:
+            raise BadInputError(f"--max-batch {max_batch} is above the engine's profile maximum {pmax}",
+                                f"use --max-batch {pmax} or rebuild the engine for a larger batch")
+    if preferred is None:
+        opt = profile[1] if profile else max(1, max_batch // 2)
+        preferred = sorted({min(opt, max_batch), max_batch})
+    preferred = sorted(set(preferred))
+    if not preferred or preferred[0] < 1 or preferred[-1] > max_batch:
+        raise BadInputError(f"--preferred {','.join(map(str, preferred))} must lie in 1..{max_batch}",
+                            f"e.g. --preferred {max(1, max_batch // 2)},{max_batch}")
+    return max_batch, preferred
+
+
+def _install(model: Path, output: Path, name: str, version: int, platform: str, text: str,
+             classes: list[str] | None, params: dict[str, str], engine_info: dict,
+             external: list[str]) -> list[str]:
+    """Build NAME/ in a temporary folder inside the repository and rename it into place;
+    returns the files copied into the version folder."""
+    is_plan = platform == PLAN_PLATFORM
+    final = output / name
+    output.mkdir(exist_ok=True)
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise BadInputError(f"model repository {output} is not writable", "choose another -o/--output")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output))
+    old = None
+    try:
+        vdir = tmp / str(version)
+        vdir.mkdir()
+        model_file = vdir / DEFAULT_FILENAMES[platform]
+        shutil.copyfile(model, model_file)
+        copied = [model_file.relative_to(tmp).as_posix()]
+        if is_plan:
+            (vdir / (model_file.name + ".json")).write_text(json.dumps(engine_info, indent=2) + "\n")
+            copied.append(f"{version}/{model_file.name}.json")
+        else:
+            for loc in external:
+                src = model.parent / loc
+                if not src.is_file():
+                    raise BadInputError(f"{model.name} refers to external weights {loc} that are missing",
+                                        f"keep {loc} next to {model.name}")
+                (vdir / loc).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, vdir / loc)
+                copied.append(f"{version}/{loc}")
+        (tmp / CONFIG_NAME).write_text(text)
+        if classes is not None:
+            (tmp / LABELS_NAME).write_text("".join(c.replace("\n", " ") + "\n" for c in classes))
+        side_meta = {
+            "tool": f"idle-export {__version__}", "source": str(model.resolve()), "platform": platform,
+            "sha256": sha256_file(model), "version": version,
+            "metadata": {k: _json_or_text(v) for k, v in params.items()},
+        }
+        if is_plan:
+            side_meta["engine"] = engine_info
+        (tmp / SIDECAR_NAME).write_text(json.dumps(side_meta, indent=2) + "\n")
+        if final.exists():
+            old = output / f".{name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return copied
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+# ============================================================================ repository reader
+@dataclass
+class RepoModel:
+    name: str
+    folder: Path
+    config: object  # model_config_pb2.ModelConfig
+    version: int
+    model_file: Path
+
+    @property
+    def platform(self) -> str:
+        return self.config.platform or self.config.backend
+
+
+def read_repository(repo: str | Path, names: list[str] | None = None) -> list[RepoModel]:
+    """Models of a Triton model repository (config.pbtxt parsed with Triton's protobuf)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise BadInputError(f"model repository {repo} is not a folder",
+                            "write one with `idle-export serve repo MODEL.onnx -o model_repository/`")
+    if (repo / CONFIG_NAME).is_file():
+        raise BadInputError(f"{repo} is a model folder, not a model repository",
+                            f"pass its parent folder: {repo.parent}")
+    models = []
+    for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        cfg_path = folder / CONFIG_NAME
+        if not cfg_path.is_file():
+            continue
+        if names and folder.name not in names:
+            continue
+        cfg = parse_config(cfg_path.read_text(errors="replace"), str(cfg_path))
+        if cfg.name and cfg.name != folder.name:
+            raise BadInputError(f"{cfg_path} names the model {cfg.name!r} but its folder is {folder.name!r}",
+                                "Triton needs them equal: rename the folder or fix name:")
+        platform = cfg.platform or cfg.backend
+        filename = cfg.default_model_filename or DEFAULT_FILENAMES.get(platform, "model.onnx")
+        versions = sorted((int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                          reverse=True)
+        found = next(((v, folder / str(v) / filename) for v in versions
+                       if (folder / str(v) / filename).is_file()), None)
+        if found is None:
+            raise BadInputError(f"{folder.name} has no version folder with {filename}",
+                                f"expected {folder}/1/{filename}")
+        models.append(RepoModel(folder.name, folder, cfg, found[0], found[1]))
+    if names:
+        missing = sorted(set(names) - {m.name for m in models})
+        if missing:
+            raise BadInputError(f"model {', '.join(missing)} not in {repo}",
+                                f"models there: {', '.join(m.name for m in models) or '(none)'}")
+    if not models:
+        raise BadInputError(f"no model in {repo} (no NAME/config.pbtxt)",
+                            "write one with `idle-export serve repo MODEL.onnx -o model_repository/`")
+    return models
