@@ -1,5 +1,5 @@
-"""`idle-export demo`: a seeded IdleViT checkpoint in the official training format, exported
-idle and dense, each checked against torch."""
+"""`idle-export demo`: a seeded IdleViT checkpoint (DeiT or LV-ViT) in the official training
+format, exported idle and dense, each checked against torch."""
 
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import onnx_summary
 from idle_export.parity.check import check_onnx
 
-vit = lazy_module("idle_export.model.vit")  # torch
+build = lazy_module("idle_export.model.build")  # torch
 
 DEMO_SEED = 0
 SCORE_MODE = "folded"  # the default export: the same top-K as the paper's scores, fewer FLOPs
 
 
 def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float = 0.7) -> Path:
-    """Seeded random DeiT weights saved like the authors' main.py does (model, model_ema, args)."""
+    """Seeded random weights (DeiT or LV-ViT; model.build.seeded_state_dict) saved like the
+    authors' main.py does (model, model_ema, args)."""
     import torch
 
     spec = ModelSpec.create(arch, keep_rate)
-    torch.manual_seed(DEMO_SEED)
-    sd = vit.create_vit(spec).state_dict()
+    sd = build.seeded_state_dict(spec, DEMO_SEED)
     args = argparse.Namespace(arch=spec.arch, base_rate=keep_rate, input_size=spec.img_size,
                               model_ema=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from idle_export.errors import BadInputError
+
 
 def cpu_model() -> str:
     try:
@@ -25,7 +27,7 @@ def environment(threads: int | None) -> dict:
 
     versions = {"python": platform.python_version()}
     for dist in ("idle-export", "numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "timm",
-                 "tensorrt", "tensorrt-rtx-cu13"):
+                 "tensorrt", "tensorrt-rtx-cu13", "openvino", "nncf"):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -69,3 +71,35 @@ def default_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def bytes_per_image(spec) -> int:
+    """A rough upper estimate of the memory one image costs while a ViT runs it in FP32: the
+    input, a few live [N, 4C] MLP activations and [H, N, N] attention maps (ORT and torch keep
+    about this many alive at once)."""
+    n = spec.num_patches + 1
+    return 4 * (3 * spec.img_size**2 + 4 * n * 4 * spec.embed_dim + 2 * spec.num_heads * n * n)
+
+
+def check_batch_fits(spec, batch: int, *, what: str = "--batch", runners: int = 2) -> None:
+    """Refuse a batch size whose activations would not fit in this machine's memory (the kernel
+    would kill the process), naming the limit and a batch that fits."""
+    available = memory_available()
+    need = bytes_per_image(spec) * batch * runners
+    if available is None or need <= 0.8 * available:
+        return
+    fits = max(1, int(0.8 * available // (bytes_per_image(spec) * runners)))
+    raise BadInputError(f"{what} {batch} needs about {need / 2**30:.0f} GiB of memory for "
+                        f"{spec.arch}; this machine has {available / 2**30:.0f} GiB available",
+                        f"use {what} {fits} or less")

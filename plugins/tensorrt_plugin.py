@@ -56,7 +56,7 @@ def import_tensorrt() -> tuple[Any, Any]:
     except ImportError as exc:
         raise TensorRTPluginUnavailable(
             f"the IdleSelect/IdleScatter TensorRT plugins need `tensorrt` >= {need} "
-            "(pip install tensorrt); tensorrt_rtx has no plugin support") from exc
+            "(pip install tensorrt); TensorRT-RTX has no plugin layers") from exc
     if _version(getattr(trt, "__version__", "0")) < MIN_TENSORRT:
         raise TensorRTPluginUnavailable(
             f"tensorrt {trt.__version__} is too old: the AOT plugins need >= {need}")

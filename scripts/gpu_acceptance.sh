@@ -9,6 +9,11 @@
 # shared/models has it, else the seeded demo model), makes a symmetric INT8 Q/DQ ONNX, builds
 # FP32/FP16/INT8 engines for both, runs `check` (TensorRT on the GPU vs ONNX Runtime FP32) and
 # `idle-export bench --backend trt` (tolerating its absence), and writes OUT_DIR/report.json.
+# The fused-kernel plugin path (docs/plugins.md): the Triton kernels on torch CUDA against the
+# numpy reference plus a unit engine with both TensorRT AOT plugins (idle_export.plugins.gpu_check
+# --trt), then the `onnx --plugin` export built with `trt --plugin` (FP32 with selection outputs,
+# FP16), checked against ONNX Runtime on the standard export, timed against the standard idle
+# engines, and benched in a fresh process (the kernels are embedded: no plugin registration).
 # Every step is recorded with its outcome; a failing step does not stop the others.
 # Exit code: 0 all checks passed, 1 a check failed, 3 no GPU / no TensorRT.
 # Environment: PYTHON (interpreter), DEADLINE_S (default 540), SKIP_INSTALL=1.
@@ -38,6 +43,8 @@ install() {  # install() DESCRIPTION PIP-ARGS... ; bounded, failures only logged
 }
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
   "$PY" -c "import idle_export" 2>/dev/null || install "idle-export" -e ".[trt]"
+  # ONNX Runtime is an extra ([cpu] / [gpu]): keep the flavour that is there, else the CPU one
+  "$PY" -c "import onnxruntime" 2>/dev/null || install "onnxruntime" onnxruntime
   # TensorRT itself even when TensorRT-RTX is there: RTX engines run on RTX-class GPUs only
   # (sm80/86/89/120+), not on datacenter Hopper/Blackwell (sm90/sm100).
   "$PY" -c "import tensorrt" 2>/dev/null || install "tensorrt" tensorrt
@@ -81,13 +88,18 @@ def step(name, fn, *, budget=0.0):
 def save():
     report["seconds"] = round(time.time() - start, 1)
     checks = [c for c in report["cases"] if "check" in c]
-    report["passed"] = bool(checks) and all(c["check"]["passed"] for c in checks)
+    kernels = report.get("plugin", {}).get("kernels")
+    report["passed"] = bool(checks) and all(c["check"]["passed"] for c in checks) \
+        and (kernels is None or bool(kernels.get("ok")))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 try:
     import idle_export
-    from idle_export.engine import build_engine, check_engine_against, gpu_info, import_trt
+    from idle_export.hardware import gpu_info
+    from idle_export.parity.check import check_engine_against
+    from idle_export.trt.build import build_engine
+    from idle_export.trt.flavour import import_trt
 except Exception as e:  # noqa: BLE001
     report["environment"]["error"] = f"idle_export not importable: {e}"
     save()
@@ -107,8 +119,8 @@ if env["gpu"] is None or env["tensorrt"] is None:
     print(f"[acceptance] cannot run engines: gpu={env['gpu']} tensorrt={env['tensorrt']}", flush=True)
 
 # ---------------------------------------------------------------- model, ONNX, Q/DQ
-from idle_export.checkpoint import load_checkpoint
-from idle_export.export import export_checkpoint
+from idle_export.model.checkpoint import load_checkpoint
+from idle_export.onnx.export import export_checkpoint
 
 work = out / "work"
 work.mkdir(exist_ok=True)
@@ -128,14 +140,14 @@ for variant, dense in (("idle", False), ("dense", True)):
 
 def make_qdq(src, dst):
     try:
-        from idle_export.quantize import quantize_onnx
+        from idle_export.quantize.qdq import quantize_onnx
         quantize_onnx(src, dst, images=None, num=64, method="minmax", target="trt")
         return "idle_export.quantize (target trt)"
     except ImportError:
         pass
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from idle_export.calibration.images import builtin_photos
+    from idle_export.data.inputs import builtin_photos
     batches = iter([{"images": builtin_photos(8, spec, seed=s)} for s in range(8)])
 
     class Reader(CalibrationDataReader):
@@ -163,8 +175,8 @@ save()
 # ---------------------------------------------------------------- build, check, time
 import numpy as np
 
-from idle_export.calibration.images import builtin_photos
-from idle_export.engine import TrtRunner
+from idle_export.data.inputs import builtin_photos
+from idle_export.runtime.tensorrt import TrtRunner
 
 BATCH = (1, 32, 64)
 engines = []
@@ -225,6 +237,108 @@ if onnx.get("idle") and env["tensorrt"] is not None and env["gpu"] is not None:
             report["fp16_selection"] = [{k: c.get(k) for k in ("inputs", "batch", "selection",
                                                                 "selection_per_layer", "top1", "max_abs")}
                                         for c in rep["cases"]]
+    save()
+
+# ---------------------------------------------------------------- fused-kernel plugin path
+plugin = report["plugin"] = {}
+
+
+def plugin_kernels():
+    """Triton kernels on torch CUDA vs the numpy reference + a unit engine with both AOT plugins."""
+    js = out / "plugin_kernels.json"
+    cmd = [sys.executable, "-m", "idle_export.plugins.gpu_check", "--trt", "--repeats", "30",
+           "--engine-dir", str(work / "plugin_unit_engines"), "--json", str(js)]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=max(30, min(300, deadline - time.time())))
+    (out / "plugin_kernels.txt").write_text(proc.stdout + proc.stderr)
+    if not js.is_file():
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines() or [""]
+        raise RuntimeError(f"gpu_check exit {proc.returncode}: {said[-1][:300]}")
+    result = json.loads(js.read_text())
+    keys = ("b", "n", "c", "k", "dtype", "ok", "score_gap", "idx_exact_rows", "gather_exact",
+            "scatter_exact", "select_fused_us", "select_torch_us", "select_speedup",
+            "scatter_fused_us", "scatter_torch_us", "error")
+    return {"ok": bool(result.get("ok")), "exit": proc.returncode, "device": result.get("device"),
+            "cases": [{k: c.get(k) for k in keys if k in c} for c in result.get("cases", [])],
+            "trt_unit_engines": result.get("trt")}
+
+
+def time_engine(e, b=32, iters=50):
+    x = builtin_photos(b, spec, seed=0)
+    with TrtRunner(e) as r:
+        for _ in range(10):
+            r.infer({"images": x})
+        walls = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            r.infer({"images": x})
+            walls.append(time.perf_counter() - t)
+    p50 = float(np.median(walls))
+    return {"batch": b, "p50_ms": round(p50 * 1e3, 3), "images_per_s": round(b / p50, 1)}
+
+
+plugin_missing = None
+try:
+    from idle_export.plugins.tensorrt_plugin import import_tensorrt as import_trt_plugin
+    import_trt_plugin()
+except ImportError as e:  # TensorRTPluginUnavailable: no tensorrt >= 10.12 here
+    plugin_missing = str(e)
+if env["gpu"] is None:
+    plugin["skipped"] = "no GPU"
+else:
+    plugin["kernels"] = step("plugin kernels (gpu_check --trt)", plugin_kernels, budget=60) \
+        or {"ok": False, "error": "gpu_check did not report (see steps)"}
+    pl_onnx = step("export idle plugin form", lambda: export_checkpoint(
+        ckpt, spec, work / "idle_plugin.onnx", plugin=True), budget=30)
+    if plugin_missing:
+        plugin["engines_skipped"] = plugin_missing
+    elif pl_onnx and onnx.get("idle"):
+        plugin_engines = []
+        for precision, selection in (("fp32", True), ("fp16", False)):
+            case = {"variant": "idle-plugin", "precision": precision, "onnx": pl_onnx.name,
+                    "selection_outputs": selection}
+            report["cases"].append(case)
+            engine = work / f"idle_plugin.{precision}.engine"
+            side = step(f"build idle-plugin {precision}", lambda p=precision, e=engine, s=selection:
+                        build_engine(pl_onnx, precision=p, batch=BATCH, output=e, plugin=True,
+                                     selection=s, echo=lambda m: print("   ", m, flush=True)),
+                        budget=90)
+            if not side:
+                case["check"] = {"passed": False, "failures": ["the --plugin build failed"]}
+                continue
+            plugin_engines.append(engine)
+            case["build"] = {k: side.get(k) for k in ("flavour", "trt_version", "build_seconds",
+                                                       "engine_bytes", "strongly_typed", "plugin")}
+            rep = step(f"check idle-plugin {precision}", lambda e=engine: check_engine_against(
+                e, onnx["idle"], batch_sizes=[1, 8, 32]), budget=20)
+            case["check"] = {"passed": bool(rep and rep["passed"]), "cases": [
+                {k: c.get(k) for k in ("inputs", "batch", "max_abs", "top1", "selection",
+                                       "selection_per_layer", "failures")}
+                for c in (rep["cases"] if rep else [])]}
+            t = step(f"time idle-plugin {precision}", lambda e=engine: time_engine(e), budget=15)
+            std = next((c.get("timing") for c in report["cases"]
+                        if c["variant"] == "idle" and c["precision"] == precision), None)
+            if t:
+                case["timing"] = t
+                if std:
+                    case["speed_vs_standard_idle"] = round(t["images_per_s"] / std["images_per_s"], 3)
+            save()
+
+        def bench_plugin():  # a fresh process: the engines run without registering the plugins
+            exe = shutil.which("idle-export") or str(Path(sys.executable).with_name("idle-export"))
+            std = [work / f"{v}.fp16.engine" for v in ("idle", "dense")]
+            cmd = [exe, "bench", *map(str, plugin_engines), *[str(e) for e in std if e.is_file()],
+                   "--backend", "trt", "--batch", "1,32", "--json", str(out / "bench_plugin.json")]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=max(30, deadline - time.time()))
+            (out / "bench_plugin.txt").write_text(proc.stdout + proc.stderr)
+            if proc.returncode != 0:
+                raise RuntimeError(f"exit {proc.returncode}: "
+                                   f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+            return proc.returncode
+
+        if plugin_engines:
+            step("bench --backend trt (plugin engines, fresh process)", bench_plugin, budget=30)
     save()
 
 # ---------------------------------------------------------------- bench (another module)

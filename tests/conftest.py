@@ -62,3 +62,11 @@ def photos10_ckpt() -> Path:
 def photos10_idle_onnx(photos10_ckpt, tmp_path_factory) -> Path:
     """The default export (folded scores) of the trained model."""
     return _export(photos10_ckpt, tmp_path_factory.mktemp("onnx") / "photos10_idle.onnx")
+
+
+PROGRESS_PREFIX = "· "  # cli.options: progress lines of steps over a second when stderr is not a terminal
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the progress lines: what must be one line when a command fails."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith(PROGRESS_PREFIX)]

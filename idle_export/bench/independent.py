@@ -53,8 +53,9 @@ def independent_timing(path: Path, batch: int, threads: int, *, per_call_s: floa
 
 
 def independent_checks(variants, batches, threads, optimize, min_time, status, workdir: Path) -> list[dict]:
-    """The bench's ORT figures re-measured by `independent_timing`; with --optimize the file timed
-    is the optimised graph the bench ran, written out beside the temporary exports."""
+    """The bench's ORT figures re-measured by `independent_timing`: the file as written, or,
+    where the bench applied passes at load (--optimize), that graph written out beside the
+    temporary exports."""
     import onnx
 
     checks = []
@@ -62,15 +63,16 @@ def independent_checks(variants, batches, threads, optimize, min_time, status, w
         if v.backend != "ort" or not v.file:
             continue
         timed = Path(v.file)
-        if optimize:
+        if v.passes_at_load:
             timed = workdir / f"{timed.stem}.optimized.onnx"
-            onnx.save(optimize_model_proto(load_onnx(v.file)), str(timed))
+            onnx.save(optimize_model_proto(load_onnx(v.file), tuple(v.passes_at_load)), str(timed))
         for bs in batches:
             per_call = v.results[bs]["latency_ms"]["p50"] / 1e3
             with status(f"independent timing of {timed.name} at batch {bs}"):
                 c = independent_timing(timed, bs, threads, per_call_s=per_call, min_time=min_time)
             c["file"] = v.file
             c["optimized"] = optimize
+            c["passes_at_load"] = v.passes_at_load
             if "images_per_s" in c:
                 c["bench_images_per_s"] = v.results[bs]["images_per_s"]
                 c["ratio"] = c["bench_images_per_s"] / c["images_per_s"]

@@ -1,20 +1,28 @@
-"""images/s vs batch per backend, as a PNG (matplotlib, the `bench` extra)."""
+"""images/s vs batch per backend, as a PNG (matplotlib, the `plot` extra)."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
+from idle_export.deps import pip_extra
 from idle_export.errors import MissingDependencyError
 from idle_export.fileio import atomic_write_bytes
 
 
-def plot_report(report: dict, path: Path) -> Path:
-    """images/s vs batch per backend: idle (solid), dense (dashed), dense × FLOP ideal (dotted)."""
+def require_matplotlib():
+    """matplotlib, or exit 3 naming the `plot` extra: called before a benchmark that will plot,
+    so a missing extra does not cost the whole run."""
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependencyError("--plot needs matplotlib", "pip install idle-export[bench]") from None
+        raise MissingDependencyError("--plot needs matplotlib", pip_extra("plot")) from None
+    return matplotlib
+
+
+def plot_report(report: dict, path: Path) -> Path:
+    """images/s vs batch per backend: idle (solid), dense (dashed), dense × FLOP ideal (dotted)."""
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -45,6 +53,13 @@ def plot_report(report: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     n = report["settings"]["threads"]
     fig.suptitle(f"{report['model']} — {n} thread{'s' if n != 1 else ''}", fontsize=10)
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """A matplotlib figure as a PNG, written atomically, the figure closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from idle_export import __version__
+from idle_export.bench.timing import CPU_BACKENDS
 from idle_export.bench.variants import ideal_for
+from idle_export.onnx.targets import file_passes, file_target
 
 
 def _cpu_ratio(result: dict, baseline: dict, ideal: float | None) -> dict:
@@ -21,7 +23,7 @@ def build_report(spec, flops, env, variants, batches, targets, *, settings) -> d
     for v in variants:
         for bs in batches:
             results.append({"backend": v.backend, "variant": v.label, "file": v.file, "batch": bs,
-                            **v.results[bs]})
+                            **(v.graph() if v.file else {}), **v.results[bs]})
     comparisons = []
     by_key = {(v.backend, v.label): v for v in variants}
     for v in variants:
@@ -58,12 +60,39 @@ def build_report(spec, flops, env, variants, batches, targets, *, settings) -> d
         "flops": flops,
         "settings": settings,
         "environment": env,
-        "files": [{"file": str(p), "dense": d, "score_mode": m} for p, d, m in targets.onnx],
+        "files": [{"file": str(p), "dense": d, "score_mode": m, "precision": targets.meta[p].precision,
+                   "target": file_target(targets.meta[p]), "passes": file_passes(targets.meta[p])}
+                  for p, d, m in targets.onnx if p in targets.meta],
+        "skipped": list(dict.fromkeys(targets.skipped)),
         "results": results,
         "comparisons": comparisons,
+        "vs_openvino_dense": vs_openvino_dense(variants, batches),
         "noise": {"spread_threshold": NOISY_SPREAD,
                   "noisy": [f"{r['backend']}:{r['variant']}@{r['batch']}" for r in noisy_results(results)]},
     }
+
+
+def vs_openvino_dense(variants, batches) -> list[dict]:
+    """Every CPU idle variant (any runtime, FP32 and INT8) against OpenVINO's FP32 dense: the
+    figure a CPU user choosing a runtime cares about. Per batch and precision the fastest idle
+    (by CPU time per image where measured, else images/s) is marked best."""
+    base = next((v for v in variants if v.backend == "openvino" and v.label == "dense"), None)
+    if base is None:
+        return []
+    rows = []
+    for bs in batches:
+        idle = [v for v in variants if v.backend in CPU_BACKENDS and not v.dense and bs in v.results]
+        for precision in dict.fromkeys(v.precision for v in idle):
+            group = [v for v in idle if v.precision == precision]
+            by_cpu = all("cpu_ms_per_image" in v.results[bs] for v in group)
+            best = (min(group, key=lambda v: v.results[bs]["cpu_ms_per_image"]) if by_cpu else
+                    max(group, key=lambda v: v.results[bs]["images_per_s"]))
+            for v in group:
+                rows.append({"batch": bs, "precision": precision, "variant": v.key, "baseline": base.key,
+                             "best": v is best, "best_by": "cpu_time" if by_cpu else "images_per_s",
+                             "speedup": v.results[bs]["images_per_s"] / base.results[bs]["images_per_s"],
+                             **_cpu_ratio(v.results[bs], base.results[bs], None)})
+    return rows
 
 
 NOISY_SPREAD = 0.10  # (max - min) / median of the per-run images/s above which a figure is flagged
@@ -104,6 +133,29 @@ def print_report(report: dict, console=None) -> None:
                      f"{c['cpu_speedup']:.2f}x" if "cpu_speedup" in c else "-",
                      _coloured(c.get("cpu_over_ideal")))
     console.print(comp)
+    cross = report.get("vs_openvino_dense") or []
+    if cross:
+        t = Table(title="idle on each CPU runtime vs OpenVINO dense (FP32); * = fastest idle by "
+                        "CPU time")
+        for col in ("batch", "idle", "precision", "speed-up", "CPU-time speed-up"):
+            t.add_column(col, justify="left" if col in ("idle", "precision") else "right")
+        for c in cross:
+            mark = "*" if c["best"] else ""
+            t.add_row(str(c["batch"]), c["variant"] + mark, c["precision"], f"{c['speedup']:.2f}x",
+                      f"{c['cpu_speedup']:.2f}x" if "cpu_speedup" in c else "-")
+        console.print(t)
+    graphs = {(r["backend"], r["variant"]): r for r in report["results"] if r.get("file")}
+    for (backend, variant), r in graphs.items():
+        at_load = r.get("passes_at_load") or []
+        passes = ", ".join(r.get("passes_in_file") or []) or "none"
+        console.print(f"{backend}:{variant}: {Path(r['file']).name} ({r.get('precision')}, target "
+                      f"{r.get('target')}, passes in the file: {passes})"
+                      + (f", + applied in memory (--optimize): {', '.join(at_load)}" if at_load
+                         else ", timed as written"))
+    for line in report.get("skipped", []):
+        console.print(f"note: {line}")
+    for line in report.get("notes", []):
+        console.print(f"[yellow]note: {line}[/]")
     for c in report.get("independent", []):
         if "ratio" in c:
             colour = "" if c["agree_within_10pct"] else "[yellow]"

@@ -27,8 +27,8 @@ from idle_export.bench.timing import bench_batch
 from idle_export.bench.variants import BACKENDS, flop_model, make_variants
 from idle_export.data.inputs import input_set
 from idle_export.errors import BadInputError
-from idle_export.hardware import default_threads, environment
-from idle_export.onnx.passes import DEFAULT_PASSES
+from idle_export.hardware import check_batch_fits, default_threads, environment
+from idle_export.onnx.targets import BACKEND_TARGET, TARGET_PASSES
 
 DEFAULT_BATCHES = (1, 8, 64)
 
@@ -36,10 +36,14 @@ DEFAULT_BATCHES = (1, 8, 64)
 # ----------------------------------------------------------------------------- main entry
 def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], threads: int | None = None,
               runs: int = 5, warmup: int = 3, min_time: float = 1.0, inputs: str = "noise",
-              score_modes: list[str] | None = None, optimize: bool = True,
+              score_modes: list[str] | None = None, optimize: bool = False,
               official_repo: Path | None = None, independent: bool = False, ema: bool = False,
               seed: int = 0, status=None, workdir: Path | None = None) -> dict:
-    """Benchmark idle vs dense (and the official code) on every backend; the JSON report."""
+    """Benchmark idle vs dense (and the official code) on every backend; the JSON report.
+
+    ONNX files are timed as written (their export target's passes, `report["results"][i]
+    ["passes_in_file"]`); optimize=True applies, in memory, the backend's target passes that a
+    file lacks (`passes_at_load`). A checkpoint is exported with each backend's target."""
     import shutil
     import tempfile
 
@@ -63,10 +67,16 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
         targets = resolve_targets(paths, backends=backends, score_modes=score_modes, workdir=workdir,
                                   ema=ema, status=status)
         spec = targets.spec
+        check_batch_fits(spec, max(batches), runners=max(2, len(backends) * 2))
         flops = flop_model(spec)
         env = environment(threads)
+        if targets.engines and "trt" not in backends:
+            backends = [*backends, "trt"]  # engines run only there: never measure nothing
         variants = make_variants(targets, backends, threads=threads, score_modes=score_modes,
                                  optimize=optimize, official_repo=official_repo)
+        if not variants:
+            raise BadInputError(f"nothing to measure: no target runs on {', '.join(backends)}",
+                                "pass idle and dense ONNX files (or a checkpoint) for --backend ort")
         _set_torch_threads(backends, threads)
         with contextlib.ExitStack() as stack:
             for v in variants:
@@ -88,8 +98,11 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
                               settings=dict(batch=batches, backends=backends, runs=runs,
                                             warmup=max(warmup, 1), min_time_s=min_time, threads=threads,
                                             inputs=inputs, seed=seed, optimize=optimize,
-                                            passes=list(DEFAULT_PASSES) if optimize else [],
+                                            passes={b: list(TARGET_PASSES[BACKEND_TARGET[b]])
+                                                    for b in backends if b in BACKEND_TARGET
+                                                    and b != "trt"} if optimize else {},
                                             score_modes=score_modes))
+        report["notes"] = graph_notes(variants, optimize)
         if independent:
             report["independent"] = independent_checks(variants, batches, threads, optimize, min_time,
                                                        status, workdir)
@@ -101,6 +114,28 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
     finally:
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def graph_notes(variants, optimize: bool) -> list[str]:
+    """What a reader of the figures must know about the graphs timed: a backend whose idle and
+    dense graphs carry different passes (an unfair pair), and files timed without the passes of
+    the backend's own export target."""
+    notes = []
+    for backend in dict.fromkeys(v.backend for v in variants if v.file):
+        group = [v for v in variants if v.backend == backend and v.file and v.precision == "fp32"]
+        passes = {tuple(sorted(v.file_passes + v.passes_at_load)) for v in group}
+        if len(passes) > 1:
+            notes.append(f"{backend}: the idle and dense graphs carry different passes ("
+                         + "; ".join(f"{v.label}: {', '.join(v.file_passes + v.passes_at_load) or 'none'}"
+                                     for v in group) + "): export both with the same --target")
+        target = BACKEND_TARGET.get(backend)
+        lacking = [v for v in group
+                   if target and set(TARGET_PASSES[target]) - set(v.file_passes + v.passes_at_load)]
+        if lacking and not optimize:
+            notes.append(f"{backend}: {', '.join(Path(v.file).name for v in lacking)} timed without the "
+                         f"{target} target's passes (export with `idle-export onnx CKPT --target {target}`, "
+                         "or bench --optimize to apply them in memory)")
+    return notes
 
 
 def _set_torch_threads(backends: list[str], threads: int) -> None:

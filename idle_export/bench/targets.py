@@ -1,5 +1,6 @@
 """`bench` targets: ONNX files (paired idle/dense by their metadata), engines, or one checkpoint
-(exported for the ONNX backends into a work folder)."""
+(exported for the ONNX backends into a work folder, one set per export target: the `ort`
+backend times the `--target ort` files, `openvino` the `--target openvino` ones)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,23 @@ from pathlib import Path
 
 from idle_export.errors import BadInputError
 from idle_export.model.checkpoint import load_checkpoint
+from idle_export.onnx.discover import dense_twin, pick_idle_onnx, source_checkpoint
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.onnx.targets import BACKEND_TARGET, file_target, runs_on
 from idle_export.trt.sidecar import read_sidecar
 
+ONNX_BACKENDS = ("ort", "ort-cuda", "openvino")  # backends that run ONNX files
 
-def variant_label(dense: bool, score_mode: str) -> str:
+
+def variant_label(dense: bool, score_mode: str, plugin: bool = False, precision: str = "fp32") -> str:
+    suffix = "" if precision == "fp32" else f"-{precision}"
     if dense:
-        return "dense"
-    return "idle-folded" if score_mode == "folded" else "idle"
+        return "dense" + suffix
+    if plugin:  # the plugin form (IdleSelect/IdleScatter; folded scores)
+        return "idle-plugin" + suffix
+    return ("idle-folded" if score_mode == "folded" else "idle") + suffix
 
 
 @dataclass
@@ -27,6 +35,31 @@ class Targets:
     onnx: list[tuple[Path, bool, str]]  # (file, dense, score_mode)
     ckpt: object = None
     engines: list[tuple[Path, bool, str]] = field(default_factory=list)
+    plugin: set[Path] = field(default_factory=set)  # plugin-form ONNX files, engines built --plugin
+    meta: dict[Path, OnnxMetadata] = field(default_factory=dict)  # of every ONNX file
+    skipped: list[str] = field(default_factory=list)  # "file on backend: why", for the report
+    exported: set[Path] = field(default_factory=set)  # files bench exported from a checkpoint
+
+    def files_for(self, backend: str) -> list[tuple[Path, bool, str]]:
+        """The ONNX files `backend` times, as written: INT8 files calibrated for it, and per role
+        (idle per score mode and form, dense) the FP32 files written for its export target when
+        there are any, else the others it runs (portable and standard-op targets)."""
+        target = BACKEND_TARGET[backend]
+        runnable = [f for f in self.onnx if runs_on(self.meta[f[0]], backend)]
+
+        def role(f):
+            return (f[1], f[2], f[0] in self.plugin)
+
+        fp32 = [f for f in runnable if self.meta[f[0]].precision == "fp32"]
+        tuned = {role(f) for f in fp32 if file_target(self.meta[f[0]]) == target}
+        chosen = [f for f in runnable if self.meta[f[0]].precision != "fp32" or role(f) not in tuned
+                  or file_target(self.meta[f[0]]) == target]
+        for f in self.onnx:
+            if f not in chosen and f[0] not in self.exported:  # bench's own exports: by design
+                why = ("a file written for that target is timed instead" if f in runnable else
+                       "made for another runtime")
+                self.skipped.append(f"{f[0].name} not timed on {backend}: {why}")
+        return chosen
 
 
 def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list[str],
@@ -54,6 +87,9 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
         raise BadInputError(f"{len(ckpts)} checkpoints given", "bench one checkpoint at a time")
     spec, ckpt = None, None
     onnx: list[tuple[Path, bool, str]] = []
+    plugin: set[Path] = set()
+    metas: dict[Path, OnnxMetadata] = {}
+    exported: set[Path] = set()
     for f in onnx_files:
         meta = OnnxMetadata.of(load_onnx(f))  # one-line error if broken
         fspec = meta.spec
@@ -69,10 +105,15 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
         if spec is None or not fdense:
             spec = fspec
         onnx.append((f, fdense, meta.score_mode))
+        metas[f] = meta
+        if meta.form == "plugin":
+            plugin.add(f)
     engine_list = []
     for e in engines:
         meta = _engine_metadata(e)
         engine_list.append((e, meta.dense, meta.score_mode))
+        if read_sidecar(e).get("plugin"):
+            plugin.add(e)
         if spec is None and meta.has_spec:
             spec = meta.spec
     if ckpts:
@@ -84,24 +125,49 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
             raise BadInputError(f"{ckpts[0].name} ({cspec.describe()}) does not match the ONNX "
                                 f"targets ({spec.describe()})", "bench one model at a time")
         spec = cspec
-        if any(b in ("ort", "ort-cuda") for b in backends) and not onnx:
-
-            for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
-                out = workdir / f"{ckpts[0].stem}_{variant_label(dense, mode)}.onnx"
-                with status(f"exporting {out.name}"):
-                    export_checkpoint(ckpt, spec, out, dense=dense, score_mode=mode)
-                onnx.append((out, dense, mode))
+        wanted = dict.fromkeys(BACKEND_TARGET[b] for b in backends if b in ONNX_BACKENDS)
+        if wanted and not onnx:  # each backend's own export target, as `onnx --target` writes it
+            for target in wanted:
+                for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
+                    out = workdir / f"{ckpts[0].stem}_{variant_label(dense, mode)}.{target}.onnx"
+                    with status(f"exporting {out.name}"):
+                        export_checkpoint(ckpt, spec, out, dense=dense, score_mode=mode, target=target)
+                    onnx.append((out, dense, mode))
+                    metas[out] = OnnxMetadata.read(out)
+                    exported.add(out)
     if spec is None:
         raise BadInputError("no model to bench", "pass ONNX files or a checkpoint")
-    if onnx and not any(d for _, d, _ in onnx) and any(b.startswith("ort") for b in backends):
+    if onnx and not any(d for _, d, _ in onnx) and any(b in ONNX_BACKENDS for b in backends):
         raise BadInputError("no dense ONNX file among the targets: idle vs dense needs both",
                             "export the baseline with `idle-export onnx CKPT --dense` and pass it too")
-    if onnx and all(d for _, d, _ in onnx) and any(b.startswith("ort") for b in backends):
+    if onnx and all(d for _, d, _ in onnx) and any(b in ONNX_BACKENDS for b in backends):
         raise BadInputError("only dense ONNX files given: idle vs dense needs both",
                             "pass the idle export too")
-    return Targets(spec=spec, onnx=onnx, ckpt=ckpt, engines=engine_list)
+    return Targets(spec=spec, onnx=onnx, ckpt=ckpt, engines=engine_list, plugin=plugin, meta=metas,
+                   exported=exported)
 
 
 def _engine_metadata(path: Path) -> OnnxMetadata:
     """The ONNX metadata (idle_export.*) an engine's sidecar ENGINE.json carries."""
     return OnnxMetadata(dict(read_sidecar(path).get("model", {})))
+
+
+def default_targets(folder: Path, status=None) -> tuple[list[Path], str]:
+    """`idle-export bench` with no TARGET: the one idle export in `folder` and its dense twin,
+    exporting the twin from the checkpoint beside it when it is missing. Returns the files and a
+    line saying what was picked."""
+    status = status or (lambda msg: contextlib.nullcontext())
+    idle = pick_idle_onnx(folder, "bench")
+    dense = dense_twin(idle)
+    note = ""
+    if dense is None:
+        ckpt_path = source_checkpoint(idle)
+        if ckpt_path is None:
+            raise BadInputError(f"{idle.name} has no dense twin here and its checkpoint is not beside it",
+                                f"export one (idle-export onnx CKPT.pth --dense) or pass both files: "
+                                f"idle-export bench {idle.name} DENSE.onnx")
+        dense = ckpt_path.with_name(f"{ckpt_path.stem}_dense.onnx")
+        with status(f"exporting the dense twin {dense.name} from {ckpt_path.name}"):
+            export_checkpoint(load_checkpoint(ckpt_path), OnnxMetadata.read(idle).spec, dense, dense=True)
+        note = f" (exported from {ckpt_path.name})"
+    return [idle, dense], f"bench: idle {idle.name}, dense {dense.name}{note}"

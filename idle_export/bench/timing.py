@@ -12,7 +12,7 @@ from idle_export.bench.variants import Variant
 # Backends that compute on the CPU: for them the process CPU time per image is reported too.
 # On a shared machine it moves far less than wall time (other processes' work is not counted);
 # with one thread it is the work done, with more it also counts the runtime's spinning threads.
-CPU_BACKENDS = ("torch", "torch-official", "ort")
+CPU_BACKENDS = ("torch", "torch-official", "ort", "openvino")
 
 
 def percentile_ms(samples: list[float], q: float) -> float:

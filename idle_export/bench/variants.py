@@ -6,18 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from idle_export.bench.targets import Targets, variant_label
+from idle_export.bench.targets import ONNX_BACKENDS, Targets, variant_label
 from idle_export.errors import BadInputError, MissingDependencyError
 from idle_export.hardware import gpu_info
 from idle_export.lazy import lazy_module
+from idle_export.onnx.targets import BACKEND_TARGET, file_passes, file_target
 from idle_export.runtime.official import OfficialRunner, build_official_model
 from idle_export.runtime.onnxruntime import OrtRunner, ort_available_providers
+from idle_export.runtime.openvino import OpenVinoRunner, import_openvino
 from idle_export.runtime.tensorrt import TrtRunner
 from idle_export.runtime.torch import TorchRunner
+from idle_export.trt.sidecar import read_sidecar
 
-vit = lazy_module("idle_export.model.vit")  # torch
+build = lazy_module("idle_export.model.build")  # torch
 
-BACKENDS = ("torch", "torch-official", "ort", "ort-cuda", "trt")
+BACKENDS = ("torch", "torch-official", "ort", "ort-cuda", "openvino", "trt")
 
 
 def flop_model(spec) -> dict:
@@ -50,6 +53,19 @@ class Variant:
     make_runner: object = None  # () -> Runner
     runner: object = None
     results: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    target: str | None = None  # the export target the ONNX file was written for
+    file_passes: list[str] = field(default_factory=list)  # graph passes in the file as written
+
+    @property
+    def passes_at_load(self) -> list[str]:
+        """Passes the runner applied in memory (bench --optimize on a file that lacked them)."""
+        return list(getattr(self.runner, "passes_at_load", []) or [])
+
+    def graph(self) -> dict:
+        """What was timed: the file's target and passes, and any applied at load."""
+        return {"precision": self.precision, "target": self.target, "passes_in_file": self.file_passes,
+                "passes_at_load": self.passes_at_load}
 
     @property
     def key(self) -> str:
@@ -61,13 +77,26 @@ def make_variants(targets: Targets, backends: list[str], *, threads: int | None,
     """One Variant per (backend, model); runners are created lazily (activate happens later)."""
     variants: list[Variant] = []
     for backend in backends:
-        if backend in ("ort", "ort-cuda"):
-            providers = _ort_providers(backend)
-            labels = _unique_labels([(variant_label(d, m), p) for p, d, m in targets.onnx])
-            for (path, dense, mode), label in zip(targets.onnx, labels, strict=True):
+        if backend in ONNX_BACKENDS:
+            if backend == "openvino":
+                import_openvino()  # exit 3 before any work
+            else:
+                providers = _ort_providers(backend)
+            files = targets.files_for(backend)
+            if targets.onnx and (not any(d for _, d, _ in files) or all(d for _, d, _ in files)):
+                raise BadInputError(f"no idle/dense pair of ONNX files for the {backend} backend "
+                                    f"({'; '.join(targets.skipped) or 'none given'})",
+                                    f"pass an idle and a dense file it runs, e.g. exported with "
+                                    f"`idle-export onnx CKPT --target {BACKEND_TARGET[backend]}`")
+            metas = [targets.meta[p] for p, _, _ in files]
+            labels = _unique_labels([(variant_label(d, m, p in targets.plugin, meta.precision), p)
+                                     for (p, d, m), meta in zip(files, metas, strict=True)])
+            for (path, dense, mode), label, meta in zip(files, labels, metas, strict=True):
+                factory = (_openvino_factory(path, threads, optimize) if backend == "openvino" else
+                           _ort_factory(path, providers, threads, optimize, backend))
                 variants.append(Variant(
-                    backend, label, dense, mode, file=str(path),
-                    make_runner=_ort_factory(path, providers, threads, optimize, backend)))
+                    backend, label, dense, mode, file=str(path), make_runner=factory,
+                    precision=meta.precision, target=file_target(meta), file_passes=file_passes(meta)))
         elif backend == "torch":
             ckpt = _need_ckpt(targets, backend)
             for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
@@ -75,6 +104,9 @@ def make_variants(targets: Targets, backends: list[str], *, threads: int | None,
                                         make_runner=_torch_factory(targets.spec, ckpt, dense, mode, threads)))
         elif backend == "torch-official":
             ckpt = _need_ckpt(targets, backend)
+            if targets.spec.family != "deit":
+                raise BadInputError("the torch-official backend runs the authors' DeiT code (vit.py) "
+                                    f"only, not {targets.spec.arch}", "use --backend torch,ort")
             if official_repo is None:
                 raise BadInputError("the torch-official backend needs the authors' code",
                                     "git clone https://github.com/Ackesnal/IdleViT and pass "
@@ -107,7 +139,8 @@ def _ort_providers(backend: str) -> list[str]:
     if "CUDAExecutionProvider" not in ort_available_providers():
         raise MissingDependencyError("the ort-cuda backend needs onnxruntime-gpu and a GPU "
                                      "(CUDAExecutionProvider is not available here)",
-                                     "use --backend ort (CPU) or install onnxruntime-gpu on a GPU machine")
+                                     "use --backend ort (CPU), or on a GPU machine pip install "
+                                     '"idle-export[gpu]" (onnxruntime-gpu, in place of onnxruntime)')
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -119,9 +152,16 @@ def _ort_factory(path, providers, threads, optimize, backend):
     return factory
 
 
+def _openvino_factory(path, threads, optimize):
+    def factory():
+        return OpenVinoRunner(path, name=f"openvino:{Path(path).name}", threads=threads, optimize=optimize)
+
+    return factory
+
+
 def _torch_factory(spec, ckpt, dense, mode, threads):
     def factory():
-        model = vit.build_model(spec, ckpt.state_dict, dense=dense, score_mode=mode)
+        model = build.build_model(spec, ckpt.state_dict, dense=dense, score_mode=mode)
         return TorchRunner(model, name=f"torch:{variant_label(dense, mode)}", threads=threads)
 
     return factory
@@ -129,13 +169,17 @@ def _torch_factory(spec, ckpt, dense, mode, threads):
 
 def _trt_variants(targets: Targets) -> list[Variant]:
     if gpu_info() is None:
-        raise MissingDependencyError("the trt backend needs a GPU (no NVIDIA GPU found); TensorRT "
-                                     "engines can be built here but not run",
-                                     "run the bench on a machine with an NVIDIA GPU, or use --backend ort")
+        sources = [read_sidecar(p).get("onnx", {}).get("path") for p, _, _ in targets.engines]
+        sources += [p.name for p, _, _ in targets.onnx]
+        instead = " ".join(dict.fromkeys(s for s in sources if s)) or "IDLE.onnx DENSE.onnx"
+        raise MissingDependencyError("benching TensorRT needs a GPU, and this machine has no NVIDIA GPU "
+                                     "(engines can be built here, not run)",
+                                     f"bench the ONNX instead: idle-export bench {instead}")
     if not targets.engines:
         raise BadInputError("the trt backend needs engine files (.engine)",
                             "build them with `idle-export trt MODEL.onnx` and pass them as TARGETs")
-    labels = _unique_labels([(variant_label(d, m), p) for p, d, m in targets.engines])
+    labels = _unique_labels([(variant_label(d, m, p in targets.plugin), p)
+                             for p, d, m in targets.engines])
     return [Variant("trt", label, d, m, file=str(p), make_runner=(lambda p=p: TrtRunner(p)))
             for (p, d, m), label in zip(targets.engines, labels, strict=True)]
 

@@ -5,13 +5,25 @@ level; torch, onnx and onnxruntime load inside the library functions they call, 
 
 # isort: off
 from idle_export.cli.app import app
-from idle_export.cli import onnx, check, trt, calibrate, bench, serve, demo  # noqa: F401 (registers)
+from idle_export.cli import onnx, check, trt, calibrate, bench, show, sweep, serve, demo  # noqa: F401 (registers)
 # isort: on
 
 
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+
+
 def run() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. The global flags are accepted after the command too
+    (`idle-export onnx x.pth --debug`), where users type them."""
+    import sys
+
+    args = sys.argv[1:]
+    if "--" in args:  # nothing after a literal -- is moved
+        head, tail = args[: args.index("--")], args[args.index("--"):]
+    else:
+        head, tail = args, []
+    flags = [a for a in head if a in GLOBAL_FLAGS]
+    app(args=[*flags, *[a for a in head if a not in GLOBAL_FLAGS], *tail])
 
 
 __all__ = ["app", "run"]

@@ -10,13 +10,54 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from idle_export import __version__
-from idle_export.cli.options import echo_err
-from idle_export.errors import EXIT_INTERNAL, IdleExportError
+from idle_export.cli.options import QUIET, echo_err
+from idle_export.errors import EXIT_INTERNAL, BadInputError, IdleExportError
 from idle_export.fileio import check_output_path
 
+
+def _tidy(param) -> None:
+    """Help text a user can read: no <bool> after flags, a word for what a value is (N, PATH…)
+    instead of a Python type, argument names in capitals."""
+    if isinstance(param, TyperArgument):
+        name = param.metavar or param.name.upper()
+        name += "..." if param.nargs != 1 and not name.endswith("...") else ""
+        usage = name if param.required or name.startswith("[") else f"[{name}]"
+        param.metavar = name
+        # Typer writes a required argument as {NAME} (which reads like a choice set) and adds a
+        # Python type column; the usage line says NAME / [NAME] and the help says what it is
+        param._usage_display_name = lambda: usage
+        param.display_type_rich = lambda ctx: None
+        return
+    if param.metavar is not None:
+        return
+    if getattr(param, "is_flag", False):
+        param.metavar = ""
+    else:
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        param.metavar = {int: "N", float: "X", Path: "PATH"}.get(annotation, "TEXT")
+
+
+class _TidyHelp:
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy(param)
+        return params
+
+
+class Command(_TidyHelp, TyperCommand):
+    """Every idle-export command (see `command`)."""
+
+
+class Group(_TidyHelp, TyperGroup):
+    """The idle-export app and its sub-apps."""
+
+
 app = typer.Typer(
+    cls=Group,
     name="idle-export",
     help="Deploy IdleViT models: ONNX export, parity checks, TensorRT engines, benchmarks, serving.",
     no_args_is_help=True,
@@ -27,19 +68,77 @@ app = typer.Typer(
 _DEBUG = {"on": bool(os.environ.get("IDLE_EXPORT_DEBUG"))}
 
 
+OUTPUT_OPTIONS = {"output": "-o/--output", "json_out": "--json", "plot": "--plot", "log_file": "--log-file"}
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number
+
+
+def check_distinct_paths(kw: dict) -> None:
+    """Before any work: no file a command writes is a file it reads or another file it writes
+    (resolved, symlinks followed), so no input is ever replaced by an output or a report."""
+    import os
+
+    outputs, inputs = [], []
+    for name, value in kw.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if name in OUTPUT_OPTIONS and v not in (None, "-"):
+                outputs.append((OUTPUT_OPTIONS[name], Path(v)))
+            elif isinstance(v, Path):
+                inputs.append((name.upper() if name not in ("ckpt", "against", "images", "onnx", "calib")
+                               else f"--{name}", v))
+    seen: dict[str, str] = {}
+    for flag, path in outputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise BadInputError(f"{flag} and {seen[real]} name the same file {path}",
+                                f"give {flag} another path")
+        seen[real] = flag
+    for what, path in inputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise BadInputError(f"{seen[real]} {path} is the input {what}: writing it would replace "
+                                "the input", f"give {seen[real]} another path")
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (timeout, docker stop, a CI cancel) unwinds like Ctrl+C, so the same cleanup runs:
+    temporary folders are removed and no output is left half-written. Returns the old handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, on_term)
+
+
 def command(*args, target: typer.Typer | None = None, **kwargs):
     """app.command (or `target`'s, for a sub-app) that turns IdleExportError into one line +
-    exit code, and anything unexpected into 'internal error' (exit 4) unless --debug."""
+    exit code, anything unexpected into 'internal error' (exit 4) unless --debug, and Ctrl+C or
+    SIGTERM into a clean stop (exit 130/143, nothing written)."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*a, **kw):
+            import signal
+
+            previous = _sigterm_as_interrupt()
             try:
                 if kw.get("json_out") not in (None, "-"):  # a report nobody can write: say so first
                     check_output_path(Path(kw["json_out"]), "--json")
+                if kw.get("json_out") == "-":
+                    QUIET["on"] = True
+                check_distinct_paths(kw)
                 return fn(*a, **kw)
-            except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            except (typer.Exit, typer.Abort):
                 raise
+            except KeyboardInterrupt as e:
+                which = "SIGTERM" if str(e) == "SIGTERM" else "SIGINT"
+                echo_err(f"interrupted ({which}): stopped, no output written")
+                raise typer.Exit(EXIT_SIGNAL[which]) from None
             except IdleExportError as e:
                 if _DEBUG["on"]:  # the traceback, but the documented exit code all the same
                     traceback.print_exc()
@@ -52,7 +151,11 @@ def command(*args, target: typer.Typer | None = None, **kwargs):
                 echo_err(f"internal error: {type(e).__name__}: {first} (hint: rerun with --debug "
                          "for the traceback and report it)")
                 raise typer.Exit(EXIT_INTERNAL) from None
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
 
+        kwargs.setdefault("cls", Command)
         return (target or app).command(*args, **kwargs)(wrapper)
 
     return decorate
@@ -66,13 +169,16 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line "
-                                        "errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback with an error (the exit "
+                                        "code stays the documented one); also accepted after the "
+                                        "command.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr (results "
+                                        "and errors still print).")] = False,
     version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ):
-    if debug:
-        _DEBUG["on"] = True
+    _DEBUG["on"] = debug or bool(os.environ.get("IDLE_EXPORT_DEBUG"))
+    QUIET["on"] = quiet
 
 
 # ----------------------------------------------------------------------------- shared options

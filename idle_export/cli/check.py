@@ -12,8 +12,9 @@ from idle_export.cli.options import (
     Ema,
     JsonOut,
     Threads,
+    batch_list,
     check_threads,
-    int_list,
+    finite,
     report_console,
     status,
     write_json,
@@ -43,15 +44,21 @@ def check_cmd(
     max_abs: Annotated[float | None, typer.Option("--max-abs", help="Logit tolerance (default "
                                                      "from the model's precision: fp32 1e-4, fp16 "
                                                      "5e-2, int8 none; int8 needs top-1 ≥ 99%).")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise inputs (and of which "
+                                      "--images are drawn with --num).")] = 0,
     threads: Threads = None,
+    backend: Annotated[str, typer.Option("--backend", metavar="ort|openvino", help="What runs the "
+                                         "ONNX file being checked: ort (ONNX Runtime CPU) or "
+                                         "openvino (OpenVINO CPU). The reference runs on torch "
+                                         "(--ckpt) or ONNX Runtime (--against).")] = "ort",
     json_out: JsonOut = None,
 ):
     """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
 
-    sizes = int_list(batch, "--batch") or []
-    if not sizes or min(sizes) < 1:
-        raise BadInputError(f"--batch {batch!r} needs positive sizes", "e.g. --batch 1,7,32")
+    sizes = batch_list(batch)
+    finite(max_abs, "--max-abs", example="e.g. --max-abs 1e-4 (0 demands identical logits)")
+    if num < 0:
+        raise BadInputError(f"--num {num} must be ≥ 0", "e.g. --num 200 (0: all of --images)")
     if inputs is None:
         inputs = "" if images is not None else "noise,photos"
     sets = [s for s in inputs.replace(" ", "").split(",") if s]
@@ -61,6 +68,9 @@ def check_cmd(
                             "use noise, photos or noise,photos (or --images DIR)")
     if model.suffix in (".engine", ".plan"):
 
+        if backend != "ort":
+            raise BadInputError(f"{model.name} is a TensorRT engine: it runs on TensorRT, not "
+                                f"--backend {backend}", "drop --backend")
         if against is None or ckpt is not None or images is not None:
             raise BadInputError(f"{model.name} is a TensorRT engine: it is checked against the ONNX "
                                 "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
@@ -71,7 +81,7 @@ def check_cmd(
         with status(f"checking {model.name}"):
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                                 input_sets=sets, seed=seed, threads=check_threads(threads), images=images,
-                                num=num, max_abs=max_abs)
+                                num=num, max_abs=max_abs, backend=backend)
     console = report_console(json_out)
     print_check(report, console)
     print_check_details(report, console)
@@ -119,12 +129,13 @@ def print_check(report: dict, console) -> None:
         console.print(f"[yellow]warning:[/] {w}")
     table = Table(title=f"{report['a']}  vs  {report['b']}  ({report.get('model', '')})")
     for col in ("inputs", "batch", "max abs", "max rel", "cos min", "top-1", "top-5", "selection",
-                "ties", "verdict"):
+                "raw", "ties", "verdict"):
         table.add_column(col, justify="right" if col not in ("inputs", "verdict") else "left")
     for c in report["cases"]:
         sel = f"{c['selection']:.2%}" if "selection" in c else "-"
+        raw = f"{c['selection_raw']:.2%}" if "selection_raw" in c else "-"
         table.add_row(c["inputs"], str(c["batch"]), f"{c['max_abs']:.2e}", f"{c['max_rel']:.2e}",
-                      f"{c['cosine_min']:.7f}", f"{c['top1']:.0%}", f"{c['top5']:.0%}", sel,
+                      f"{c['cosine_min']:.7f}", f"{c['top1']:.0%}", f"{c['top5']:.0%}", sel, raw,
                       str(c.get("selection_ties", "-")),
                       "[green]ok[/]" if c["passed"] else "[red]" + "; ".join(c["failures"]) + "[/]")
     console.print(table)

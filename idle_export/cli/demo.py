@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from idle_export.cli.app import command
-from idle_export.cli.options import JsonOut, int_list, report_console, status, write_json
+from idle_export.cli.options import JsonOut, batch_list, report_console, status, write_json
 from idle_export.demo import run_demo
 from idle_export.errors import CheckFailedError
 
@@ -17,14 +17,15 @@ from idle_export.errors import CheckFailedError
 def demo_cmd(
     output: Annotated[Path, typer.Option("-o", "--output",
                                          help="Folder for the demo files.")] = Path("demo_out"),
-    arch: Annotated[str, typer.Option("--arch", help="Architecture of the demo model.")] = "deit_small",
+    arch: Annotated[str, typer.Option("--arch", help="Architecture of the demo model: "
+                                      "deit_tiny|deit_small|deit_base|lvvit_s|lvvit_m.")] = "deit_small",
     keep: Annotated[float, typer.Option("--keep", help="Keep rate of the demo model.")] = 0.7,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes to check.")] = "1,7,32",
     json_out: JsonOut = None,
 ):
     """Seeded IdleViT checkpoint (official training format) → idle and dense ONNX → checks."""
 
-    sizes = int_list(batch, "--batch") or [1]
+    sizes = batch_list(batch)
     report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=status)
     print_demo(report, report_console(json_out))
     if json_out:

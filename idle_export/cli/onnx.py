@@ -26,14 +26,16 @@ from idle_export.fileio import check_output_path
 from idle_export.model.checkpoint import load_checkpoint
 from idle_export.model.config import SCORE_MODES
 from idle_export.onnx.export import export_checkpoint
-from idle_export.onnx.io import onnx_summary
+from idle_export.onnx.io import check_opset, onnx_summary
+from idle_export.onnx.targets import TARGET_PASSES, check_target
 
 
 @command("onnx")
 def onnx_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="IdleViT checkpoint (.pth or .safetensors).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="ONNX file to write "
-                                                   "(default: CHECKPOINT_idle.onnx / _dense.onnx).")] = None,
+                                                   "(default: CHECKPOINT_idle.onnx / _dense.onnx / "
+                                                   "_idle_plugin.onnx).")] = None,
     arch: Arch = None,
     keep: Keep = None,
     schedule: Schedule = "eval",
@@ -44,9 +46,23 @@ def onnx_cmd(
                                         "in every layer) from the same weights.")] = False,
     emit_selection: Annotated[bool, typer.Option("--emit-selection", help="Add the kept token "
                                                  "indices of each idle layer as outputs.")] = False,
-    scores: Annotated[str, typer.Option("--scores", help="folded (default): rank by xn·(Wkᵀq), "
-                                        "keys only for kept tokens, the same top-K; official: keys "
-                                        "for every token, as in the paper's code.")] = "folded",
+    scores: Annotated[str, typer.Option("--scores", help="How idle layers rank tokens. folded: the "
+                                        "paper's q_cls·k ranking computed as xn·(Wkᵀq_cls), the same "
+                                        "top-K without keys for idle tokens (fewer FLOPs); official: "
+                                        "keys for every token, as in the paper's code.")] = "folded",
+    plugin: Annotated[bool, typer.Option("--plugin", help="Plugin form: each idle layer's "
+                                         "selection as one idle_export.IdleSelect node and its "
+                                         "scatter as one IdleScatter node, both also model-local "
+                                         "functions of standard ops (ONNX Runtime and TensorRT "
+                                         "run those; `trt --plugin` uses the fused kernels). Folded "
+                                         "scores only.")] = False,
+    target: Annotated[str, typer.Option("--target", help="Where the file runs; its graph passes are "
+                                        "written into it. portable (default): the plain export, "
+                                        "read by every runtime and by trt/calibrate; ort: + BiasGelu "
+                                        "(com.microsoft, ONNX Runtime only), row gathers, folded "
+                                        "weight slices; openvino: row gathers, folded weight "
+                                        "slices (standard ops); tensorrt: the plain export."
+                                        )] = "portable",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (≥17).")] = 18,
     external_data: Annotated[bool, typer.Option("--external-data", help="Write weights to "
                                                 "OUTPUT.data instead of embedding them.")] = False,
@@ -57,19 +73,30 @@ def onnx_cmd(
     if scores not in SCORE_MODES:
         raise BadInputError(f"--scores {scores!r} is not one of {', '.join(SCORE_MODES)}",
                             "use --scores official or --scores folded")
+    check_target(target)
     if output is None:
-        output = checkpoint.with_name(f"{checkpoint.stem}_{'dense' if dense else 'idle'}.onnx")
+        kind = "dense" if dense else "idle_plugin" if plugin else "idle"
+        suffix = "" if target == "portable" else f".{target}"
+        output = checkpoint.with_name(f"{checkpoint.stem}_{kind}{suffix}.onnx")
     check_output_path(output)
+    check_opset(opset)
     with status(f"loading {checkpoint.name}"):
         ckpt = load_checkpoint(checkpoint, ema=ema)
         spec = spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k)
     with status(f"exporting {spec.describe()}{' dense' if dense else ''} to {output}"):
         export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
-                          score_mode=scores, opset=opset, external_data=external_data)
+                          score_mode=scores, opset=opset, external_data=external_data,
+                          plugin=plugin, target=target)
     summary = onnx_summary(output)
     what = (f"dense baseline of {spec.arch}" if dense else
             f"{spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")
+    if plugin:
+        what = (f"{spec.describe()}; plugin form, {summary['ops'].get('IdleSelect', 0)} IdleSelect "
+                f"+ {summary['ops'].get('IdleScatter', 0)} IdleScatter")
+    passes = TARGET_PASSES[target]
+    what += f"; target {target}" + (f" ({', '.join(passes)})" if passes else "")
     echo_err(f"wrote {output} ({what}; opset {summary['opset']}"
              f"{'; weights in ' + output.name + '.data' if external_data else ''})")
     if json_out:
-        write_json({"spec": spec.describe(), "dense": dense, **summary}, json_out)
+        write_json({"spec": spec.describe(), "dense": dense, "target": target, "passes": list(passes),
+                    **summary}, json_out)

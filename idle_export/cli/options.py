@@ -11,6 +11,7 @@ import typer
 
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_write_text
+from idle_export.onnx.io import MAX_BATCH
 
 
 def echo_err(message: str) -> None:
@@ -27,9 +28,37 @@ def int_list(text: str | None, what: str) -> list[int] | None:
                             f"e.g. {what} 3,4,5") from None
 
 
+def batch_list(text: str, what: str = "--batch") -> list[int]:
+    """Batch sizes to run: positive, at most MAX_BATCH (the exported graphs' batch bound)."""
+    sizes = int_list(text, what) or []
+    if not sizes or min(sizes) < 1:
+        raise BadInputError(f"{what} {text!r} needs positive batch sizes", f"e.g. {what} 1,8,64")
+    if max(sizes) > MAX_BATCH:
+        raise BadInputError(f"{what} {max(sizes)} is above {MAX_BATCH}, the largest batch an exported "
+                            "graph takes", f"e.g. {what} 1,8,64")
+    return sizes
+
+
+def finite(value: float | None, what: str, *, low: float = 0.0, high: float = float("inf"),
+           open_low: bool = False, example: str = "") -> float | None:
+    """A number option that must be finite and in range (NaN and inf switch checks off)."""
+    import math
+
+    if value is None:
+        return None
+    bad_low = value <= low if open_low else value < low
+    if not math.isfinite(value) or bad_low or value > high:
+        bound = f"{'>' if open_low else '≥'} {low:g}" + (f" and ≤ {high:g}" if math.isfinite(high) else "")
+        raise BadInputError(f"{what} {value} must be a finite number {bound}", example or f"e.g. {what} 1")
+    return value
+
+
+MAX_THREADS = 1024
+
+
 def check_threads(threads: int | None) -> int | None:
-    if threads is not None and threads < 1:
-        raise BadInputError(f"--threads {threads} must be at least 1", "pass --threads 2")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BadInputError(f"--threads {threads} must be between 1 and {MAX_THREADS}", "pass --threads 2")
     return threads
 
 
@@ -42,8 +71,9 @@ def write_json(report: dict, target: str) -> None:
     atomic_write_text(Path(target), text + "\n")
 
 
-Arch = Annotated[str | None, typer.Option("--arch", help="deit_tiny|deit_small|deit_base; "
-                                             "default: args.arch of the checkpoint, else its shapes.")]
+Arch = Annotated[str | None, typer.Option("--arch", help="deit_tiny|deit_small|deit_base|lvvit_s|"
+                                             "lvvit_m; default: args.arch of the checkpoint, else "
+                                             "its shapes.")]
 
 
 Keep = Annotated[float | None, typer.Option("--keep", help="Keep rate r in (0, 1]; default: "
@@ -52,26 +82,29 @@ Keep = Annotated[float | None, typer.Option("--keep", help="Keep rate r in (0, 1
 
 Schedule = Annotated[str, typer.Option("--schedule", help="eval: idle layers 3..11 with "
                                        "r,r,r,r²,r²,r²,r³,r³,r³ (official eval script); train: 4..11 "
-                                       "(official training script).")]
+                                       "(official training script). DeiT only: LV-ViT has one "
+                                       "(S: 4..15, M: 5..19).")]
 
 
-IdleLayers = Annotated[str | None, typer.Option("--idle-layers", help="Explicit idle layers, "
-                                                   "e.g. 3,4,5 (keep r**(p//3+1) for the p-th).")]
+IdleLayers = Annotated[str | None, typer.Option("--idle-layers", metavar="L,L,...", help="Explicit "
+                                                   "idle layers, e.g. 3,4,5; they keep r, r, r, r², r², "
+                                                   "r², … of the tokens (groups of three, as in the "
+                                                   "official scripts; LV-ViT-S/M: four/five).")]
 
 
-KeepK = Annotated[str | None, typer.Option("--keep-k", help="Explicit patch tokens kept per "
-                                              "idle layer, e.g. 137,137,96.")]
+KeepK = Annotated[str | None, typer.Option("--keep-k", metavar="K,K,...", help="Explicit patch "
+                                              "tokens kept per idle layer, e.g. 137,137,96.")]
 
 
 Ema = Annotated[bool, typer.Option("--ema", help="Use the checkpoint's EMA weights (model_ema).")]
 
 
-JsonOut = Annotated[str | None, typer.Option("--json", help="Write the report as JSON to FILE "
-                                                "('-' for stdout).")]
+JsonOut = Annotated[str | None, typer.Option("--json", metavar="FILE", help="Write the report as "
+                                                "JSON to FILE ('-': stdout, and progress lines off).")]
 
 
-Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch and "
-                                                "ONNX Runtime (default: all cores).")]
+Threads = Annotated[int | None, typer.Option("--threads", metavar="N", help="CPU threads for torch "
+                                                "and ONNX Runtime (default: all usable cores).")]
 
 
 def spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k):
@@ -80,15 +113,82 @@ def spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k):
                      keep_k=int_list(keep_k, "--keep-k"))
 
 
-def report_console(json_out: str | None):
-    """The console a command prints its tables to: stderr when `--json -` makes stdout the JSON
-    report (so stdout stays pure JSON), else stdout."""
+QUIET = {"on": False}  # --quiet, or --json - (stdout is the report): no progress lines
+PIPED_WIDTH = 200  # tables printed to a file or pipe: wide enough that no number is cut
+
+
+def _console(stderr: bool):
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=json_out == "-")
+    console = Console(stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(stderr=stderr, width=PIPED_WIDTH)
+    return console
+
+
+def report_console(json_out: str | None):
+    """The console a command prints its tables to: stderr when `--json -` makes stdout the JSON
+    report (so stdout stays pure JSON), else stdout; never narrower than the tables when piped."""
+    return _console(stderr=json_out == "-")
+
+
+class _LineStatus:
+    """Progress where stderr is not a terminal (a log, CI): a step that lasts over a second gets
+    a line, then an update at most every few seconds, so it is never silent; a quick step (or
+    one that fails at once) prints nothing, so errors stay one line."""
+
+    AFTER_S = 1.0
+    EVERY_S = 5.0
+
+    def __init__(self, console, message: str):
+        self.console, self.message, self.last, self.timer = console, message, None, None
+
+    def __enter__(self):
+        import threading
+        import time
+
+        self.start = time.monotonic()
+        self.timer = threading.Timer(self.AFTER_S, self._print)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        return False
+
+    def _print(self) -> None:
+        import time
+
+        self.console.print(f"· {self.message}", highlight=False)
+        self.last = time.monotonic()
+
+    def update(self, message: str) -> None:
+        import time
+
+        self.message = message
+        now = time.monotonic()
+        if now - self.start >= self.AFTER_S and (self.last is None or now - self.last >= self.EVERY_S):
+            self._print()
+
+
+class _Silent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, message: str) -> None:
+        pass
 
 
 def status(message: str):
-    from rich.console import Console
-
-    return Console(stderr=True).status(message)
+    """Progress on stderr for a step that may take more than a second: a spinner on a terminal,
+    plain lines otherwise, nothing with --quiet or --json -."""
+    if QUIET["on"]:
+        return _Silent()
+    console = _console(stderr=True)
+    return console.status(message) if console.is_terminal else _LineStatus(console, message)

@@ -48,10 +48,17 @@ def repo_cmd(
     instances: Annotated[int, typer.Option("--instances", help="instance_group count.")] = 1,
     kind: Annotated[str | None, typer.Option("--kind", help="instance_group kind: auto|cpu|gpu "
                                                 "(default auto; gpu for engines).")] = None,
-    version: Annotated[int, typer.Option("--version", help="Version folder number.")] = 1,
+    version: Annotated[int, typer.Option("--version", help="Version folder number; a model folder that "
+                                         "exists gets it beside its other versions.")] = 1,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="For an engine: the ONNX it was "
                                                  "built from (tensor names, shapes, metadata).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace that version if it exists.")] = False,
+    accelerator: Annotated[str | None, typer.Option("--accelerator", help="For an ONNX model: tensorrt "
+                                                       "(Triton's ONNX Runtime backend builds a TensorRT "
+                                                       "engine on the serving GPU) or openvino (CPU)."
+                                                       )] = None,
+    accelerator_precision: Annotated[str, typer.Option("--accelerator-precision", help="tensorrt "
+                                                       "accelerator: fp16 or fp32.")] = "fp16",
     json_out: JsonOut = None,
 ):
     """Write a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx|model.plan, labels."""
@@ -59,12 +66,15 @@ def repo_cmd(
     sizes = int_list(preferred, "--preferred")
     report = write_repository(model, output, name=name, max_batch=max_batch, preferred=sizes,
                               queue_delay_us=queue_delay_us, instances=instances, kind=kind,
-                              version=version, onnx=onnx, force=force)
+                              version=version, onnx=onnx, force=force, accelerator=accelerator,
+                              accelerator_precision=accelerator_precision)
     for w in report["warnings"]:
         echo_err(f"warning: {w}")
     check = "parsed back with Triton's model_config protobuf" if report["validated_with_triton_protobuf"] \
         else "not parsed back (tritonclient missing)"
-    echo_err(f"wrote {report['folder']} ({report['platform']}, max batch {report['max_batch_size']}, "
+    accel = f", {report['accelerator']} accelerator" if report["accelerator"] else ""
+    echo_err(f"wrote {report['folder']} version {report['version']} (versions {report['versions']}; "
+             f"{report['platform']}{accel}, max batch {report['max_batch_size']}, "
              f"preferred {report['preferred_batch_sizes']}, {report['labels'] or 'no'} labels; "
              f"config.pbtxt {check})")
     if json_out:
@@ -84,8 +94,8 @@ def run_cmd(
                                                      "port (off by default).")] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus metrics "
                                                         "on this port (off by default).")] = None,
-    exit_timeout: Annotated[int, typer.Option("--exit-timeout", help="Seconds to let in-flight "
-                                              "requests finish on shutdown.")] = 10,
+    exit_timeout: Annotated[int, typer.Option("--exit-timeout", help="Seconds (0-25) to let the "
+                                              "requests accepted before a stop finish.")] = 10,
     log_file: Annotated[Path | None, typer.Option("--log-file", help="Keep tritonserver's log "
                                                      "here (default: a temp file, removed on a clean "
                                                      "exit).")] = None,
@@ -96,10 +106,10 @@ def run_cmd(
         echo_err(f"serving {', '.join(handle.models)} at {handle.url} (Triton via pytriton, ONNX Runtime "
                  f"CPU); stop with Ctrl+C or SIGTERM")
 
-    echo_err(f"starting Triton on {host}:{port} ...")
     summary = serve_repository(repository, host=host, port=port, models=model or None,
                                threads=check_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
-                               exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready)
+                               exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready,
+                               on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
     if summary["skipped"]:
         echo_err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")
     echo_err(f"stopped ({summary['signal'] or 'stop requested'}) after {summary['uptime_s']:.0f} s")

@@ -10,80 +10,136 @@ import typer
 from idle_export.cli.app import command
 from idle_export.cli.options import JsonOut, echo_err, report_console, status, write_json
 from idle_export.errors import BadInputError, CheckFailedError
+from idle_export.onnx.discover import pick_idle_onnx
+from idle_export.onnx.io import load_onnx
 from idle_export.onnx.lint import lint_file
-from idle_export.quantize.qdq import quantize_onnx
-from idle_export.trt.build import build_engine, default_engine_path, parse_batch
+from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.quantize.qdq import default_int8_path, quantize_onnx
+from idle_export.quantize.selection import is_quantized
+from idle_export.trt.build import build_engine
+from idle_export.trt.inputs import default_engine_path, parse_profile
 
 
 @command("trt")
 def trt_cmd(
-    onnx: Annotated[Path, typer.Argument(help="ONNX file from `idle-export onnx` (or a Q/DQ one for "
-                                         "--int8).")],
+    onnx: Annotated[Path | None, typer.Argument(
+        help="ONNX file from `idle-export onnx` (or `calibrate --target trt` for "
+        "--int8). Default: the one idle export in this folder.")] = None,
     fp32: Annotated[bool, typer.Option("--fp32", help="FP32 engine (TF32 off).")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine; token scores, TopK and indices stay "
-                                       "FP32/INT64 (the default precision).")] = False,
-    int8: Annotated[bool, typer.Option("--int8", help="INT8 engine from a Q/DQ ONNX (or --calib "
-                                       "DIR).")] = False,
-    batch: Annotated[str, typer.Option("--batch", help="Optimisation profile MIN:OPT:MAX.")] = "1:32:64",
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (the default); token scores, TopK "
+                                       "and indices stay FP32/INT64.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 engine. An FP32 ONNX is first calibrated "
+                                       "for TensorRT (symmetric Q/DQ; --calib DIR, else the built-in "
+                                       "photos) into ONNX_STEM.int8.trt.onnx.")] = False,
+    profile: Annotated[str, typer.Option("--profile", metavar="MIN:OPT:MAX", help="Batch sizes the "
+                                         "engine takes (MIN to MAX), tuned for OPT; a static engine is "
+                                         "N:N:N.")] = "1:32:64",
+    min_shapes: Annotated[str | None, typer.Option("--minShapes", "--min-shapes", metavar="NAME:BxCxHxW",
+                                                   help="trtexec-style profile instead of --profile "
+                                                   "(give all three).")] = None,
+    opt_shapes: Annotated[str | None, typer.Option("--optShapes", "--opt-shapes", metavar="NAME:BxCxHxW",
+                                                   help="trtexec-style, e.g. images:32x3x224x224.")] = None,
+    max_shapes: Annotated[str | None, typer.Option("--maxShapes", "--max-shapes", metavar="NAME:BxCxHxW",
+                                                   help="trtexec-style, e.g. images:64x3x224x224.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Engine file (default: "
                                                    "ONNX_STEM.PRECISION.engine); ENGINE.json is written "
                                                    "beside it.")] = None,
-    target: Annotated[str | None, typer.Option("--target", help="Compute capability to cross-build for "
-                                                  "with TensorRT-RTX, e.g. sm89 (default: portable "
-                                                  "for RTX, this GPU for TensorRT).")] = None,
-    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, "
-                                                         "read and updated (TensorRT 10/11).")] = None,
-    workspace: Annotated[int | None, typer.Option("--workspace", help="Workspace limit in MiB.")] = None,
-    flavour: Annotated[str | None, typer.Option("--flavour", help="tensorrt or tensorrt_rtx "
-                                                   "(default: tensorrt if installed, else "
-                                                   "tensorrt_rtx; env IDLE_EXPORT_TRT).")] = None,
-    calib: Annotated[Path | None, typer.Option("--calib", help="With --int8: folder of calibration "
-                                                  "images; quantizes the ONNX first (minmax).")] = None,
-    calib_num: Annotated[int, typer.Option("--calib-num", help="Calibration images to use.")] = 256,
+    target: Annotated[str | None, typer.Option("--target", metavar="SM", help="GPU architecture to "
+                                                  "cross-build for with TensorRT-RTX, e.g. sm89 (default: "
+                                                  "a portable engine for every RTX GPU with RTX; this "
+                                                  "GPU with TensorRT).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, read "
+                                                         "and updated (TensorRT 10/11; TensorRT-RTX has "
+                                                         "none and ignores it).")] = None,
+    workspace: Annotated[int | None, typer.Option("--workspace", metavar="MIB",
+                                                     help="Workspace limit in MiB.")] = None,
+    flavour: Annotated[str | None, typer.Option("--flavour", help="tensorrt or tensorrt_rtx (default: "
+                                                   "tensorrt_rtx with --target, else tensorrt if "
+                                                   "installed; env IDLE_EXPORT_TRT).")] = None,
+    calib: Annotated[Path | None, typer.Option("--calib", metavar="DIR", help="With --int8: calibration "
+                                                  "images (default: the built-in photos).")] = None,
+    calib_num: Annotated[int | None, typer.Option("--calib-num", metavar="N", help="Calibration images "
+                                                     "to use (default: up to 512).")] = None,
     emit_selection: Annotated[bool, typer.Option("--emit-selection", help="Also output each idle "
                                                  "layer's kept token indices (for `check`; may cost "
                                                  "speed).")] = False,
+    plugin: Annotated[bool, typer.Option("--plugin", help="For an `onnx --plugin` export: build "
+                                         "IdleSelect/IdleScatter as the fused-kernel TensorRT AOT "
+                                         "plugins (tensorrt >= 10.12 and a GPU; TensorRT-RTX has no "
+                                         "plugins). Without it TensorRT builds their function "
+                                         "bodies.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show the TensorRT builder log.")] = False,
+    batch: Annotated[str | None, typer.Option("--batch", hidden=True)] = None,
     json_out: JsonOut = None,
 ):
     """Build a TensorRT engine (TensorRT 10/11 on a GPU, or TensorRT-RTX without one)."""
-
+    if batch is not None:
+        example = batch if ":" in batch else "1:32:64"
+        raise BadInputError("trt takes the batch range as --profile MIN:OPT:MAX (--batch lists the batch "
+                            "sizes that check and bench run)", f"e.g. --profile {example}")
     chosen = [name for name, on in (("fp32", fp32), ("fp16", fp16), ("int8", int8)) if on]
     if len(chosen) > 1:
         raise BadInputError(f"choose one precision, not {' and '.join('--' + c for c in chosen)}",
                             "pass one of --fp32, --fp16, --int8")
     precision = chosen[0] if chosen else "fp16"
-    profile = parse_batch(batch)
     if calib is not None and precision != "int8":
         raise BadInputError("--calib is for INT8 builds", "add --int8, or drop --calib")
-    if calib_num < 1:
+    if calib_num is not None and calib_num < 1:
         raise BadInputError(f"--calib-num {calib_num} must be at least 1", "e.g. --calib-num 256")
+    if onnx is None:
+        onnx = pick_idle_onnx(Path("."), "trt")
+        echo_err(f"trt: building from {onnx.name} (the idle export in this folder)")
+    meta = OnnxMetadata.read(onnx)
+    shapes = (min_shapes, opt_shapes, max_shapes)
+    if any(shapes) and not all(shapes):
+        raise BadInputError("give --minShapes, --optShapes and --maxShapes together",
+                            "e.g. --minShapes images:1x3x224x224 --optShapes images:32x3x224x224 "
+                            "--maxShapes images:64x3x224x224")
+    size = meta.spec.img_size if meta.has_spec else None
+    batch_range = parse_profile(profile, shapes=shapes if all(shapes) else None,
+                                chw=(3, size, size) if size else None)
     output = output or default_engine_path(onnx, precision)
     source = onnx
-    if calib is not None:
-        source = _quantize(onnx, output, calib, calib_num)
-    with status(f"building {output.name} ({precision})"):
-        info = build_engine(source, precision=precision, batch=profile, target=target,
-                            timing_cache=timing_cache, workspace=workspace, verbose=verbose,
-                            output=output, flavour=flavour, selection=emit_selection, echo=echo_err)
+    if precision == "int8" and not plugin and not is_quantized(load_onnx(onnx)):
+        source = _calibrate_for_trt(onnx, output.parent / default_int8_path(onnx, "trt").name, calib,
+                                    calib_num)
+    try:
+        with status(f"building {output.name} ({precision}, batch {':'.join(map(str, batch_range))})"):
+            info = build_engine(source, precision=precision, batch=batch_range, target=target,
+                                timing_cache=timing_cache, workspace=workspace, verbose=verbose,
+                                output=output, flavour=flavour, selection=emit_selection,
+                                plugin=plugin, echo=echo_err)
+    except KeyboardInterrupt:
+        if source != onnx:  # the INT8 graph calibrated for this build: nothing stays behind
+            source.unlink(missing_ok=True)
+        raise
+    if timing_cache is not None and str(info.get("timing_cache", "")).startswith("not used"):
+        echo_err(f"note: --timing-cache {timing_cache} {info['timing_cache']}")
     echo_err(f"equivalent: {info['trtexec']}")
+    p = info["profiles"][0]
+    dims = {k: "x".join(map(str, p[k])) for k in ("min", "opt", "max")}
     echo_err(f"wrote {output} ({info['engine_bytes'] / 1e6:.1f} MB, {precision}, {info['flavour']} "
-             f"{info['trt_version']}, {info['compute_capability']}, batch {batch}, built in "
-             f"{info['build_seconds']:.1f} s) and {output.name}.json")
+             f"{info['trt_version']}, {info['compute_capability']}, profile {p['input']} min {dims['min']} "
+             f"opt {dims['opt']} max {dims['max']}, built in {info['build_seconds']:.1f} s) and "
+             f"{output.name}.json")
+    if info["flavour"] == "tensorrt_rtx":
+        echo_err("note: Triton's tensorrt_plan backend cannot load TensorRT-RTX engines; to serve with "
+                 f"TensorRT on Triton: idle-export serve repo {onnx.name} --accelerator tensorrt "
+                 "(the server builds its engine on its GPU)")
     if json_out:
         write_json(info, json_out)
 
 
-def _quantize(onnx: Path, output: Path, calib: Path, num: int) -> Path:
-    """--int8 --calib DIR: Q/DQ ONNX for TensorRT via idle_export.quantize."""
-    if not calib.is_dir():
-        raise BadInputError(f"--calib {calib} is not a folder", "pass a folder of calibration images")
-
-    stem = output.name[:-7] if output.name.endswith(".engine") else output.name
-    dst = output.with_name(f"{stem}.qdq.onnx")
-    with status(f"calibrating {onnx.name} on {calib} ({num} images)"):
-        quantize_onnx(onnx, dst, images=calib, num=num, method="minmax", target="trt")
-    echo_err(f"wrote {dst} (Q/DQ for TensorRT)")
+def _calibrate_for_trt(onnx: Path, dst: Path, calib: Path | None, num: int | None) -> Path:
+    """--int8 on an FP32 ONNX: calibrate it for TensorRT (symmetric Q/DQ, float biases) into `dst`
+    (the name `calibrate --target trt` gives it, beside the engine)."""
+    if calib is not None and not calib.exists():
+        raise BadInputError(f"--calib {calib} does not exist", "pass a folder of calibration images")
+    where = calib or "the built-in photos (pass --calib DIR for your own images)"
+    with status(f"calibrating {onnx.name} for TensorRT on {where}") as progress:
+        report = quantize_onnx(onnx, dst, images=calib, num=num, method="minmax", target="trt",
+                               status=progress.update)
+    echo_err(f"wrote {dst} (INT8 Q/DQ for TensorRT, {report['num_images']} calibration images from {where})")
     return dst
 
 
@@ -100,7 +156,9 @@ def lint_cmd(
     report = lint_file(onnx, expect_idle=expect_idle)
     console = report_console(json_out)
     ops = report["ops"]
-    idle = ", ".join(f"{op} {ops.get(op, 0)}" for op in ("TopK", "GatherElements", "ScatterElements"))
+    shown = ("IdleSelect", "IdleScatter") if report["form"] == "plugin" else (
+        "TopK", "GatherElements", "ScatterElements")
+    idle = ", ".join(f"{op} {ops.get(op, 0)}" for op in shown)
     console.print(f"{onnx.name}: opset {report['opset']}, {sum(ops.values())} nodes, "
                   f"{len(ops)} op types; {idle}")
     if report["findings"]:
@@ -113,6 +171,7 @@ def lint_cmd(
         console.print(table)
     verdict = "[green]OK[/]" if report["passed"] else f"[red]{report['errors']} error(s)[/]"
     console.print(f"{verdict} for TensorRT 10/11 and TensorRT-RTX"
+                  + (" (plugin form: function bodies checked)" if report["form"] == "plugin" else "")
                   + (f", {report['warnings']} warning(s)" if report["warnings"] else ""))
     if json_out:
         write_json(report, json_out)

@@ -207,10 +207,11 @@ def _cache_write(folder: Path, key: str, array: np.ndarray, info: dict) -> bool:
 
 # ----------------------------------------------------------------------------- entry point
 def load_images(source, num: int, spec, *, seed: int = 0, cache_dir: str | Path | None | bool = None,
-                what: str = "--images") -> CalibrationImages:
+                what: str = "--images", at_most: bool = False) -> CalibrationImages:
     """Preprocessed images for calibration or checks. `source`: None (built-in set), a folder,
     a .txt list, an image file, a list of paths, or an already preprocessed [n,3,H,W] array.
-    `num=0`: all usable images. `cache_dir=False` turns the cache off."""
+    `num=0`: all usable images; `at_most=True`: up to `num` (fewer usable images are fine; the
+    user did not ask for a number). `cache_dir=False` turns the cache off."""
     if num is None or int(num) < 0:
         raise BadInputError(f"--num {num} must be ≥ 0", "e.g. --num 512 (0: all images)")
     num = int(num)
@@ -225,7 +226,7 @@ def load_images(source, num: int, spec, *, seed: int = 0, cache_dir: str | Path 
             raise BadInputError(f"image array has shape {arr.shape}, expected [n, 3, {spec.img_size}, "
                                 f"{spec.img_size}]",
                                 "pass preprocessed images or a folder")
-        if num and arr.shape[0] < num:
+        if num and arr.shape[0] < num and not at_most:
             raise BadInputError(f"{arr.shape[0]} images given, fewer than --num {num}",
                                 f"pass --num {arr.shape[0]}")
         return CalibrationImages(arr[:num] if num else arr, source="array")
@@ -249,7 +250,7 @@ def load_images(source, num: int, spec, *, seed: int = 0, cache_dir: str | Path 
         example = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise BadInputError(f"{what} {label}: none of its {len(files)} files is a readable image{example}",
                             "pass JPEG or PNG images")
-    if num and len(arrays) < num:
+    if num and len(arrays) < num and not at_most:
         raise BadInputError(f"{what} {label} has {len(arrays)} usable images, fewer than --num {num}"
                             + (f" ({len(skipped)} files skipped)" if skipped else ""),
                             f"pass --num {len(arrays)} (or --num 0 for all) or add images")

@@ -22,6 +22,23 @@ ALIASES = {v["timm_name"]: k for k, v in ARCHS.items()} | {
 }
 EMBED_DIM_TO_ARCH = {v["embed_dim"]: k for k, v in ARCHS.items()}
 
+# LV-ViT (Token Labeling), our own module model/lvvit.py: widths, the conv stem's width, and the
+# idle layers with the exponent p of keep_rate**p for each, as the official infer.py and main.py
+# set them (they agree for LV-ViT): keep_ratios = [r**(i+1) for i in range(3) for _ in range(G)].
+LVVIT_ARCHS: dict[str, dict] = {
+    "lvvit_s": dict(embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, stem_width=64,
+                    idle_layers=tuple(range(4, 16)), exponents=(1,) * 4 + (2,) * 4 + (3,) * 4),
+    "lvvit_m": dict(embed_dim=512, depth=20, num_heads=8, mlp_ratio=3.0, stem_width=64,
+                    idle_layers=tuple(range(5, 20)), exponents=(1,) * 5 + (2,) * 5 + (3,) * 5),
+}
+LVVIT_HEAD_DIM = 64  # both official LV-ViTs have 64-wide heads: a narrower test model keeps that
+ALIASES |= {"lvvit_small": "lvvit_s", "lvvit_medium": "lvvit_m"}
+
+
+def arch_family(arch: str) -> str:
+    """"lvvit" for the LV-ViT archs, "deit" for the timm DeiTs."""
+    return "lvvit" if arch in LVVIT_ARCHS else "deit"
+
 # How idle layers rank tokens (model.IdleBlock): the paper's q_cls·k, or xn·(Wkᵀq_cls) (same top-K).
 SCORE_MODES = ("official", "folded")
 
@@ -41,15 +58,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def canonical_arch(name: str) -> str:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
-    if key.startswith("lvvit"):  # the authors' other family (lvvit_s, lvvit_m): a different model
-        raise BadInputError(
-            f"architecture {name!r} is LV-ViT, which idle-export cannot export yet",
-            f"only DeiT checkpoints are supported ({', '.join(ARCHS)}); LV-ViT is planned",
-        )
-    if key not in ARCHS:
+    if key not in ARCHS and key not in LVVIT_ARCHS:
         raise BadInputError(
             f"unknown architecture {name!r}",
-            f"use one of {', '.join(ARCHS)} (or the timm names {', '.join(ALIASES)})",
+            f"use one of {', '.join([*ARCHS, *LVVIT_ARCHS])} (or the timm names "
+            f"{', '.join(a for a in ALIASES if not a.startswith('lvvit'))})",
         )
     return key
 
@@ -80,16 +93,20 @@ class ModelSpec:
     embed_dim: int = field(default=0)
     depth: int = field(default=0)
     num_heads: int = field(default=0)
+    stem_width: int = field(default=0)  # LV-ViT's conv stem (0 for DeiT, which has none)
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
-        info = ARCHS[self.arch]
-        for key in ("embed_dim", "depth", "num_heads"):
+        info = ARCHS.get(self.arch) or LVVIT_ARCHS[self.arch]
+        for key in ("embed_dim", "depth", "num_heads") + (("stem_width",) if self.family == "lvvit" else ()):
             if not getattr(self, key):
                 object.__setattr__(self, key, info[key])
+        if self.embed_dim % self.num_heads:
+            raise BadInputError(f"width {self.embed_dim} does not split into {self.num_heads} heads",
+                                "check the checkpoint's architecture")
         n = self.num_patches
         if len(self.idle_layers) != len(self.keep_k):
             raise BadInputError(
@@ -123,13 +140,21 @@ class ModelSpec:
         keep_k: list[int] | None = None,
         num_classes: int = 1000,
         img_size: int = 224,
+        dims: dict[str, int] | None = None,
     ) -> ModelSpec:
-        """The official K rule, K = int(N * keep_rate ** p) in Python floats, or explicit K."""
+        """The official K rule, K = int(N * keep_rate ** p) in Python floats, or explicit K.
+        LV-ViT has one schedule per arch (the official eval and training scripts agree), so
+        `schedule` only chooses for DeiT; `dims` (embed_dim, depth, num_heads, stem_width)
+        describes a narrower LV-ViT than the arch's, as read from its weights."""
         arch = canonical_arch(arch)
         n = (img_size // 16) ** 2
         if schedule not in SCHEDULES:
             raise BadInputError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         preset_layers, preset_pows = SCHEDULES[schedule]
+        group = 3  # the official groups: idle layers per power of r
+        if arch in LVVIT_ARCHS:
+            preset_layers, preset_pows = LVVIT_ARCHS[arch]["idle_layers"], LVVIT_ARCHS[arch]["exponents"]
+            group = len(preset_layers) // 3
         layers = tuple(preset_layers if idle_layers is None else idle_layers)
         if keep_k is not None:
             if keep_rate is not None:
@@ -142,16 +167,26 @@ class ModelSpec:
                     "pass --keep 0.7 (the rate the model was trained with) or --keep-k",
                 )
             keep_rate = check_keep_rate(keep_rate)
-            # p-th idle layer keeps r**(p//3 + 1) as in the official scripts (groups of three)
-            pows = preset_pows if idle_layers is None else tuple(i // 3 + 1 for i in range(len(layers)))
+            # p-th idle layer keeps r**(p//G + 1) as in the official scripts (groups of G: three for
+            # DeiT, four for LV-ViT-S, five for LV-ViT-M)
+            pows = preset_pows if idle_layers is None else tuple(i // group + 1 for i in range(len(layers)))
             ks = tuple(int(n * keep_rate**p) for p in pows)
         return cls(arch=arch, keep_rate=keep_rate, idle_layers=layers, keep_k=ks,
-                   num_classes=num_classes, img_size=img_size)
+                   num_classes=num_classes, img_size=img_size, **(dims or {}))
 
     # ------------------------------------------------------------------ derived
     @property
+    def family(self) -> str:
+        """"deit" (timm VisionTransformer, model/vit.py) or "lvvit" (model/lvvit.py)."""
+        return arch_family(self.arch)
+
+    @property
     def timm_name(self) -> str:
         return ARCHS[self.arch]["timm_name"]
+
+    @property
+    def mlp_ratio(self) -> float:
+        return LVVIT_ARCHS[self.arch]["mlp_ratio"] if self.family == "lvvit" else 4.0
 
     @property
     def num_patches(self) -> int:
@@ -161,11 +196,24 @@ class ModelSpec:
     def k_by_layer(self) -> dict[int, int]:
         return dict(zip(self.idle_layers, self.keep_k))
 
+    def embed_macs(self) -> int:
+        """MACs of the patch embedding of one image, which idle layers do not shrink: DeiT's
+        linear patch projection, or LV-ViT's conv stem (BatchNorm folded, so not counted)."""
+        c = self.embed_dim
+        if self.family == "deit":
+            return self.num_patches * 3 * self.patch_size**2 * c
+        w, half = self.stem_width, self.img_size // 2
+        convs = half * half * w * (3 * 7 * 7 + 2 * w * 3 * 3)  # conv7×7/2, conv3×3, conv3×3
+        return convs + self.num_patches * c * w * (self.patch_size // 2) ** 2  # proj, kernel 8
+
     def macs(self, dense: bool = False, folded_scores: bool = False) -> int:
         """Multiply-accumulates of one image: the FLOP model bench uses (LayerNorm, softmax,
-        GELU and adds are not counted; they are O(N·C))."""
-        c, n, hidden = self.embed_dim, self.num_patches + 1, 4 * self.embed_dim
-        total = self.num_patches * 3 * self.patch_size**2 * c + c * self.num_classes
+        GELU, ReLU and adds are not counted; they are O(N·C)). The patch embedding (LV-ViT: the
+        conv stem), every block's linears and attention matmuls over its tokens, the selection
+        score per mode, the CLS head and LV-ViT's aux head over every patch token."""
+        c, n, hidden = self.embed_dim, self.num_patches + 1, int(self.embed_dim * self.mlp_ratio)
+        heads = 1 + (self.num_patches if self.family == "lvvit" else 0)  # LV-ViT: + aux_head
+        total = self.embed_macs() + heads * c * self.num_classes
         k_by_layer = {} if dense else self.k_by_layer
         for layer in range(self.depth):
             if layer not in k_by_layer:
@@ -184,6 +232,8 @@ class ModelSpec:
     # ------------------------------------------------------------------ metadata
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)
+        if self.family == "deit":
+            del d["stem_width"]  # DeiT files keep the metadata they always had
         return {f"idle_export.{k}": json.dumps(v) for k, v in d.items()}
 
     @classmethod
@@ -205,7 +255,12 @@ class ModelSpec:
         rate = "explicit K" if self.keep_rate is None else f"keep {self.keep_rate:g}"
         ks = ",".join(str(k) for k in self.keep_k)
         layers = ",".join(str(i) for i in self.idle_layers)
-        return f"{self.arch} {rate}, idle layers {layers or '-'}, K {ks or '-'}"
+        arch = self.arch
+        info = ARCHS.get(arch) or LVVIT_ARCHS[arch]
+        if any(getattr(self, k) != info[k] for k in ("embed_dim", "depth", "stem_width") if k in info):
+            arch += f" (width {self.embed_dim}, {self.depth} blocks" + (
+                f", stem {self.stem_width})" if self.family == "lvvit" else ")")
+        return f"{arch} {rate}, idle layers {layers or '-'}, K {ks or '-'}"
 
 
 @dataclass(frozen=True)
@@ -215,12 +270,15 @@ class Tolerances:
     max_abs: float = 1e-4  # on logits
     min_top1: float = 1.0  # fraction of images whose top-1 class agrees
     min_selection: float = 1.0  # fraction of (image, layer) pairs with the same kept set, ties aside
-    tie_atol: float = 1e-6  # a differing token is a tie if its reference score is this close
-    tie_rtol: float = 1e-5  # to the K-th largest score (absolute + relative)
+    tie_atol: float = 1e-6  # a differing token is a tie if its reference score is this close to
+    tie_rtol: float = 1e-5  # the K-th largest score (absolute + relative to the largest |score|)
 
 
 TOLERANCES = {
     "fp32": Tolerances(),
-    "fp16": Tolerances(max_abs=5e-2, min_top1=0.99, min_selection=0.95),
-    "int8": Tolerances(max_abs=float("inf"), min_top1=0.99, min_selection=0.0),
+    # FP16: scores are computed in FP32 from FP16 activations, which moves them by up to ~3% of
+    # their range in the last idle layers (measured on the trained photos10 model)
+    "fp16": Tolerances(max_abs=5e-2, min_top1=0.99, min_selection=0.95, tie_atol=1e-3, tie_rtol=3e-2),
+    "int8": Tolerances(max_abs=float("inf"), min_top1=0.99, min_selection=0.0, tie_atol=1e-3,
+                       tie_rtol=5e-2),
 }

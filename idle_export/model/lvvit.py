@@ -23,20 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idle_export.model.config import SCORE_MODES
+# LVVIT_ARCHS (official short names → dims, idle layers, exponents) lives in the light config
+from idle_export.model.config import LVVIT_ARCHS, SCORE_MODES, ModelSpec
 
 PATCH_SIZE = 16  # the stem's total stride: 2 (conv1) × 8 (proj)
 SKIP_LAM = 2.0  # residual branches are divided by this (Token Labeling's skip_lam)
 LN_EPS = 1e-5
-
-# Official short names (args.arch in infer.py / main.py). Idle layers and the exponent p of
-# keep_rate**p per idle layer: infer.py's keep_ratios = [r**(i+1) for i in range(3) for _ in range(G)].
-LVVIT_ARCHS: dict[str, dict] = {
-    "lvvit_s": dict(embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, stem_width=64,
-                    idle_layers=tuple(range(4, 16)), exponents=(1,) * 4 + (2,) * 4 + (3,) * 4),
-    "lvvit_m": dict(embed_dim=512, depth=20, num_heads=8, mlp_ratio=3.0, stem_width=64,
-                    idle_layers=tuple(range(5, 20)), exponents=(1,) * 5 + (2,) * 5 + (3,) * 5),
-}
 
 
 def _arch(arch: str) -> dict:
@@ -118,6 +110,8 @@ class LVBlock(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.record_scores = False  # eager only: keep the last scores for tie analysis
+        self.last_scores: torch.Tensor | None = None
 
     def _attend(self, xn: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
         """proj(softmax(q kᵀ · scale) v) among the rows of xn (keys given: already projected)."""
@@ -142,6 +136,8 @@ class LVBlock(nn.Module):
         else:  # q·(Wk xn_j) = (Wkᵀ q)·xn_j: the same ranking without keys (qkv has no bias)
             keys = None
             scores = torch.matmul(torch.matmul(q_cls, wk), xn[:, 1:].transpose(1, 2)).squeeze(1)
+        if self.record_scores:
+            self.last_scores = scores.detach()
         top = torch.topk(scores, self.keep, dim=1, largest=True, sorted=True).indices
         return torch.cat([torch.zeros_like(top[:, :1]), top + 1], dim=1), keys
 
@@ -188,6 +184,7 @@ class LVViT(nn.Module):
                 raise ValueError(f"idle layer {layer} keeping {k} tokens: need layer in 0..{depth - 1} "
                                  f"and K in 1..{n}")
         self.arch, self.num_classes, self.img_size = arch, num_classes, img_size
+        self.spec: ModelSpec | None = None  # set by from_spec: what the export and runners read
         self.keep_k = dict(sorted(keep_k.items()))
         self.score_mode = score_mode
         self.emit_selection = emit_selection and bool(keep_k)
@@ -201,9 +198,26 @@ class LVViT(nn.Module):
         self.head = nn.Linear(c, num_classes)
         self.aux_head = nn.Linear(c, num_classes)
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, *, dense: bool = False, emit_selection: bool = False,
+                  score_mode: str = "official") -> LVViT:
+        """The model of a ModelSpec (its arch, dims and K per idle layer; none with dense),
+        random weights. `.spec` is set, as on vit.IdleViT."""
+        model = cls(spec.arch, spec.num_classes, keep_k=None if dense else spec.k_by_layer,
+                    score_mode=score_mode, emit_selection=emit_selection, img_size=spec.img_size,
+                    embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+                    stem_width=spec.stem_width)
+        model.spec = spec
+        return model
+
     @property
     def dense(self) -> bool:
         return not self.keep_k
+
+    @property
+    def idle_blocks(self) -> list[LVBlock]:
+        """The idle layers' blocks, in layer order (as vit.IdleViT.idle_blocks)."""
+        return [b for b in self.blocks if b.keep is not None]
 
     def forward(self, images: torch.Tensor):
         x = self.patch_embed(images)
@@ -214,7 +228,11 @@ class LVViT(nn.Module):
             if idx is not None:
                 selections.append(idx)
         x = self.norm(x)
-        logits = self.head(x[:, 0]) + 0.5 * self.aux_head(x[:, 1:]).max(dim=1).values
+        aux = self.aux_head(x[:, 1:])  # [B, N, classes]
+        # the max over patch tokens as one pooling window (exact): ONNX MaxPool, whose shapes ONNX
+        # Runtime's quantization tools infer (an opset-18 ReduceMax with its axes input they cannot)
+        aux_max = F.max_pool2d(aux.unsqueeze(1), kernel_size=(aux.shape[1], 1)).flatten(1)
+        logits = self.head(x[:, 0]) + 0.5 * aux_max
         return (logits, *selections) if self.emit_selection else logits
 
 
@@ -280,35 +298,27 @@ def _k_by_layer(arch: str, keep_k: Mapping[int, int] | Sequence[int] | None) -> 
     return dict(zip(layers, keep_k))
 
 
+def _spec(arch: str, keep_k: Mapping[int, int] | Sequence[int] | None = None, num_classes: int = 1000,
+          img_size: int = 224) -> ModelSpec:
+    _arch(arch)  # ValueError for an unknown arch
+    k_by_layer = _k_by_layer(arch, keep_k)
+    return ModelSpec(arch=arch, keep_rate=None, idle_layers=tuple(k_by_layer),
+                     keep_k=tuple(k_by_layer.values()), num_classes=num_classes, img_size=img_size)
+
+
 def lvvit_stem_macs(arch: str, img_size: int = 224) -> int:
-    """Multiply-accumulates of the conv stem for one image (BN folded, so not counted)."""
-    info = _arch(arch)
-    w, half = info["stem_width"], img_size // 2
-    convs = half * half * w * (3 * 7 * 7 + 2 * w * 3 * 3)
-    return convs + lvvit_num_patches(img_size) * info["embed_dim"] * w * (PATCH_SIZE // 2) ** 2
+    """Multiply-accumulates of the conv stem for one image (BN folded, so not counted):
+    ModelSpec.embed_macs."""
+    return _spec(arch, img_size=img_size).embed_macs()
 
 
 def lvvit_macs(arch: str, keep_k: Mapping[int, int] | Sequence[int] | None, dense: bool = False,
                num_classes: int = 1000, img_size: int = 224, score_mode: str = "official") -> int:
-    """Multiply-accumulates of one image, counted as ModelSpec.macs counts DeiT (LayerNorm,
-    softmax, GELU, ReLU and adds not counted): the stem (which idle layers do not shrink), every
-    block's linears and attention matmuls over its tokens, the selection score per mode, the
-    CLS head and the aux head over all patch tokens. keep_k: {layer: K} or one K per idle layer."""
-    info = _arch(arch)
+    """Multiply-accumulates of one image (ModelSpec.macs, the FLOP model bench uses): the stem
+    (which idle layers do not shrink), every block's linears and attention matmuls over its
+    tokens, the selection score per mode, the CLS head and the aux head over all patch tokens.
+    keep_k: {layer: K} or one K per idle layer."""
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}")
-    c, n = info["embed_dim"], lvvit_num_patches(img_size) + 1
-    hidden = int(c * info["mlp_ratio"])
-    total = lvvit_stem_macs(arch, img_size) + c * num_classes + (n - 1) * c * num_classes
-    k_by_layer = {} if dense else _k_by_layer(arch, keep_k)
-    for layer in range(info["depth"]):
-        if layer not in k_by_layer:
-            total += n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * hidden
-            continue
-        s = k_by_layer[layer] + 1  # selected tokens, CLS included
-        if score_mode == "folded":  # w = Wkᵀ q_cls, score = xn·w, keys only for the selected tokens
-            select, qkv = c * c + c * c + n * c, s * c * 3 * c
-        else:  # official: q_cls, keys for every token, q_cls·k
-            select, qkv = c * c + n * c * c + n * c, s * c * 2 * c
-        total += select + qkv + 2 * s * s * c + s * c * c + 2 * s * c * hidden
-    return total
+    spec = _spec(arch, None if dense else keep_k, num_classes, img_size)
+    return spec.macs(dense=dense, folded_scores=score_mode == "folded")

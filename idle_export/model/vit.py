@@ -113,6 +113,11 @@ class IdleViT(nn.Module):
             for i, blk in enumerate(vit.blocks)
         ]
 
+    @property
+    def idle_blocks(self) -> list[IdleBlock]:
+        """The idle layers, in layer order (as lvvit.LVViT.idle_blocks)."""
+        return [layer for layer in self.layers if isinstance(layer, IdleBlock)]
+
     def forward(self, images: torch.Tensor):
         vit = self.vit
         x = vit.patch_embed(images)

@@ -13,32 +13,41 @@ from idle_export.lazy import lazy_module
 from idle_export.onnx.io import (
     DEFAULT_OPSET,
     INPUT_NAME,
-    MIN_OPSET,
+    MAX_BATCH,
     OUTPUT_NAME,
+    check_opset,
     install_onnx,
     selection_output_names,
 )
 from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.onnx.plugin_form import to_plugin_form
+from idle_export.onnx.targets import DEFAULT_TARGET, apply_target, check_target
 
-vit = lazy_module("idle_export.model.vit")  # torch
+build = lazy_module("idle_export.model.build")  # torch
 
 
 def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
-                external_data: bool = False, metadata: dict[str, str] | None = None) -> Path:
-    """Export an IdleViT (or its dense twin) and write `path` (+ `path.data`) atomically."""
+                external_data: bool = False, metadata: dict[str, str] | None = None,
+                plugin: bool = False, target: str = DEFAULT_TARGET) -> Path:
+    """Export an IdleViT or LV-ViT (or its dense twin; a model of model.build.build_model) and
+    write `path` (+ `path.data`) atomically. plugin: rewrite each idle layer's selection into
+    IdleSelect/IdleScatter nodes that are also model-local functions (onnx.plugin_form).
+    target: the graph passes of where the file runs (onnx.targets; portable writes none)."""
     import onnx
     import torch
 
-    if opset < MIN_OPSET:
-        raise BadInputError(f"opset {opset} is too old", f"use --opset {MIN_OPSET} or newer "
-                            "(LayerNormalization stays one op, needed for FP16)")
+    check_opset(opset)
+    check_target(target)
+    if plugin and target not in ("portable", "tensorrt"):
+        raise BadInputError(f"--plugin writes the plugin form for TensorRT; --target {target} tunes "
+                            "the standard form", "drop --plugin, or use --target portable")
     path = check_output_path(Path(path))
     spec = model.spec
     dummy = torch.zeros(2, 3, spec.img_size, spec.img_size)
     outputs = [OUTPUT_NAME] + (selection_output_names(spec) if model.emit_selection else [])
     dynamic_shapes = None
     if dynamic_batch:
-        dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+        dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
     tmpdir = Path(tempfile.mkdtemp(prefix=".idle-export-", dir=path.parent))
     try:
         raw = tmpdir / "raw.onnx"
@@ -53,6 +62,9 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
         proto.producer_name = "idle-export"
         proto.producer_version = __version__
         proto.doc_string = f"IdleViT {spec.describe()}{' (dense baseline)' if model.dense else ''}"
+        if plugin:
+            proto = to_plugin_form(proto)
+        proto = apply_target(proto, target)
         install_onnx(proto, tmpdir, path, external_data=external_data, check=True)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -63,15 +75,24 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
 
 def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
                       emit_selection: bool = False, score_mode: str = "folded",
-                      opset: int = DEFAULT_OPSET, external_data: bool = False) -> Path:
-    """Checkpoint (already loaded) → ONNX with the full idle-export metadata."""
+                      opset: int = DEFAULT_OPSET, external_data: bool = False,
+                      plugin: bool = False, target: str = DEFAULT_TARGET) -> Path:
+    """Checkpoint (already loaded) → ONNX with the full idle-export metadata; plugin: the
+    plugin form (IdleSelect/IdleScatter, folded scores only)."""
     import json
 
     output = check_output_path(Path(output))
+    if plugin and dense:
+        raise BadInputError("--plugin fuses the idle layers' token selection; the dense baseline "
+                            "has none", "drop --plugin (or --dense)")
+    if plugin and score_mode != "folded":
+        raise BadInputError(f"--plugin computes folded scores (xn·w); --scores {score_mode} "
+                            "computes keys for every token", "use --scores folded (the default)")
     if dense:
         score_mode = "official"  # a dense layer computes every key: there is nothing to fold
-    model = vit.build_model(spec, ckpt.state_dict, dense=dense, emit_selection=emit_selection,
-                        score_mode=score_mode)
+    # LV-ViT: the stem's BatchNorms folded into its convs (no BatchNormalization in the graph)
+    model = build.build_model(spec, ckpt.state_dict, dense=dense, emit_selection=emit_selection,
+                              score_mode=score_mode)
     metadata = {
         **spec.to_metadata(),
         "idle_export.dense": json.dumps(dense),
@@ -81,6 +102,7 @@ def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
     }
     if ckpt.classes:
         metadata["idle_export.classes"] = json.dumps(ckpt.classes)
-    return export_onnx(model, output, opset=opset, external_data=external_data, metadata=metadata)
+    return export_onnx(model, output, opset=opset, external_data=external_data, metadata=metadata,
+                       plugin=plugin, target=target)
 
 

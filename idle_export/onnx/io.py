@@ -18,9 +18,25 @@ INPUT_NAME = "images"
 
 
 OUTPUT_NAME = "logits"
+MAX_BATCH = 4096  # the bound of the exported graphs' dynamic batch dimension
 
 
 SELECTION_PREFIX = "selection_layer"  # + idle layer index: the int64 [B, K+1] kept-token outputs
+
+
+def check_opset(opset: int) -> int:
+    """An opset the export can write: ≥ MIN_OPSET (LayerNormalization as one op, needed for FP16)
+    and no newer than the installed onnx knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise BadInputError(f"opset {opset} is too old", f"use --opset {MIN_OPSET} or newer "
+                            "(LayerNormalization stays one op, needed for FP16)")
+    if opset > newest:
+        raise BadInputError(f"opset {opset} is newer than the installed onnx knows ({newest})",
+                            f"use --opset {DEFAULT_OPSET} (any of {MIN_OPSET}..{newest})")
+    return opset
 
 
 def selection_output_names(spec) -> list[str]:
@@ -44,6 +60,11 @@ def install_onnx(proto, tmpdir: Path, path: Path, *, external_data: bool, check:
         onnx.save_model(proto, str(final))
     if check:
         onnx.checker.check_model(str(final), full_check=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (final, tmpdir / data_name):  # the usual file mode (onnx writes its data 0600)
+        if written.exists():
+            os.chmod(written, 0o666 & ~umask)
     if external_data:
         os.replace(tmpdir / data_name, path.parent / data_name)
     elif (path.parent / data_name).exists():
@@ -81,10 +102,14 @@ def load_onnx(path: str | Path):
     if not path.is_file():
         raise BadInputError(f"{path} is not a file", "pass the .onnx file itself")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path))
     except FileNotFoundError as e:
         raise BadInputError(f"{path.name} refers to external weights that are missing ({e.filename})",
                             "keep the .onnx.data file next to the .onnx file") from None
     except Exception as e:  # onnx raises DecodeError and friends
         raise BadInputError(f"{path.name} is not an ONNX model ({type(e).__name__})",
                             "pass a file written by `idle-export onnx` or torch.onnx.export") from None
+    if not proto.graph.node or not proto.graph.output:  # an empty file parses as an empty model
+        raise BadInputError(f"{path.name} is not an ONNX model (no graph: {path.stat().st_size} bytes)",
+                            "pass a file written by `idle-export onnx` or torch.onnx.export")
+    return proto

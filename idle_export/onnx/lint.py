@@ -12,6 +12,10 @@ TensorRT-RTX parse the same set) and from what we saw fail in practice:
   layernorm-outputs    LayerNormalization: only output Y is supported
   opset                opset < 17 splits LayerNormalization (FP16 overflow); > 20 may be too new
   idle-ops             with expect_idle: TopK + GatherElements + ScatterElements per idle layer
+  plugin-ops           IdleSelect/IdleScatter (domain idle_export) of a declared plugin form
+                       (`onnx --plugin`): allowed, since they are model-local functions whose
+                       bodies TensorRT parses without the plugin; the bodies are linted like the
+                       rest (the graph is checked with its functions inlined)
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 from idle_export.onnx.graph import constant_tensors, mixed_float_inputs, producers, tensor_types
 from idle_export.onnx.io import MIN_OPSET, load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.onnx.plugin_form import PLUGIN_OPS, inline, plugin_node_problem
+from idle_export.plugins.spec import DOMAIN
 
 TOPK_MAX = 3840
 MAX_OPSET = 20
@@ -70,8 +76,10 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
     """Findings for a loaded ModelProto, most serious first (severity 'error' or 'warning')."""
     from onnx import TensorProto
 
+    findings: list[dict] = _plugin_findings(model)
+    if model.functions:
+        model = inline(model)  # what TensorRT without the plugin parses: the function bodies
     g = model.graph
-    findings: list[dict] = []
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < MIN_OPSET:
         findings.append(_finding("opset", f"opset {opset} < {MIN_OPSET}: LayerNormalization is split into "
@@ -82,8 +90,8 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
                                  f"(≤ {MAX_OPSET}); later TensorRT or RTX may still take it",
                                  severity="warning"))
     inits = {i.name: i for i in g.initializer}
-    constants = {n.output[0]: a.t for n in g.node if n.op_type == "Constant"
-                 for a in n.attribute if a.name == "value"}
+    constants = {n.output[0]: _constant_tensor(a) for n in g.node if n.op_type == "Constant"
+                 for a in n.attribute if a.name in ("value", "value_int", "value_ints")}
     const = constant_tensors(model)
     types = tensor_types(model)
     made_by = producers(model)
@@ -109,7 +117,7 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
             continue
         if op == "TopK":
             k_name = node.input[1] if len(node.input) > 1 else ""
-            k = _const_value(k_name, inits, constants)
+            k = _constant_k(k_name, made_by, inits, constants)
             if k is None and k_name not in const:
                 findings.append(_finding("topk-k", "TopK's K is computed at run time; TensorRT needs a "
                                          "constant K (export K as a Python int)", node, i))
@@ -141,8 +149,8 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
             qtype = types.get(quant)
             if zp is not None and np.any(np.asarray(zp) != 0):
                 findings.append(_finding("qdq", f"{op} zero point is not 0: TensorRT needs symmetric "
-                                         "quantization (ORT quantize_static: activation_type=QInt8, "
-                                         "extra_options={'ActivationSymmetric': True})", node, i))
+                                         "quantization (quantize the FP32 export for TensorRT: "
+                                         "idle-export calibrate FP32.onnx --target trt)", node, i))
             if qtype == TensorProto.INT32:
                 findings.append(_finding("qdq", "DequantizeLinear of an INT32 tensor (quantized bias): "
                                          "TensorRT rejects it (ORT quantize_static: "
@@ -160,6 +168,51 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
         findings.extend(_idle_findings(model))
     findings.sort(key=lambda f: f["severity"] != "error")
     return findings
+
+
+def _constant_tensor(attr):
+    """The TensorProto of a Constant's value / value_int / value_ints attribute."""
+    from onnx import numpy_helper
+
+    if attr.name == "value":
+        return attr.t
+    return numpy_helper.from_array(np.asarray(attr.i if attr.name == "value_int" else list(attr.ints),
+                                              dtype=np.int64))
+
+
+def _constant_k(name: str, made_by: dict, inits: dict, constants: dict):
+    """TopK's K: a constant, or a constant that is only reshaped (the plugin form's function
+    body makes K [1] as Unsqueeze(Constant(value_int=k)))."""
+    for _ in range(4):
+        value = _const_value(name, inits, constants)
+        node = made_by.get(name)
+        if value is not None or node is None or node.op_type not in (
+                "Unsqueeze", "Reshape", "Squeeze", "Identity"):
+            return value
+        name = node.input[0]
+    return None
+
+
+def _plugin_findings(model) -> list[dict]:
+    """The plugin form's IdleSelect/IdleScatter nodes: a warning when the metadata does not declare
+    the form, an error when a node's attributes would not select the TensorRT plugin. (A custom
+    node without a model-local function stays an unsupported-op error.)"""
+    functions = {(f.domain, f.name) for f in model.functions}
+    declared = OnnxMetadata.of(model).form == "plugin"
+    out = []
+    for i, node in enumerate(model.graph.node):
+        if node.domain != DOMAIN or node.op_type not in PLUGIN_OPS \
+                or (node.domain, node.op_type) not in functions:
+            continue
+        if not declared:
+            out.append(_finding("plugin-ops", f"{node.op_type} in a file whose metadata does not "
+                                "declare idle_export.form = plugin: TensorRT parses its function "
+                                "body; `trt --plugin` takes exports of `onnx --plugin`", node, i,
+                                "warning"))
+        problem = plugin_node_problem(node)
+        if problem:
+            out.append(_finding("plugin-ops", problem, node, i))
+    return out
 
 
 def _from_shape(name: str, made_by: dict, depth: int = 12) -> bool:
@@ -212,6 +265,7 @@ def lint_file(path: str | Path, *, expect_idle: bool = False) -> dict:
         "path": str(path),
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
         "ops": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
+        "form": OnnxMetadata.of(model).form,
         "findings": findings,
         "errors": errors,
         "warnings": len(findings) - errors,

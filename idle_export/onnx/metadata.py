@@ -2,7 +2,7 @@
 
 `idle-export onnx` writes `metadata_props` with keys `idle_export.<field>` and JSON values (the
 ModelSpec fields, dense, score_mode, checkpoint_sha256, classes …); later stages add precision,
-quantization, fp32_nodes, optimized. `OnnxMetadata` keeps the props exactly as stored (so files
+quantization, fp32_nodes, optimized, target. `OnnxMetadata` keeps the props exactly as stored (so files
 round-trip byte for byte) and reads each field with its default and a one-line error when a
 value is not valid JSON.
 """
@@ -66,7 +66,16 @@ class OnnxMetadata:
     @property
     def spec(self) -> ModelSpec:
         """The ModelSpec the file was exported with (BadInputError when it has none)."""
-        return ModelSpec.from_metadata(dict(self.props))
+        if not self.has_spec:
+            raise BadInputError("the ONNX file has no idle-export metadata (arch, idle layers, K)",
+                                "export it with `idle-export onnx CKPT.pth`")
+        try:
+            return ModelSpec.from_metadata(dict(self.props))
+        except BadInputError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # hand-edited or foreign props
+            raise BadInputError(f"the ONNX file's idle_export.* metadata is unreadable ({type(e).__name__}: "
+                                f"{str(e)[:80]})", "re-export the model with `idle-export onnx`") from None
 
     @property
     def dense(self) -> bool:
@@ -75,6 +84,12 @@ class OnnxMetadata:
     @property
     def score_mode(self) -> str:
         return self.get("score_mode", "official")
+
+    @property
+    def form(self) -> str:
+        """standard (TopK/GatherElements/ScatterElements) or plugin (IdleSelect/IdleScatter
+        nodes that are also model-local functions: `idle-export onnx --plugin`)."""
+        return self.get("form", "standard")
 
     @property
     def precision(self) -> str:

@@ -1,8 +1,9 @@
-"""ONNX Runtime speed work on exported idle and dense graphs, one function per graph pass.
+"""Speed work on exported idle and dense graphs, one function per graph pass.
 
-Applied at session time (`OrtRunner(..., optimize=True)`, what `idle-export bench` uses by
-default): the file on disk stays the portable export that TensorRT and `check` read; the same
-passes run on the idle and the dense graph, so the comparison stays fair.
+Written into the file by `idle-export onnx --target ort|openvino` (onnx.targets says which
+passes each target gets), or applied in memory to a plain file by `OrtRunner(optimize=True)` /
+`bench --optimize`; the portable export (the default) has none. The same passes run on the idle
+and the dense graph, so the comparison stays fair.
 
 Default passes (each returns a new ModelProto and keeps the metadata):
   fold_initializer_ops  Slice/Concat/Transpose/… whose inputs are all constants (the weight
@@ -29,7 +30,7 @@ threads as asked. `check` parity (1e-4, 100% top-1 and selection) holds: tests/b
 
 from __future__ import annotations
 
-from idle_export.errors import MissingDependencyError
+from idle_export.deps import import_onnxruntime
 from idle_export.onnx.graph import consumers as consumers_of
 from idle_export.onnx.graph import copy_model
 from idle_export.onnx.graph import producers as producers_of
@@ -106,13 +107,11 @@ def _ort_transformer_fusions(proto, num_heads: int | None, hidden_size: int | No
     """Run onnxruntime.transformers' fusions on a copy: Erf-GELU (+ its bias Add) → BiasGelu,
     LayerNormalization, and SkipLayerNormalization only when asked. Attention fusion is off: its
     patterns are those of the TorchScript exporter, not dynamo's."""
-    try:
-        from onnxruntime.transformers import optimizer
-        from onnxruntime.transformers.fusion_options import FusionOptions
-    except ImportError:
-        raise MissingDependencyError("the transformer fusions need onnxruntime.transformers",
-                                     "pip install onnxruntime") from None
+    optimizer = import_onnxruntime("transformers.optimizer")
+    FusionOptions = import_onnxruntime("transformers.fusion_options").FusionOptions
     import logging
+
+    import onnx
 
     meta = OnnxMetadata.of(proto)
     opts = FusionOptions("vit")
@@ -133,6 +132,10 @@ def _ort_transformer_fusions(proto, num_heads: int | None, hidden_size: int | No
     finally:
         logging.disable(previous)
     out = fused.model
+    domains = {n.domain for n in out.graph.node if n.domain}
+    have = {o.domain for o in out.opset_import}
+    for domain in sorted(domains - have):  # a file on disk must name them (onnx.checker)
+        out.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     meta.write(out)
     return out
 
@@ -203,14 +206,14 @@ def gather_rows(proto):
             used_helpers = True
             p = rows + "_rows"
             idx2 = producers[rows].input[0]
-            new_nodes += [
-                helper.make_node("Shape", [idx2], [p + "_shape"]),
-                helper.make_node("Gather", [p + "_shape", zero.name], [p + "_b"], axis=0),
-                helper.make_node("Range", [zero.name, p + "_b", one.name], [p + "_range"]),
-                helper.make_node("Unsqueeze", [p + "_range", ones.name], [p + "_col"]),
-                helper.make_node("Expand", [p + "_col", p + "_shape"], [p + "_bidx"]),
-                helper.make_node("Unsqueeze", [p + "_bidx", minus1.name], [p + "_bidx3"]),
-                helper.make_node("Concat", [p + "_bidx3", rows], [p + "_pairs"], axis=-1),
+            new_nodes += [  # named like their outputs (NNCF and ORT's quantizer want names)
+                helper.make_node("Shape", [idx2], [p + "_shape"], name=p + "_shape"),
+                helper.make_node("Gather", [p + "_shape", zero.name], [p + "_b"], axis=0, name=p + "_b"),
+                helper.make_node("Range", [zero.name, p + "_b", one.name], [p + "_range"], name=p + "_range"),
+                helper.make_node("Unsqueeze", [p + "_range", ones.name], [p + "_col"], name=p + "_col"),
+                helper.make_node("Expand", [p + "_col", p + "_shape"], [p + "_bidx"], name=p + "_bidx"),
+                helper.make_node("Unsqueeze", [p + "_bidx", minus1.name], [p + "_bidx3"], name=p + "_bidx3"),
+                helper.make_node("Concat", [p + "_bidx3", rows], [p + "_pairs"], axis=-1, name=p + "_pairs"),
             ]
             pairs[rows] = p + "_pairs"
         new_nodes.append(helper.make_node("ScatterND", [n.input[0], pairs[rows], n.input[2]],

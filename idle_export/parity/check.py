@@ -12,6 +12,7 @@ from idle_export.data.images import load_images
 from idle_export.data.inputs import input_set
 from idle_export.errors import BadInputError
 from idle_export.fileio import sha256_file
+from idle_export.hardware import check_batch_fits
 from idle_export.lazy import lazy_module
 from idle_export.model.checkpoint import Checkpoint, load_checkpoint
 from idle_export.model.config import TOLERANCES, Tolerances
@@ -19,11 +20,15 @@ from idle_export.onnx.io import load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.compare import compare_on_images, compare_runners, labels_from_folders
 from idle_export.runtime.onnxruntime import OrtRunner
+from idle_export.runtime.openvino import OpenVinoRunner, import_openvino
 from idle_export.runtime.tensorrt import TrtRunner
 from idle_export.runtime.torch import TorchRunner
 from idle_export.trt.sidecar import inspect_engine
 
-vit = lazy_module("idle_export.model.vit")  # torch
+build = lazy_module("idle_export.model.build")  # torch
+
+
+CHECK_BACKENDS = ("ort", "openvino")  # what runs the candidate ONNX file
 
 
 def tolerance_for(meta: OnnxMetadata) -> Tolerances:
@@ -38,7 +43,7 @@ def tolerance_for(meta: OnnxMetadata) -> Tolerances:
 def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
                seed: int = 0, threads: int | None = None, images=None, num: int = 0,
-               max_abs: float | None = None) -> dict:
+               max_abs: float | None = None, backend: str = "ort") -> dict:
     """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
     path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
     which model and preprocessing to use.
@@ -47,11 +52,19 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     int8), with `max_abs` overriding the logit tolerance. `images` (a folder, .txt list or image
     file; see data.images) adds the input set "images": all of them (or `num`), each batch
     size running over the whole set; with an ImageFolder layout whose folder names are the
-    model's classes, accuracy is reported too."""
+    model's classes, accuracy is reported too. `backend` runs the candidate: ort (ONNX Runtime
+    CPU) or openvino (OpenVINO CPU, FP32 unless the file is INT8); the reference always runs
+    on torch or ONNX Runtime."""
+    if backend not in CHECK_BACKENDS:
+        raise BadInputError(f"--backend {backend!r} is not one of {', '.join(CHECK_BACKENDS)}",
+                            "use --backend ort (ONNX Runtime) or --backend openvino")
+    if backend == "openvino":
+        import_openvino()  # exit 3 before any work
     # a clear error for a missing or broken file, before anything else
     meta = OnnxMetadata.of(load_onnx(onnx_path))
     spec = meta.spec
     dense = meta.dense
+    check_batch_fits(spec, max(batch_sizes))
     warnings = []
     if (ckpt_path is None) == (against is None):
         raise BadInputError("check needs exactly one reference",
@@ -68,8 +81,10 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
             warnings.append(f"{ckpt.path.name} is not the checkpoint {Path(onnx_path).name} was "
                             "exported from (sha256 differs)")
         # The reference is always the paper's formulation (keys for every token), whatever
-        # score mode the file was exported with: a folded export is checked against it.
-        model = vit.build_model(spec, ckpt.state_dict, dense=dense, score_mode="official")
+        # score mode the file was exported with: a folded export is checked against it. An
+        # LV-ViT keeps its stem BatchNorms, so the export's folding is checked too.
+        model = build.build_model(spec, ckpt.state_dict, dense=dense, score_mode="official",
+                                  fold_bn=False)
         reference = TorchRunner(model, name=f"torch:{ckpt.path.name} (official scores)",
                                 selection=not dense,
                                 threads=threads)
@@ -77,7 +92,10 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         if OnnxMetadata.of(load_onnx(against)).precision != "fp32":
             warnings.append(f"the reference {Path(against).name} is not FP32")
         reference = OrtRunner(against, selection=not dense, threads=threads)
-    candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
+    if backend == "openvino":
+        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads)
+    else:
+        candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
     n = max(batch_sizes)
     inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
     if inputs or images is None:
@@ -97,6 +115,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
             warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
                             f"{real.skipped[0][0]} ({real.skipped[0][1]})")
     report["precision"] = precision
+    report["backend"] = backend
     report["model"] = spec.describe() + (" (dense)" if dense else "") + (
         f" [{precision}]" if precision != "fp32" else "")
     report["warnings"] = warnings

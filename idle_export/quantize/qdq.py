@@ -34,13 +34,17 @@ from pathlib import Path
 import numpy as np
 
 from idle_export.data.images import load_images
-from idle_export.errors import BadInputError, MissingDependencyError
+from idle_export.deps import import_onnxruntime
+from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
+from idle_export.hardware import memory_available
 from idle_export.onnx.graph import consumers as consumers_of
 from idle_export.onnx.graph import producers as producers_of
-from idle_export.onnx.io import install_onnx, load_onnx
+from idle_export.onnx.io import MAX_BATCH, install_onnx, load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import bias_gelu
+from idle_export.onnx.targets import ORT_ONLY_PASSES, apply_target, file_passes, file_target
+from idle_export.quantize.openvino_int8 import import_nncf, write_openvino
 from idle_export.quantize.selection import (
     activation_matmuls,
     dequantized_score_inputs,
@@ -49,7 +53,8 @@ from idle_export.quantize.selection import (
 )
 
 METHODS = ("minmax", "percentile", "entropy")
-TARGETS = ("ort", "trt")
+TARGETS = ("ort", "trt", "openvino")
+EXPORT_TARGET = {"ort": "ort", "trt": "tensorrt", "openvino": "openvino"}  # onnx.targets name
 
 
 # The recipes: quant_format (QDQ|QOperator), activation / weight type, op_types, whether
@@ -87,13 +92,15 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# Older ONNX Runtimes fail in quant_pre_process: their symbolic shape inference raises IndexError in
+# _infer_Concat on our exported graphs (1.20.1 … 1.30.0 tried; 1.31.0 works). Inference is fine there.
+MIN_ORT_QUANTIZATION = "1.31"
+
+
 def _ort_quantization():
-    try:
-        from onnxruntime import quantization
-    except ImportError:
-        raise MissingDependencyError("onnxruntime (with its quantization tools) is not installed",
-                                     "pip install onnxruntime") from None
-    return quantization
+    """onnxruntime.quantization from onnxruntime or onnxruntime-gpu (exit 3 naming the extras, or
+    the version to upgrade to)."""
+    return import_onnxruntime("quantization", at_least=MIN_ORT_QUANTIZATION, needed_for="INT8 calibration")
 
 
 # ----------------------------------------------------------------------------- graph helpers
@@ -194,32 +201,85 @@ def fuse_matmul_bias(proto) -> int:
 
 
 # ----------------------------------------------------------------------------- main entry
-def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minmax", target: str = "ort",
-                  per_channel: bool = True, batch_size: int = 16, seed: int = 0,
+DEFAULT_NUM = 512  # calibration images when the user gives no --num (fewer in a folder are fine)
+MAX_CALIB_IMAGES = 100_000
+
+
+def default_int8_path(src: str | Path, target: str) -> Path:
+    """MODEL.int8.TARGET.onnx beside MODEL.onnx: each target's INT8 file has its own name."""
+    src = Path(src)
+    stem = src.name[:-5] if src.name.endswith(".onnx") else src.name
+    return src.with_name(f"{stem}.int8.{target}.onnx")
+
+
+def check_not_other_target(dst: Path, target: str, src: Path) -> None:
+    """Refuse to replace an INT8 file made for another target (it would be lost silently)."""
+    if not dst.is_file():
+        return
+    try:
+        made_for = (OnnxMetadata.read(dst).get("quantization") or {}).get("target")
+    except (BadInputError, AttributeError):
+        return
+    if made_for and made_for != target:
+        raise BadInputError(f"{dst.name} holds an INT8 model calibrated for {made_for}; --target "
+                            f"{target} would replace it",
+                            f"write to another file: -o {default_int8_path(src, target).name}")
+
+
+def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str = "minmax",
+                  target: str = "ort", per_channel: bool = True, batch_size: int = 16, seed: int = 0,
                   cache_dir=None, status=None) -> dict:
     """Calibrate on `images` (None: the built-in set; a folder, list file, list of paths or a
-    preprocessed array) and write an INT8 Q/DQ model to `dst`. Returns a report dict."""
-
+    preprocessed array) and write an INT8 Q/DQ model to `dst`. `num=None`: up to DEFAULT_NUM
+    images (all of a smaller folder). Returns a report dict."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise BadInputError(f"--method {method!r} is not one of {', '.join(METHODS)}",
                             "use --method minmax (default), percentile or entropy")
     if target not in TARGETS:
         raise BadInputError(f"--target {target!r} is not one of {', '.join(TARGETS)}",
-                            "use --target ort (ONNX Runtime CPU) or --target trt (TensorRT)")
-    if batch_size < 1:
-        raise BadInputError(f"batch size {batch_size} must be at least 1", "e.g. 16")
+                            "use --target ort (ONNX Runtime CPU), trt (TensorRT) or openvino (NNCF)")
+    if target == "openvino" and method != "minmax":
+        raise BadInputError(f"--target openvino calibrates with NNCF's own min/max ranges, not --method "
+                            f"{method}", "drop --method (or use --target ort)")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise BadInputError(f"--calib-batch {batch_size} must be between 1 and {MAX_BATCH}",
+                            "e.g. --calib-batch 16")
+    if num is not None and not 0 <= num <= MAX_CALIB_IMAGES:
+        raise BadInputError(f"--num {num} must be between 0 and {MAX_CALIB_IMAGES}",
+                            "a few hundred images calibrate a ViT well, e.g. --num 512")
     src, dst = Path(src), Path(dst)
     check_output_path(dst)
     if dst.resolve() == src.resolve():
         raise BadInputError(f"output {dst} is the input model", "write the INT8 model to a new file, "
-                            "e.g. -o model.int8.onnx")
+                            f"e.g. -o {default_int8_path(src, target).name}")
+    check_not_other_target(dst, target, src)
     proto = load_onnx(src)
     if is_quantized(proto):
         raise BadInputError(f"{src.name} is already quantized (it has Q/DQ or integer operators)",
                             "calibrate the FP32 model exported by `idle-export onnx`")
     meta = OnnxMetadata.of(proto)
+    if meta.form == "plugin":
+        raise BadInputError(f"{src.name} is the plugin form (IdleSelect/IdleScatter nodes); INT8 "
+                            "takes the standard export", "calibrate an export made without --plugin")
     spec = meta.spec
+    if target != "ort" and (set(file_passes(meta)) & ORT_ONLY_PASSES or file_target(meta) == "ort"):
+        raise BadInputError(f"{src.name} was exported for ONNX Runtime (com.microsoft ops); --target "
+                            f"{target} needs standard ops", "calibrate the portable export "
+                            "(idle-export onnx CKPT) or one made with --target " + EXPORT_TARGET[target])
+    if target != "openvino" and "gather_rows" in file_passes(meta):
+        raise BadInputError(f"{src.name} has row gathers (GatherND/ScatterND of a --target "
+                            f"{file_target(meta)} export), whose shapes ONNX Runtime's quantizer cannot "
+                            "infer", "calibrate the portable export (idle-export onnx CKPT): the INT8 "
+                            "file gets the target's passes after quantizing")
+    if target == "openvino":
+        import_nncf()  # exit 3 before reading images
+    available = memory_available()
+    need = (num or DEFAULT_NUM) * 3 * spec.img_size**2 * 4  # the preprocessed images stay in memory
+    if available and need > 0.5 * available:
+        raise BadInputError(f"--num {num} images take about {need / 2**30:.0f} GiB preprocessed; this "
+                            f"machine has {available / 2**30:.0f} GiB available",
+                            f"use --num {int(0.5 * available // (3 * spec.img_size**2 * 4))} or less")
     input_name = proto.graph.input[0].name
     import onnx
 
@@ -231,8 +291,11 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
             status(msg)
 
     say(f"reading calibration images ({'built-in set' if images is None else images})")
-    calib = load_images(images, num, spec, seed=seed, cache_dir=cache_dir)
+    calib = load_images(images, DEFAULT_NUM if num is None else num, spec, seed=seed, cache_dir=cache_dir,
+                        at_most=num is None)
 
+    if target == "openvino":
+        return write_openvino(proto, meta, src, dst, calib, external, per_channel, say, t0)
     q = _ort_quantization()
     rec = RECIPES[target]
     fmt = getattr(q.QuantFormat, rec["quant_format"])
@@ -245,8 +308,7 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
     try:
         say("preprocessing (constant folding, shape inference)")
         pre = tmpdir / "pre.onnx"
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
+        quant_pre_process = import_onnxruntime("quantization.shape_inference").quant_pre_process
         quant_pre_process(proto, str(pre), save_as_external_data=external,
                           all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
         if not pre.exists():
@@ -281,8 +343,12 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
                        "format": rec["quant_format"], "activation": rec["activation"],
                        "weight": rec["weight"], "op_types": rec["op_types"],
                        "selection_path_fp32": len(exclude), "bias_fused_matmuls": fused_bias}
-        OnnxMetadata(meta.ours()).updated(precision="int8", quantization=recipe_meta,
-                                          source_model=src.name).write(model)
+        done = file_passes(meta) + (["bias_gelu"] if rec["bias_gelu"] else [])
+        OnnxMetadata(meta.ours()).updated(precision="int8", quantization=recipe_meta, source_model=src.name,
+                                          optimized=list(dict.fromkeys(done))).write(model)
+        # the rest of the target's passes (ort: folded slices, row gathers), so the file is
+        # timed and deployed as written
+        model = apply_target(model, EXPORT_TARGET[target])
         ops: dict[str, int] = {}
         for n in model.graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
@@ -307,3 +373,4 @@ def quantize_onnx(src, dst, *, images=None, num: int = 512, method: str = "minma
                                             if external else 0),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+

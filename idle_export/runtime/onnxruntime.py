@@ -6,20 +6,19 @@ from pathlib import Path
 
 import numpy as np
 
-from idle_export.errors import MissingDependencyError
+from idle_export.deps import import_onnxruntime as _import_ort
 from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import optimize_model_proto
+from idle_export.onnx.plugin_form import add_selection_outputs, inline, is_plugin_form
+from idle_export.onnx.targets import file_passes, missing_passes
 from idle_export.runtime.base import Runner
 
 
 def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MissingDependencyError("onnxruntime is not installed",
-                                     "pip install onnxruntime (or onnxruntime-gpu)") from None
-    return onnxruntime
+    """onnxruntime from onnxruntime or onnxruntime-gpu; exit 3 naming the extras when neither is
+    installed (idle_export.deps)."""
+    return _import_ort()
 
 
 def ort_available_providers() -> list[str]:
@@ -41,12 +40,24 @@ def topk_index_outputs(proto) -> list[str]:
     return [n.output[1] for n in proto.graph.node if n.op_type == "TopK"]
 
 
+def topk_score_inputs(proto) -> list[str]:
+    """Names of the token-score tensors the TopKs rank, in graph order."""
+    return [n.input[0] for n in proto.graph.node if n.op_type == "TopK"]
+
+
 class OrtRunner(Runner):
     """ONNX Runtime session on an ONNX file (embedded or external weights).
 
     With selection=True the TopK index tensors inside the graph are marked as outputs (what
     Polygraphy's `--onnx-outputs` does), so any exported graph — plain, INT8, fused — can be
-    compared token by token without re-exporting it.
+    compared token by token without re-exporting it. In a plugin-form graph (IdleSelect nodes)
+    each IdleSelect's kept tokens are turned into the same TopK positions (idx[:, 1:] - 1) and
+    marked instead. optimize=True applies, in memory, the passes of the `ort` export target that
+    the file does not have yet (none for a file written with `--target ort`; `passes_at_load`
+    says which), inlining a plugin-form graph's functions first so the passes see the standard
+    ops (ORT inlines them anyway). The scores each TopK ranks come back
+    too (`last_scores`, one [B, N-1] array per idle layer), so parity can tell near-ties from
+    real disagreement.
     """
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
@@ -57,19 +68,27 @@ class OrtRunner(Runner):
         self.selection = selection
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
-        self.optimize = optimize  # onnx.passes, applied in memory before the session
+        self.optimize = optimize  # onnx.targets' ort passes the file lacks, applied in memory
+        self.file_passes: list[str] = []  # the passes the file on disk has (its metadata)
+        self.passes_at_load: list[str] = []  # the passes applied in memory before the session
         self.session = None
         self.idle_layers: list[int] = []
         self._topk: list[str] = []
+        self._scores: list[str] = []
+        self.last_scores: list[np.ndarray] = []
+        self.score_mode: str | None = None  # how the graph ranks tokens (from its metadata)
 
     def activate(self) -> None:
         import onnx
 
         ort = import_onnxruntime()
         proto = load_onnx(self.path)
+        plugin = is_plugin_form(proto)
         if self.selection:
-            self._topk = topk_index_outputs(proto)
+            self._topk = add_selection_outputs(proto) if plugin else topk_index_outputs(proto)
+            self._scores = [] if plugin else topk_score_inputs(proto)  # plugin form: inside the function
             meta = OnnxMetadata.of(proto)
+            self.score_mode = meta.score_mode if meta.has_spec else None
             layers = list(meta.spec.idle_layers) if meta.has_spec else []
             self.idle_layers = layers if len(layers) == len(self._topk) else list(range(len(self._topk)))
             outputs = {o.name for o in proto.graph.output}
@@ -77,8 +96,15 @@ class OrtRunner(Runner):
                 if name not in outputs:
                     proto.graph.output.append(
                         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-        if self.optimize:
-            proto = optimize_model_proto(proto)
+            for name in self._scores:
+                if name not in outputs:
+                    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        meta = OnnxMetadata.of(proto)
+        self.file_passes = file_passes(meta)
+        todo = missing_passes(meta, "ort") if self.optimize else ()
+        if todo:
+            proto = optimize_model_proto(inline(proto) if plugin else proto, todo)
+        self.passes_at_load = list(todo)
         opts = session_options(ort, threads=self.threads)
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=self.providers)
         self.input_name = self.session.get_inputs()[0].name
@@ -87,9 +113,11 @@ class OrtRunner(Runner):
         self.session = None
 
     def infer(self, feed):
-        names = ["logits", *self._topk]
+        names = ["logits", *self._topk, *self._scores]
         values = self.session.run(names, {self.input_name: feed["images"].astype(np.float32, copy=False)})
         result = {"logits": values[0]}
-        for layer, idx in zip(self.idle_layers, values[1:], strict=False):
+        n = len(self._topk)
+        for layer, idx in zip(self.idle_layers, values[1:1 + n], strict=False):
             result[f"{SELECTION_PREFIX}{layer}"] = idx
+        self.last_scores = [np.asarray(s, dtype=np.float64) for s in values[1 + n:]]
         return result

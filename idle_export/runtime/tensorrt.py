@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
 from idle_export.hardware import gpu_info
 from idle_export.runtime.base import Runner
 from idle_export.trt.flavour import FLAVOUR_NAMES, import_trt
 from idle_export.trt.sidecar import compatibility_problems, inspect_engine
 
-POLYGRAPHY_PIP = "pip install polygraphy (or idle-export[trt])"
+POLYGRAPHY_PIP = pip_extra("trt")
 
 
 def import_polygraphy_trt(flavour: str):

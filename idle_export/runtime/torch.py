@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from idle_export.lazy import lazy_module
 from idle_export.onnx.io import SELECTION_PREFIX
 from idle_export.runtime.base import Runner
 
-vit = lazy_module("idle_export.model.vit")  # torch
-
 
 class TorchRunner(Runner):
-    """An IdleViT (or its dense twin) in eager PyTorch, FP32, CPU."""
+    """An IdleViT or LV-ViT (or its dense twin) in eager PyTorch, FP32, CPU: any model of
+    model.build.build_model (`.spec`, `.dense`, `.emit_selection`, `.idle_blocks` whose
+    `record_scores` / `last_scores` keep the token scores for tie analysis)."""
 
     def __init__(self, model, *, name: str = "torch", selection: bool = False, threads: int | None = None):
         self.model = model
@@ -20,6 +19,7 @@ class TorchRunner(Runner):
         self.selection = selection and not model.dense
         self.threads = threads
         self.last_scores: list[np.ndarray] = []
+        self.score_mode = getattr(model, "score_mode", None)
 
     def activate(self) -> None:
         import torch
@@ -32,7 +32,7 @@ class TorchRunner(Runner):
     def infer(self, feed):
         import torch
 
-        blocks = [m for m in self.model.layers if isinstance(m, vit.IdleBlock)]
+        blocks = self.model.idle_blocks
         for b in blocks:
             b.record_scores = self.selection
         with torch.inference_mode():

@@ -3,6 +3,7 @@ to any Triton server (KServe v2 HTTP); top-k classes and request latency."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -12,9 +13,8 @@ import numpy as np
 from idle_export.data.images import open_rgb
 from idle_export.data.inputs import eval_transform
 from idle_export.errors import BadInputError, MissingDependencyError
-from idle_export.model.config import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
-from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.serve.config import SERVE_PIP
+from idle_export.model.config import IMAGENET_MEAN, IMAGENET_STD
+from idle_export.serve.config import SERVE_PIP, metadata_from_parameters
 
 
 # ============================================================================ client
@@ -62,7 +62,7 @@ def _spec_from_parameters(params: dict[str, str], dims: list[int]):
     from types import SimpleNamespace
 
     try:
-        return ModelSpec.from_metadata(params), None
+        return metadata_from_parameters(params).spec, None
     except (BadInputError, ValueError, TypeError, KeyError):
         size = int(dims[-1]) if dims else 224
         return (SimpleNamespace(img_size=size, crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN,
@@ -74,16 +74,19 @@ def _spec_from_parameters(params: dict[str, str], dims: list[int]):
 def query(url: str, images: list[str | Path], *, model: str | None = None, top: int = 5, repeat: int = 1,
           timeout_s: float = 60.0) -> dict:
     """Top-k classes of each image and request latency from a Triton server (KServe v2 HTTP)."""
-    from tritonclient.utils import InferenceServerException
-
     if top < 1:
         raise BadInputError(f"--top {top} must be at least 1", "e.g. --top 5")
     if repeat < 1:
         raise BadInputError(f"--repeat {repeat} must be at least 1", "e.g. --repeat 20")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise BadInputError(f"--timeout {timeout_s:g} must be a number of seconds above 0",
+                            "e.g. --timeout 60")
     if not images:
         raise BadInputError("no image given", "pass one or more image files")
     pil = load_images(images)
-    client = _client(url, timeout_s)
+    client = _client(url, timeout_s)  # exit 3 naming the serve extra when tritonclient is missing
+    from tritonclient.utils import InferenceServerException
+
     try:
         try:
             live = client.is_server_live()
@@ -107,7 +110,7 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
                                 "query a model written by `idle-export serve repo`")
         params = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         spec, warning = _spec_from_parameters(params, inp.get("dims", []))
-        classes = OnnxMetadata(params).classes
+        classes = metadata_from_parameters(params).classes
         transform = eval_transform(spec)
         x = np.stack([transform(img).numpy() for img in pil]).astype(np.float32)
         max_batch = int(cfg.get("max_batch_size", 0)) or len(pil)

@@ -3,12 +3,15 @@ own protobuf and compared field by field), names, platforms and data types."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
+from idle_export.onnx.metadata import OnnxMetadata
 
 CONFIG_NAME = "config.pbtxt"
 
@@ -32,12 +35,13 @@ PLAN_SUFFIXES = (".engine", ".plan")
 
 
 KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+ACCELERATORS = ("tensorrt", "openvino")  # Triton ONNX Runtime backend execution accelerators
 
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # no leading dot: not ".", "..", hidden
 
 
-SERVE_PIP = "pip install 'idle-export[serve]' (nvidia-pytriton, tritonclient[http])"
+SERVE_PIP = pip_extra("serve")
 
 
 # ONNX TensorProto element type -> Triton data type, numpy dtype
@@ -75,6 +79,8 @@ class RepoConfig:
     num_versions: int = 1
     parameters: dict[str, str] = field(default_factory=dict)
     comment: str = ""
+    accelerator: str | None = None  # onnxruntime_onnx: "tensorrt" (GPU) or "openvino" (CPU)
+    accelerator_parameters: dict[str, str] = field(default_factory=dict)
 
 
 def _pb_string(text: str) -> str:
@@ -114,10 +120,42 @@ def render_config(cfg: RepoConfig) -> str:
               f"  preferred_batch_size: [ {', '.join(str(b) for b in cfg.preferred_batch_sizes)} ]",
               f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}", "}",
               f"instance_group [ {{ count: {cfg.instance_count}, kind: {cfg.instance_kind} }} ]"]
+    if cfg.accelerator:
+        where = "gpu" if cfg.accelerator == "tensorrt" else "cpu"
+        params = "".join(f" parameters {{ key: {_pb_string(k)} value: {_pb_string(v)} }}"
+                         for k, v in cfg.accelerator_parameters.items())
+        lines += ["optimization { execution_accelerators {",
+                  f"  {where}_execution_accelerator: [ {{ name: {_pb_string(cfg.accelerator)}{params} }} ]",
+                  "} }"]
     for key, value in cfg.parameters.items():
         lines.append(f"parameters {{ key: {_pb_string(key)} "
                      f"value: {{ string_value: {_pb_string(value)} }} }}")
     return "\n".join(lines) + "\n"
+
+
+def plain_parameters(meta: OnnxMetadata) -> dict[str, str]:
+    """The idle_export.* metadata as config parameters a person can read: strings as they are
+    (arch: deit_small), numbers, lists and booleans as compact JSON (keep_k: [137,137,…])."""
+    out = {}
+    for key, text in meta.ours().items():
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[key] = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return out
+
+
+def metadata_from_parameters(params: dict[str, str]) -> OnnxMetadata:
+    """The inverse of plain_parameters (a served model's parameters → its metadata)."""
+    props = {}
+    for key, text in params.items():
+        try:
+            json.loads(text)
+            props[key] = text
+        except ValueError:
+            props[key] = json.dumps(text)
+    return OnnxMetadata(props)
 
 
 def model_config_pb2():
@@ -160,6 +198,7 @@ def validate_config(text: str, cfg: RepoConfig) -> bool:
         "delay": pb.dynamic_batching.max_queue_delay_microseconds,
         "instances": [(g.count, kind_name(g.kind)) for g in pb.instance_group],
         "parameters": {k: v.string_value for k, v in pb.parameters.items()},
+        "accelerator": _accelerator(pb),
     }
     wanted = {
         "name": cfg.name, "platform": cfg.platform, "max_batch_size": cfg.max_batch_size,
@@ -168,6 +207,7 @@ def validate_config(text: str, cfg: RepoConfig) -> bool:
         "outputs": [(t.name, t.data_type, t.dims, t.label_filename or "") for t in cfg.outputs],
         "preferred": cfg.preferred_batch_sizes, "delay": cfg.max_queue_delay_us,
         "instances": [(cfg.instance_count, cfg.instance_kind)], "parameters": cfg.parameters,
+        "accelerator": (cfg.accelerator, cfg.accelerator_parameters) if cfg.accelerator else None,
     }
     for key in wanted:
         if parsed[key] != wanted[key]:
@@ -179,3 +219,33 @@ def validate_config(text: str, cfg: RepoConfig) -> bool:
 def sanitize_name(text: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
     return name
+
+
+def _accelerator(pb) -> tuple[str, dict[str, str]] | None:
+    ea = pb.optimization.execution_accelerators
+    found = [*ea.gpu_execution_accelerator, *ea.cpu_execution_accelerator]
+    return (found[0].name, dict(found[0].parameters)) if found else None
+
+
+def accelerator_parameters(accelerator: str | None, precision: str, is_plan: bool,
+                            kind: str) -> dict[str, str]:
+    """The execution accelerator's parameters in config.pbtxt (Triton's ONNX Runtime backend)."""
+    if accelerator is None:
+        return {}
+    if accelerator not in ACCELERATORS:
+        raise BadInputError(f"--accelerator {accelerator!r} is not one of {', '.join(ACCELERATORS)}",
+                            "use --accelerator tensorrt (GPU) or openvino (CPU)")
+    if is_plan:
+        raise BadInputError("--accelerator is for ONNX models (Triton's ONNX Runtime backend); an "
+                            "engine is TensorRT already", "drop --accelerator, or pass the ONNX file")
+    if accelerator == "openvino":
+        if kind == "gpu":
+            raise BadInputError("the openvino accelerator runs on CPU instances", "use --kind cpu or auto")
+        return {}
+    if kind == "cpu":
+        raise BadInputError("the tensorrt accelerator needs GPU instances", "use --kind gpu or auto")
+    if precision not in ("fp16", "fp32"):
+        raise BadInputError(f"--accelerator-precision {precision!r} is not fp16 or fp32",
+                            "use --accelerator-precision fp16")
+    # the engine is built by the server on its own GPU, the first time the model loads
+    return {"precision_mode": precision.upper(), "max_workspace_size_bytes": str(1 << 30)}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from idle_export import __version__
 from idle_export.errors import BadInputError
-from idle_export.fileio import sha256_file
+from idle_export.fileio import atomic_write_text, sha256_file
+from idle_export.onnx.io import MAX_BATCH
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.serve.config import (
     _ONNX_TO_TRITON,
@@ -29,7 +30,10 @@ from idle_export.serve.config import (
     SIDECAR_NAME,
     RepoConfig,
     TensorConfig,
+    accelerator_parameters,
+    model_config_pb2,
     parse_config,
+    plain_parameters,
     render_config,
     sanitize_name,
     validate_config,
@@ -48,6 +52,9 @@ def _onnx_io(path: Path):
     except Exception as e:  # noqa: BLE001 - DecodeError and friends
         raise BadInputError(f"{path.name} is not an ONNX model ({type(e).__name__})",
                             "pass a file written by `idle-export onnx`") from None
+    if not proto.graph.node:  # an empty file parses as an empty model
+        raise BadInputError(f"{path.name} is not an ONNX model (no graph)",
+                            "pass a file written by `idle-export onnx`")
     init_names = {t.name for t in proto.graph.initializer}
 
     def tensor(vi, what: str) -> tuple[TensorConfig, bool]:
@@ -80,13 +87,18 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
                      max_batch: int | None = 64, preferred: list[int] | None = None,
                      queue_delay_us: int = 100, instances: int = 1, kind: str | None = None,
                      version: int = 1, onnx: str | Path | None = None,
-                     force: bool = False) -> dict:
+                     force: bool = False, accelerator: str | None = None,
+                     accelerator_precision: str = "fp16") -> dict:
     """Write `output/NAME/` for an ONNX file or a TensorRT engine (+ the ENGINE.json sidecar that
     `idle-export trt` writes, read and checked by trt.sidecar.inspect_engine).
 
     For an engine, tensor names/shapes and metadata come from the ONNX it was built from
-    (`onnx=`, or the sidecar's onnx path, beside the engine, when that file exists). Returns a
-    report dict.
+    (`onnx=`, or the sidecar's onnx path, beside the engine, when that file exists). A model
+    folder that exists already gets `version` beside its other versions (Triton's versioning;
+    the inputs and outputs must match theirs); `force` replaces that one version.
+    `accelerator="tensorrt"` (ONNX only): Triton's ONNX Runtime backend builds a TensorRT engine
+    on the serving GPU (`accelerator_precision` fp16|fp32); "openvino": OpenVINO on the CPU.
+    Returns a report dict.
     """
     model = Path(model)
     output = Path(output)
@@ -101,7 +113,7 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
     name = name or sanitize_name(model.stem)
     if not NAME_RE.match(name):
         raise BadInputError(f"model name {name!r} has characters Triton does not accept",
-                            "use letters, digits, '.', '_' and '-' only (--name)")
+                            "use letters, digits, '.', '_' and '-' only, not starting with '.' (--name)")
     if version < 1:
         raise BadInputError(f"--version {version} must be at least 1", "use --version 1")
     if instances < 1:
@@ -116,11 +128,21 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
     if output.exists() and not output.is_dir():
         raise BadInputError(f"output {output} is a file", "give a folder for the model repository")
     parent = output.parent if str(output.parent) else Path(".")
+    if not output.exists() and parent.exists() and not parent.is_dir():
+        raise BadInputError(f"{parent} is a file, not a folder", "give -o a path inside a folder")
     if not output.exists() and not parent.is_dir():
         raise BadInputError(f"folder {parent} does not exist", f"create it: mkdir -p {parent}")
     final = output / name
-    if final.exists() and not force:
-        raise BadInputError(f"{final} already exists", "pass --force to replace it, or --name another")
+    if final.exists() and not (final / CONFIG_NAME).is_file():
+        raise BadInputError(f"{final} exists and is not a model folder (no {CONFIG_NAME})",
+                            "choose another --name or -o")
+    taken = sorted(int(p.name) for p in final.iterdir() if p.is_dir() and p.name.isdigit()) \
+        if final.is_dir() else []
+    if version in taken and not force:
+        raise BadInputError(f"{final} already has version {version}",
+                            f"add a new version with --version {max(taken) + 1}, or replace this one "
+                            "with --force")
+    accel_params = accelerator_parameters(accelerator, accelerator_precision, is_plan, kind)
 
     warnings: list[str] = []
     engine_info: dict = {}
@@ -143,7 +165,7 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
                                 "export with a fixed image size")
     max_batch, preferred = _batching(max_batch, preferred, profile)
 
-    params, classes = meta.ours(), meta.classes
+    params, classes = plain_parameters(meta), meta.classes
     out_tensors = [t for t, _ in outs]
     if classes is not None:
         logits = next((t for t in out_tensors if t.name == "logits"), out_tensors[0])
@@ -157,20 +179,24 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
     cfg = RepoConfig(name=name, platform=platform, max_batch_size=max_batch, inputs=[t for t, _ in ins],
                      outputs=out_tensors, preferred_batch_sizes=preferred, max_queue_delay_us=queue_delay_us,
                      instance_count=instances, instance_kind=KINDS[kind], parameters=params,
-                     comment=f"written by idle-export {__version__} from {model.name}")
+                     comment=f"written by idle-export {__version__}", accelerator=accelerator,
+                     accelerator_parameters=accel_params)
+    if taken:
+        _check_same_io(final, cfg, version)
     text = render_config(cfg)
     validated = validate_config(text, cfg)
     if not validated:
         warnings.append("config.pbtxt not parsed back: tritonclient is not installed")
 
-    copied = _install(model, output, name, version, platform, text, classes, params, engine_info,
+    copied = _install(model, output, name, version, platform, text, classes, meta, engine_info,
                       external)
     return {
         "repository": str(output), "name": name, "folder": str(final), "platform": platform,
         "version": version, "max_batch_size": max_batch, "preferred_batch_sizes": preferred,
         "max_queue_delay_us": queue_delay_us, "instance_group": {"count": instances, "kind": KINDS[kind]},
         "inputs": [vars(t) for t in cfg.inputs], "outputs": [vars(t) for t in cfg.outputs],
-        "files": [CONFIG_NAME, *([LABELS_NAME] if classes is not None else []), SIDECAR_NAME, *copied],
+        "files": [CONFIG_NAME, *([LABELS_NAME] if classes is not None else []), *copied],
+        "versions": sorted({*taken, version}), "accelerator": accelerator,
         "labels": len(classes) if classes else 0, "validated_with_triton_protobuf": validated,
         "warnings": warnings,
     }
@@ -208,14 +234,14 @@ def _batching(max_batch: int | None, preferred: list[int] | None, profile) -> tu
     profile when there is one."""
     if max_batch is None:
         max_batch = profile[2] if profile else 64
-    if max_batch < 1:
-        raise BadInputError(f"--max-batch {max_batch} must be at least 1",
-                            "Triton batches requests only with max_batch_size >= 1")
+    if not 1 <= max_batch <= MAX_BATCH:
+        raise BadInputError(f"--max-batch {max_batch} must be between 1 and {MAX_BATCH} (the largest batch "
+                            "an exported graph takes)", "e.g. --max-batch 64")
     if profile:
         pmin, popt, pmax = profile
         if pmin > 1:
             raise BadInputError(f"the engine's profile starts at batch {pmin}; Triton sends batches of 1 "
-                                "and up", "rebuild the engine with --batch 1:OPT:MAX")
+                                "and up", "rebuild the engine with --profile 1:OPT:MAX")
         if max_batch > pmax:
             raise BadInputError(f"--max-batch {max_batch} is above the engine's profile maximum {pmax}",
                                 f"use --max-batch {pmax} or rebuild the engine for a larger batch")
@@ -230,15 +256,16 @@ def _batching(max_batch: int | None, preferred: list[int] | None, profile) -> tu
 
 
 def _install(model: Path, output: Path, name: str, version: int, platform: str, text: str,
-             classes: list[str] | None, params: dict[str, str], engine_info: dict,
+             classes: list[str] | None, meta: OnnxMetadata, engine_info: dict,
              external: list[str]) -> list[str]:
-    """Build NAME/ in a temporary folder inside the repository and rename it into place;
-    returns the files copied into the version folder."""
-    is_plan = platform == PLAN_PLATFORM
-    final = output / name
+    """Build the version folder in a temporary folder inside the repository and rename it into
+    place; a new model folder is built whole and renamed the same way. config.pbtxt and
+    labels.txt are replaced atomically. Returns the files of the version folder."""
     output.mkdir(exist_ok=True)
     if not os.access(output, os.W_OK | os.X_OK):
         raise BadInputError(f"model repository {output} is not writable", "choose another -o/--output")
+    final = output / name
+    new_model = not final.exists()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output))
     old = None
     try:
@@ -246,39 +273,67 @@ def _install(model: Path, output: Path, name: str, version: int, platform: str, 
         vdir.mkdir()
         model_file = vdir / DEFAULT_FILENAMES[platform]
         shutil.copyfile(model, model_file)
-        copied = [model_file.relative_to(tmp).as_posix()]
-        if is_plan:
+        copied = [model_file.name]
+        if platform == PLAN_PLATFORM:
             (vdir / (model_file.name + ".json")).write_text(json.dumps(engine_info, indent=2) + "\n")
-            copied.append(f"{version}/{model_file.name}.json")
+            copied.append(f"{model_file.name}.json")
+        for loc in external:
+            src = model.parent / loc
+            if not src.is_file():
+                raise BadInputError(f"{model.name} refers to external weights {loc} that are missing",
+                                    f"keep {loc} next to {model.name}")
+            (vdir / loc).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, vdir / loc)
+            copied.append(loc)
+        side = {"tool": f"idle-export {__version__}", "source": model.name, "platform": platform,
+                "sha256": sha256_file(model), "version": version,
+                "metadata": {k: _json_or_text(v) for k, v in meta.ours().items()}}
+        if engine_info:
+            side["engine"] = engine_info
+        (vdir / SIDECAR_NAME).write_text(json.dumps(side, indent=2) + "\n")
+        copied.append(SIDECAR_NAME)
+        if new_model:
+            (tmp / CONFIG_NAME).write_text(text)
+            if classes is not None:
+                (tmp / LABELS_NAME).write_text(_labels(classes))
+            os.replace(tmp, final)
         else:
-            for loc in external:
-                src = model.parent / loc
-                if not src.is_file():
-                    raise BadInputError(f"{model.name} refers to external weights {loc} that are missing",
-                                        f"keep {loc} next to {model.name}")
-                (vdir / loc).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, vdir / loc)
-                copied.append(f"{version}/{loc}")
-        (tmp / CONFIG_NAME).write_text(text)
-        if classes is not None:
-            (tmp / LABELS_NAME).write_text("".join(c.replace("\n", " ") + "\n" for c in classes))
-        side_meta = {
-            "tool": f"idle-export {__version__}", "source": str(model.resolve()), "platform": platform,
-            "sha256": sha256_file(model), "version": version,
-            "metadata": {k: _json_or_text(v) for k, v in params.items()},
-        }
-        if is_plan:
-            side_meta["engine"] = engine_info
-        (tmp / SIDECAR_NAME).write_text(json.dumps(side_meta, indent=2) + "\n")
-        if final.exists():
-            old = output / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
+            if (final / str(version)).exists():  # --force: this version only
+                old = output / f".{name}.{version}.old-{os.getpid()}"
+                os.replace(final / str(version), old)
+            os.replace(vdir, final / str(version))
+            atomic_write_text(final / CONFIG_NAME, text)
+            if classes is not None:
+                atomic_write_text(final / LABELS_NAME, _labels(classes))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    return copied
+    return [f"{version}/{f}" for f in copied]
+
+
+def _labels(classes: list[str]) -> str:
+    return "".join(c.replace("\n", " ") + "\n" for c in classes)
+
+
+def _check_same_io(final: Path, cfg: RepoConfig, version: int) -> None:
+    """One config.pbtxt serves every version: a new version must have the same platform, inputs
+    and outputs as the model folder's."""
+    have = parse_config((final / CONFIG_NAME).read_text(errors="replace"), str(final / CONFIG_NAME))
+    pb2 = model_config_pb2()
+    if pb2 is None:
+        return
+
+    def io(tensors):
+        return [(t.name, pb2.DataType.Name(t.data_type), list(t.dims)) for t in tensors]
+
+    old_io = (have.platform or have.backend, io(have.input), io(have.output))
+    new_io = (cfg.platform, [(t.name, t.data_type, t.dims) for t in cfg.inputs],
+              [(t.name, t.data_type, t.dims) for t in cfg.outputs])
+    if old_io != new_io:
+        raise BadInputError(f"version {version} would have other inputs, outputs or platform than the "
+                            f"versions in {final.name} (one config.pbtxt serves them all)",
+                            "write it as another model: --name NEW_NAME")
 
 
 def _json_or_text(value: str):
@@ -311,11 +366,12 @@ def read_repository(repo: str | Path, names: list[str] | None = None) -> list[Re
     if (repo / CONFIG_NAME).is_file():
         raise BadInputError(f"{repo} is a model folder, not a model repository",
                             f"pass its parent folder: {repo.parent}")
-    models = []
+    models, held = [], []  # held: every model there, named when --model asks for another
     for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
         cfg_path = folder / CONFIG_NAME
         if not cfg_path.is_file():
             continue
+        held.append(folder.name)
         if names and folder.name not in names:
             continue
         cfg = parse_config(cfg_path.read_text(errors="replace"), str(cfg_path))
@@ -336,7 +392,7 @@ def read_repository(repo: str | Path, names: list[str] | None = None) -> list[Re
         missing = sorted(set(names) - {m.name for m in models})
         if missing:
             raise BadInputError(f"model {', '.join(missing)} not in {repo}",
-                                f"models there: {', '.join(m.name for m in models) or '(none)'}")
+                                f"models there: {', '.join(held) or '(none)'}")
     if not models:
         raise BadInputError(f"no model in {repo} (no NAME/config.pbtxt)",
                             "write one with `idle-export serve repo MODEL.onnx -o model_repository/`")

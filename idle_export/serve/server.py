@@ -19,13 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
+from idle_export.fileio import check_output_path
 from idle_export.runtime.onnxruntime import OrtRunner
 from idle_export.serve.config import ONNX_PLATFORM, SERVE_PIP, TRITON_TO_NUMPY, model_config_pb2
+from idle_export.serve.process import LOG_NOISE, Drain, crash_cause, process_tree, stop_leftovers
 from idle_export.serve.repository import RepoModel, read_repository
 
 # Endpoints that need pytriton's access token. model-repository (the model index the client uses)
 # and statistics (request counts) stay open, as in a stock Triton; the server binds 127.0.0.1.
 RESTRICTED_ENDPOINTS = ["shared-memory", "trace", "logging"]
+# pytriton kills tritonserver 30 s after asking it to stop (SERVER_OUTPUT_TIMEOUT_SECS): a longer
+# exit timeout would be cut short, with the in-flight requests.
+MAX_EXIT_TIMEOUT_S = 25
 
 
 def python_lib_dir() -> str:
@@ -67,6 +72,15 @@ def check_port_free(host: str, port: int, what: str = "--port") -> None:
                                     ) from None
             raise BadInputError(f"cannot listen on {host}:{port} ({e.strerror})",
                                 "check --host (e.g. 127.0.0.1)") from None
+
+
+def check_run_options(exit_timeout_s: int, log_file: str | Path | None) -> Path | None:
+    """Usage errors of `serve run` before anything starts; the log file as an absolute path."""
+    if not 0 <= exit_timeout_s <= MAX_EXIT_TIMEOUT_S:
+        raise BadInputError(f"--exit-timeout {exit_timeout_s} must lie in 0..{MAX_EXIT_TIMEOUT_S} seconds",
+                            "pytriton kills tritonserver 30 s after the stop request, cutting off what still "
+                            "runs; e.g. --exit-timeout 10")
+    return None if log_file is None else check_output_path(Path(log_file), "--log-file").absolute()
 
 
 def _numpy_dtype(pb2, data_type: int):
@@ -124,14 +138,18 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
                      grpc_port: int | None = None, metrics_port: int | None = None,
                      exit_timeout_s: int = 10, log_file: str | Path | None = None,
                      stop_event: threading.Event | None = None,
+                     on_start: Callable[[], None] | None = None,
                      on_ready: Callable[[ServerHandle], None] | None = None,
                      handle_signals: bool = True) -> dict:
     """Serve the ONNX models of a repository with pytriton until SIGINT/SIGTERM (or stop_event).
 
     Each model is bound with the config's max_batch_size, dynamic batching (preferred sizes,
     queue delay), instance count and parameters; inference runs in this process with ONNX Runtime.
-    Returns a summary dict once the server has stopped.
+    On SIGTERM/SIGINT (or stop_event) the models are unloaded first, so Triton answers every request
+    it accepted (up to exit_timeout_s) and refuses new ones, then tritonserver stops; nothing it
+    started is left running. Returns a summary dict once the server has stopped.
     """
+    log_file = check_run_options(exit_timeout_s, log_file)
     try:
         import pytriton  # noqa: F401
     except ImportError:
@@ -163,6 +181,8 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     logging.getLogger("pytriton").setLevel(logging.WARNING)
+    # its "exited with failure" warning on every stop that ran into the exit timeout: we say why
+    logging.getLogger("pytriton.server.triton_server").setLevel(logging.ERROR)
     own_log = log_file is None
     if own_log:
         fd, log_file = tempfile.mkstemp(prefix="idle-export-triton-", suffix=".log")
@@ -187,6 +207,8 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
             previous[sig] = signal.signal(sig, on_signal)
     url = f"http://{host}:{port}"
     started = time.perf_counter()
+    tree: dict = {}
+    drain = None
     try:
         for m in served:
             funcs = [batch(rt) for rt in runtimes[m.name]]
@@ -201,24 +223,44 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
             triton.bind(model_name=m.name, infer_func=funcs if len(funcs) > 1 else funcs[0],
                         inputs=inputs, outputs=outputs, config=mc, model_version=m.version, strict=True)
             _add_parameters(triton, m)
+        if on_start:  # the repository and options are fine: tritonserver starts now
+            on_start()
         try:
             triton.run()
         except Exception as e:  # noqa: BLE001 - pytriton raises plain exceptions
             raise IdleExportError(f"Triton did not start ({type(e).__name__}: {str(e)[:200]})",
                                   f"see the server log {log_file}; {_log_tail(log_file)}") from None
+        tree = process_tree()
+        drain = Drain(f"http://{_loopback(host)}:{port}", exit_timeout_s)
         if on_ready:
             on_ready(ServerHandle(url, [m.name for m in served], None if own_log else str(log_file)))
+        ticks = 0
         while not stop.wait(0.5):
+            ticks += 1
+            if ticks % 10 == 0:  # a stub the Python backend restarted (~4 ms a look)
+                tree.update(process_tree())
             if not triton.is_alive():
-                raise IdleExportError("Triton stopped unexpectedly", f"{_log_tail(log_file)}")
+                raise IdleExportError(f"Triton stopped unexpectedly: {_why_stopped(triton, log_file)}",
+                                      f"restart `serve run`; tritonserver's log: {log_file}")
+        tree.update(process_tree())
+        drain([m.name for m in served], tree, exit_timeout_s)
     finally:
+        if drain is not None:
+            drain.close()
         triton.stop()
+        stop_leftovers(tree)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if own_log and not sys.exc_info()[0]:
             Path(log_file).unlink(missing_ok=True)
     return {"url": url, "models": [m.name for m in served], "skipped": skipped,
             "uptime_s": round(time.perf_counter() - started, 2), "signal": received[0] if received else None}
+
+
+def _loopback(host: str) -> str:
+    """The address this machine reaches a server bound to `host` at (a wildcard → loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
 
 
 def _instance_count(cfg) -> int:
@@ -243,11 +285,33 @@ def _add_parameters(triton, rm: RepoModel) -> None:
                       "back to DeiT preprocessing defaults", stacklevel=2)
 
 
+def _why_stopped(triton, log_file) -> str:
+    """crash_cause from what tritonserver printed (pytriton keeps it; a private attribute), its
+    exit code and its log."""
+    server = getattr(triton, "_triton_server", None)
+    cmd = getattr(server, "_tritonserver_running_cmd", None)
+    alive, exit_code = False, None
+    try:
+        alive, exit_code = cmd.process.is_alive()
+    except Exception:  # noqa: BLE001 - pytriton/sh internals; the cause is still looked for in the output
+        pass
+    if alive:  # pytriton also counts its in-process inference proxies
+        return "a model's inference proxy in this process stopped while tritonserver still ran"
+    time.sleep(0.3)  # sh hands the last lines over from its reader thread
+    output = server.logs() if server is not None and hasattr(server, "logs") else ""
+    try:
+        log_text = Path(log_file).read_text(errors="replace")
+    except OSError:
+        log_text = ""
+    return crash_cause(output, log_text, exit_code)
+
+
 def _log_tail(log_file, lines: int = 3) -> str:
     try:
         text = Path(log_file).read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
+    text = [ln for ln in text if not any(n in ln for n in LOG_NOISE)]
     errors = [ln for ln in text if ln.startswith("E")] or text
     return " | ".join(errors[-lines:])[:400]
 

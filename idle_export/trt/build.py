@@ -27,86 +27,39 @@ from idle_export.fileio import atomic_write_bytes, check_output_path, sha256_fil
 from idle_export.hardware import gpu_info
 from idle_export.onnx.fp16 import fp16_onnx, score_path_nodes
 from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
-from idle_export.onnx.lint import lint_model
-from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.trt.flavour import PIP, PRECISIONS, TrtInfo, import_trt, make_logger, parse_target
+from idle_export.trt import plugin as trt_plugin
+from idle_export.trt.flavour import (
+    PIP,
+    PRECISIONS,
+    Interruptible,
+    TrtInfo,
+    import_trt,
+    make_logger,
+    parse_target,
+)
+from idle_export.trt.inputs import check_batch, check_graph, default_engine_path, onnx_facts
 from idle_export.trt.sidecar import SIDECAR_FORMAT, sidecar_path, trtexec_command
 
-
 # ----------------------------------------------------------------------------- options
-def parse_batch(text: str) -> tuple[int, int, int]:
-    """'1:32:64' → (1, 32, 64); '8' → (8, 8, 8); 'min:max' → (min, max, max)."""
-    parts = [p for p in str(text).replace(" ", "").split(":")]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise BadInputError(f"--batch {text!r} is not MIN:OPT:MAX", "e.g. --batch 1:32:64") from None
-    if len(values) == 1:
-        values = values * 3
-    elif len(values) == 2:
-        values = [values[0], values[1], values[1]]
-    elif len(values) != 3:
-        raise BadInputError(f"--batch {text!r} has {len(values)} numbers", "give MIN:OPT:MAX, e.g. 1:32:64")
-    return check_batch(tuple(values))
-
-
-def check_batch(batch) -> tuple[int, int, int]:
-    lo, opt, hi = (int(v) for v in batch)
-    if lo < 1:
-        raise BadInputError(f"batch range {lo}:{opt}:{hi} starts below 1", "e.g. --batch 1:32:64")
-    if not lo <= opt <= hi:
-        raise BadInputError(f"batch range {lo}:{opt}:{hi} is inverted (need MIN ≤ OPT ≤ MAX)",
-                            f"e.g. --batch {min(lo, opt, hi)}:{sorted((lo, opt, hi))[1]}:{max(lo, opt, hi)}")
-    return lo, opt, hi
 
 
 # ----------------------------------------------------------------------------- ONNX facts
-def onnx_facts(model) -> dict:
-    """What the builder needs to know about an ONNX graph before parsing it."""
-    from onnx import TensorProto
-
-    g = model.graph
-    init_names = {i.name for i in g.initializer}
-    inputs = [i for i in g.input if i.name not in init_names]
-    if len(inputs) != 1:
-        raise BadInputError(f"the ONNX graph has {len(inputs)} inputs; expected one image input",
-                            "export with `idle-export onnx` (input 'images' [B,3,H,W])")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
-    if len(shape) != 4 or any(s <= 0 for s in shape[1:]):
-        raise BadInputError(f"input {inputs[0].name!r} has shape {shape}; expected [B,3,H,W] with fixed "
-                            "C,H,W", "export with `idle-export onnx`")
-    ops = {n.op_type for n in g.node}
-    types = {i.data_type for i in g.initializer} | {
-        v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
-    meta = OnnxMetadata.of(model)
-    return {
-        "input": inputs[0].name,
-        "shape": shape,
-        "outputs": [o.name for o in g.output],
-        "qdq": bool(ops & {"QuantizeLinear", "DequantizeLinear"}),
-        "fp16": TensorProto.FLOAT16 in types,
-        "topk": sum(n.op_type == "TopK" for n in g.node),
-        "metadata": meta,
-    }
 
 
 # ----------------------------------------------------------------------------- build
-def default_engine_path(onnx: str | Path, precision: str) -> Path:
-    onnx = Path(onnx)
-    stem = onnx.name[:-5] if onnx.name.endswith(".onnx") else onnx.name
-    return onnx.with_name(f"{stem}.{precision}.engine")
 
 
 def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64), target: str | None = None,
                  timing_cache: str | Path | None = None, workspace: int | None = None,
                  verbose: bool = False, output: str | Path | None = None, flavour: str | None = None,
-                 selection: bool = False, echo: Callable[[str], None] | None = None) -> dict:
+                 selection: bool = False, plugin: bool = False, echo: Callable[[str], None] | None = None
+                 ) -> dict:
     """Build ENGINE (+ ENGINE.json) from an ONNX file; returns the sidecar dict (with timings).
 
     precision: fp32 | fp16 | int8 (int8 needs Q/DQ nodes in the ONNX); batch: (min, opt, max);
     target: compute capability for a TensorRT-RTX cross-build ('sm89'); workspace in MiB;
-    selection: also output each TopK's indices as selection_layer{L} (for parity checks).
+    selection: also output each TopK's indices as selection_layer{L} (for parity checks);
+    plugin: a plugin-form ONNX with the fused kernels as TensorRT AOT plugins (trt/plugin.py).
 
     Polygraphy's loader chain (NetworkFromOnnxPath → CreateConfig → EngineBytesFromNetwork) has no
     compute-capability targets for TensorRT-RTX cross-builds and no FP32 pinning of the score path
@@ -122,42 +75,27 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
     if output.resolve() == onnx.resolve():
         raise BadInputError("the engine would overwrite the ONNX file", "pass -o NAME.engine")
     check_output_path(output)
+    if timing_cache is not None:  # read and written: it must be a writable file
+        check_output_path(Path(timing_cache), "--timing-cache")
     if workspace is not None and workspace < 1:
         raise BadInputError(f"--workspace {workspace} MiB must be at least 1", "e.g. --workspace 4096")
-    model = load_onnx(onnx)
+    model, flavour, inlined = trt_plugin.prepare(onnx, load_onnx(onnx), plugin, precision, target, flavour)
     facts = onnx_facts(model)
-    _check_graph(onnx, model, facts, precision, batch)
+    check_graph(onnx, model, facts, precision, batch)
     trt, target, gpu = _choose_trt(flavour, target, echo)
-    parsed, fp16_report, strongly_typed = _graph_to_parse(trt, model, facts, onnx, output, precision, echo)
+    parsed, fp16_report, strongly_typed, plugin_info = trt_plugin.graph_to_parse(
+        _graph_to_parse, trt, model, facts, onnx, output, precision, selection, plugin, inlined, echo)
     fp32_layers = sorted(score_path_nodes(model)) if precision == "fp16" and not strongly_typed else []
 
-    mod = trt.module
-    logger = make_logger(trt, verbose, echo)
-    builder = mod.Builder(logger)
-    t0 = time.perf_counter()
-    network, _parser = _parse(trt, builder, logger, parsed, strongly_typed)  # the parser owns weights
-    selection_outputs = _mark_selection(mod, network, facts) if selection else []
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    name = network.get_input(0).name
-    chw = tuple(facts["shape"][1:])
-    profile.set_shape(name, (batch[0], *chw), (batch[1], *chw), (batch[2], *chw))
-    config.add_optimization_profile(profile)
-    _set_precision(trt, network, config, precision, strongly_typed, fp32_layers)
-    if workspace is not None:
-        config.set_memory_pool_limit(mod.MemoryPoolType.WORKSPACE, int(workspace) << 20)
-    if target is not None:
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(mod.ComputeCapability, target.upper()), 0)
-    cache_note = _load_timing_cache(trt, config, timing_cache)
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if plan is None:
-        errs = logger.errors()
-        raise IdleExportError(f"{trt.label} could not build {parsed.name}: "
-                              f"{errs[-1] if errs else 'no error message'}",
-                              "rerun with -v for the builder log; check `idle-export lint`")
-    data = bytes(plan)
+    try:
+        with Interruptible(trt) as interrupt:
+            data, network, config, name, chw, seconds, cache_note, selection_outputs, _parser = _build(
+                trt, parsed, facts, batch, precision, strongly_typed, fp32_layers, target, workspace,
+                timing_cache, selection, verbose, echo, interrupt, plugin_info)
+    except KeyboardInterrupt:  # an interrupted build leaves nothing behind, not even the graph it
+        if parsed != onnx:     # wrote for the parser (FP16, inlined or plugin copy)
+            parsed.unlink(missing_ok=True)
+        raise
     if timing_cache is not None and trt.flavour == "tensorrt":
         atomic_write_bytes(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
     io = [_tensor_desc(network.get_input(i)) for i in range(network.num_inputs)] + \
@@ -181,6 +119,7 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
         "fp16_pass": fp16_report and {k: v for k, v in fp16_report.items() if k != "path"},
         "fp32_layers": fp32_layers,
         "selection_outputs": selection_outputs,
+        "plugin": plugin_info,
         "workspace_mib": workspace,
         "timing_cache": cache_note,
         "build_seconds": round(seconds, 2),
@@ -193,18 +132,42 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
     return sidecar
 
 
-def _check_graph(onnx: Path, model, facts: dict, precision: str, batch) -> None:
-    """Refuse, before any TensorRT work, a graph the requested build cannot take."""
-    _check_precision(onnx, facts, precision)
-    if facts["shape"][0] > 0 and batch != (facts["shape"][0],) * 3:
-        b = facts["shape"][0]
-        raise BadInputError(f"{onnx.name} has a fixed batch of {b}; --batch {':'.join(map(str, batch))} "
-                            "needs a dynamic one", f"pass --batch {b}:{b}:{b} or export with dynamic batch")
-    errors = [f for f in lint_model(model) if f["severity"] == "error"]
-    if errors:
-        raise BadInputError(f"{onnx.name}: {errors[0]['message']}"
-                            + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-                            f"run `idle-export lint {onnx}` for every finding")
+def _build(trt: TrtInfo, parsed: Path, facts: dict, batch, precision: str, strongly_typed: bool,
+           fp32_layers: list[str], target: str | None, workspace: int | None, timing_cache,
+           selection: bool, verbose: bool, echo, interrupt: Interruptible, plugin_info: dict | None):
+    """Parse and build; returns the plan bytes and what the sidecar records about the build."""
+    mod = trt.module
+    logger = make_logger(trt, verbose, echo)
+    builder = mod.Builder(logger)
+    t0 = time.perf_counter()
+    network, _parser = _parse(trt, builder, logger, parsed, strongly_typed)  # the parser owns weights
+    selection_outputs = (plugin_info["selection_outputs"] if plugin_info else
+                         _mark_selection(mod, network, facts)) if selection else []
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    name = network.get_input(0).name
+    chw = tuple(facts["shape"][1:])
+    profile.set_shape(name, (batch[0], *chw), (batch[1], *chw), (batch[2], *chw))
+    config.add_optimization_profile(profile)
+    _set_precision(trt, network, config, precision, strongly_typed, fp32_layers)
+    if workspace is not None:
+        config.set_memory_pool_limit(mod.MemoryPoolType.WORKSPACE, int(workspace) << 20)
+    if target is not None:
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(mod.ComputeCapability, target.upper()), 0)
+    cache_note = _load_timing_cache(trt, config, timing_cache)
+    monitor = interrupt.monitor()
+    if monitor is not None:
+        config.progress_monitor = monitor
+    plan = builder.build_serialized_network(network, config)
+    interrupt.check()
+    if plan is None:
+        errs = logger.errors()
+        raise IdleExportError(f"{trt.label} could not build {parsed.name}: "
+                              f"{errs[-1] if errs else 'no error message'}",
+                              "rerun with -v for the builder log; check `idle-export lint`")
+    return (bytes(plan), network, config, name, chw, time.perf_counter() - t0, cache_note,
+            selection_outputs, _parser)
 
 
 def _choose_trt(flavour: str | None, target: str | None, echo) -> tuple[TrtInfo, str | None, dict | None]:
@@ -276,18 +239,6 @@ def _set_precision(trt: TrtInfo, network, config, precision: str, strongly_typed
         _pin_fp32(mod, network, config, set(fp32_layers))
 
 
-def _check_precision(onnx: Path, facts: dict, precision: str) -> None:
-    if precision == "int8" and not facts["qdq"]:
-        raise BadInputError(f"INT8 needs a Q/DQ ONNX: {onnx.name} has no QuantizeLinear/DequantizeLinear "
-                            "nodes", f"run `idle-export calibrate {onnx}` first, or pass --calib DIR")
-    if precision != "int8" and facts["qdq"]:
-        raise BadInputError(f"{onnx.name} has Q/DQ nodes (an INT8 graph); --{precision} would ignore them",
-                            "pass --int8, or build from the FP32 export")
-    if precision == "fp32" and facts["fp16"]:
-        raise BadInputError(f"{onnx.name} has FP16 tensors; a strongly typed build would run them in FP16",
-                            "pass --fp16, or build --fp32 from the FP32 export")
-
-
 def _mark_selection(mod, network, facts: dict) -> list[str]:
     """Make each TopK's index tensor an engine output named selection_layer{L} (idle layer L)."""
     topk = [network.get_layer(i) for i in range(network.num_layers)
@@ -328,6 +279,9 @@ def _load_timing_cache(trt: TrtInfo, config, path) -> str | None:
     path = Path(path)
     blob = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(blob)
+    if cache is None:
+        raise BadInputError(f"--timing-cache {path} is not a TensorRT timing cache",
+                            "delete it (a new one is written) or pass another path")
     config.set_timing_cache(cache, False)  # ignore_mismatch=False
     return f"{'reused' if blob else 'created'} {path}"
 

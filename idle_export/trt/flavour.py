@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, MissingDependencyError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -21,7 +22,7 @@ FLAVOUR_NAMES = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 
 PIP = {
     "tensorrt": "pip install tensorrt (TensorRT 10/11, builds and runs on an NVIDIA GPU)",
-    "tensorrt_rtx": "pip install tensorrt-rtx-cu13==1.7.1.116 (builds without a GPU: --target sm89)",
+    "tensorrt_rtx": pip_extra("trt") + "; it builds without a GPU: --target sm89",
 }
 
 
@@ -112,3 +113,60 @@ def make_logger(trt: TrtInfo, verbose: bool, echo: Callable[[str], None]):
                     and not any(n in m for n in _NO_GPU_NOISE)]
 
     return CapturingLogger()
+
+
+class Interruptible:
+    """Ctrl+C / SIGTERM during a TensorRT build: TensorRT calls back into Python (logger, progress)
+    and swallows a KeyboardInterrupt raised there, then writes the engine anyway. So the signals
+    only set a flag while the build runs; a progress monitor (TensorRT ≥ 10, RTX) asks TensorRT to
+    stop at its next step, and `check()` raises KeyboardInterrupt after the build returns."""
+
+    def __init__(self, trt: TrtInfo):
+        self.trt, self.signal, self.previous = trt, None, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        import signal
+
+        self.signal = signal.Signals(signum).name
+
+    def monitor(self):
+        """An IProgressMonitor that cancels the build once a signal came (None without the API)."""
+        mod = self.trt.module
+        if not hasattr(mod, "IProgressMonitor"):
+            return None
+        outer = self
+
+        class Cancel(mod.IProgressMonitor):
+            def __init__(self):
+                mod.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                pass
+
+            def phase_finish(self, phase_name):
+                pass
+
+            def step_complete(self, phase_name, step):
+                return outer.signal is None  # False: TensorRT stops the build
+
+        return Cancel()
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt("SIGTERM" if self.signal == "SIGTERM" else "")

@@ -90,9 +90,12 @@ def test_bench_report_structure(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
     from idle_export.bench.run import run_bench
 
     report = run_bench([tiny_idle_onnx, tiny_dense_onnx], backends=["ort"], batches=[1, 2], threads=1,
-                       independent=True, **FAST)
+                       independent=True, optimize=True, **FAST)
     assert report["settings"]["threads"] == 1 and report["settings"]["optimize"] is True
-    assert "bias_gelu" in report["settings"]["passes"]
+    assert "bias_gelu" in report["settings"]["passes"]["ort"]
+    # portable files (no passes in them): --optimize applied the ort target's passes in memory
+    assert all(r["passes_in_file"] == [] and r["target"] == "portable" and "bias_gelu" in r["passes_at_load"]
+               for r in report["results"])
     env = report["environment"]
     assert env["cpu"] and env["versions"]["onnxruntime"] and env["versions"]["numpy"]
     assert {(r["variant"], r["batch"]) for r in report["results"]} == {
@@ -156,7 +159,7 @@ def test_bench_cli_checkpoint_torch_json_and_plot(tiny_ckpt, tmp_path):
 
 def test_bench_json_to_stdout_is_pure_json(tiny_ckpt, tiny_idle_onnx, tiny_dense_onnx):
     res = CliRunner().invoke(app, ["bench", str(tiny_idle_onnx), str(tiny_dense_onnx), "--batch", "1",
-                                   "--runs", "1", "--warmup", "0", "--min-time", "0.01", "--threads", "1",
+                                   "--runs", "1", "--warmup", "1", "--min-time", "0.01", "--threads", "1",
                                    "--json", "-"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
@@ -367,6 +370,7 @@ def test_bench_two_files_with_the_same_role_stay_apart(tiny_idle_onnx, tiny_dens
     report = run_bench([tiny_idle_onnx, twin, tiny_dense_onnx], backends=["ort"], batches=[1], threads=1,
                        optimize=False, **FAST)
     assert [r["variant"] for r in report["results"]] == ["idle", "idle(tiny_idle_copy)", "dense"]
-    assert report["settings"]["optimize"] is False and report["settings"]["passes"] == []
+    assert report["settings"]["optimize"] is False and report["settings"]["passes"] == {}
+    assert all(r["passes_at_load"] == [] for r in report["results"])  # timed as written
     assert all(r["calls"] == 2 * r["iters_per_run"] for r in report["results"])
     assert {c["variant"] for c in report["comparisons"]} == {"idle", "idle(tiny_idle_copy)"}

@@ -1,11 +1,12 @@
 import argparse
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from idle_export.errors import BadInputError, CheckpointError
+from idle_export.errors import CheckpointError
 from idle_export.model.checkpoint import load_checkpoint
 from idle_export.model.config import ModelSpec
 from idle_export.model.vit import build_model, create_vit
@@ -64,13 +65,75 @@ def test_num_classes_from_head(tmp_path):
     assert load_checkpoint(tmp_path / "c.pth").spec().num_classes == 10
 
 
-def test_lvvit_checkpoint_is_named_not_guessed(tmp_path, tiny_sd):
-    """The authors' LV-ViT checkpoints (args.arch lvvit_s/lvvit_m) get their own message, not
-    'unknown architecture' or a shape mismatch against some DeiT."""
+def _lvvit_meta_sd(arch: str) -> dict:
+    """The state dict of a full-size LV-ViT, shapes only (nothing allocated)."""
+    from idle_export.model.lvvit import LVViT
+
+    with torch.device("meta"):
+        return LVViT(arch).state_dict()
+
+
+@pytest.mark.parametrize("arch", ["lvvit_s", "lvvit_m"])
+def test_lvvit_arch_inferred_from_keys(arch):
+    """No args: the conv stem (patch_embed.conv1) says LV-ViT, width and depth say which."""
+    from idle_export.model.checkpoint import Checkpoint, infer_arch
+
+    sd = _lvvit_meta_sd(arch)
+    assert infer_arch(sd) == arch
+    ckpt = Checkpoint(path=Path(f"{arch}.pth"), sha256="", state_dict=sd, source="file")
+    spec = ckpt.spec(keep_rate=0.7)
+    want = {"lvvit_s": (384, 16, 6, range(4, 16), 4), "lvvit_m": (512, 20, 8, range(5, 20), 5)}[arch]
+    assert (spec.family, spec.embed_dim, spec.depth, spec.num_heads, spec.stem_width) == (
+        "lvvit", *want[:3], 64)
+    assert spec.idle_layers == tuple(want[3])
+    g = want[4]  # the official groups of G idle layers per power of r
+    assert spec.keep_k == (137,) * g + (96,) * g + (67,) * g
+    assert spec.describe().startswith(f"{arch} keep 0.7, idle layers {want[3][0]},")
+
+
+def test_lvvit_wrong_arch_names_the_right_one(tmp_path, tiny_sd):
+    from idle_export.model.checkpoint import Checkpoint
+
+    small = Checkpoint(path=Path("s.pth"), sha256="", state_dict=_lvvit_meta_sd("lvvit_s"), source="file",
+                       args={"arch": "lvvit_m", "base_rate": 0.7})
+    with pytest.raises(CheckpointError, match="do not fit lvvit_m: s.pth has 16 blocks, lvvit_m 20") as e:
+        small.spec()
+    assert e.value.hint == "pass --arch lvvit_s"
+    # DeiT weights labelled LV-ViT (and the other way round) are named, not guessed
     torch.save({"model": tiny_sd, "args": argparse.Namespace(arch="lvvit_s", base_rate=0.7)},
                tmp_path / "lv.pth")
-    with pytest.raises(BadInputError, match="'lvvit_s' is LV-ViT, which idle-export cannot export yet"):
+    with pytest.raises(CheckpointError, match="weights do not fit lvvit_s: lv.pth has no LV-ViT") as e:
         load_checkpoint(tmp_path / "lv.pth").spec()
+    assert e.value.hint == "the weights look like deit_tiny: pass --arch deit_tiny"
+    deit = Checkpoint(path=Path("m.pth"), sha256="", state_dict=_lvvit_meta_sd("lvvit_m"), source="file",
+                      args={"arch": "deit_base", "base_rate": 0.7})
+    with pytest.raises(CheckpointError, match="weights do not fit deit_base") as e:
+        build_model(deit.spec(), deit.state_dict)
+    assert e.value.hint == "the weights look like lvvit_m: pass --arch lvvit_m"
+
+
+@pytest.mark.parametrize("form", ["bare", "model", "official"])
+def test_narrow_lvvit_weights_forms(tmp_path, form):
+    """A narrow LV-ViT-S (width 128, 16 blocks, 8-wide stem, 64 px): the bare Token-Labeling
+    state dict, {'model': sd} and the official training checkpoint all load; the dims come
+    from the weights, the heads from LV-ViT's 64-wide heads."""
+    from idle_export.model.build import build_model as build_any
+    from idle_export.model.lvvit import seeded_lvvit_state_dict
+
+    sd = seeded_lvvit_state_dict("lvvit_s", 10, 0, img_size=64, embed_dim=128, stem_width=8)
+    obj = {"bare": sd, "model": {"model": sd},
+           "official": {"model": sd, "model_ema": sd, "epoch": 1,
+                        "args": argparse.Namespace(arch="lvvit_s", base_rate=0.5)}}[form]
+    torch.save(obj, tmp_path / "lv.pth")
+    ckpt = load_checkpoint(tmp_path / "lv.pth")
+    assert ckpt.arch == "lvvit_s" and ckpt.img_size == 64 and ckpt.num_classes == 10
+    spec = ckpt.spec(keep_rate=None if form == "official" else 0.5)
+    assert (spec.embed_dim, spec.depth, spec.num_heads, spec.stem_width) == (128, 16, 2, 8)
+    assert spec.keep_k == (8,) * 4 + (4,) * 4 + (2,) * 4  # int(16 · 0.5**p)
+    assert spec.describe().startswith("lvvit_s (width 128, 16 blocks, stem 8) keep 0.5")
+    model = build_any(spec, ckpt.state_dict, fold_bn=False)
+    assert torch.equal(model.patch_embed.bn1.running_var, sd["patch_embed.bn1.running_var"])
+    assert model.spec is spec and len(model.idle_blocks) == 12
 
 
 def test_trained_photos10_checkpoint(photos10_ckpt):

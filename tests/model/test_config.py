@@ -67,3 +67,46 @@ def test_flop_model_deit_small():
     half = ModelSpec.create("deit_small", 0.5)
     assert half.macs(dense=True) / half.macs() == pytest.approx(1.97, abs=0.005)
     assert half.macs(dense=True) / half.macs(folded_scores=True) == pytest.approx(2.14, abs=0.005)
+
+
+def test_lvvit_schedules_follow_the_official_scripts():
+    """LV-ViT: infer.py and main.py agree (S: layers 4..15 in groups of four, M: 5..19 in groups
+    of five), so --schedule does not change them; explicit layers use the arch's group size."""
+    s = ModelSpec.create("lvvit_s", 0.7)
+    assert (s.family, s.embed_dim, s.depth, s.num_heads, s.stem_width) == ("lvvit", 384, 16, 6, 64)
+    assert s.idle_layers == tuple(range(4, 16))
+    assert s.keep_k == (137,) * 4 + (96,) * 4 + (67,) * 4
+    assert ModelSpec.create("lvvit_s", 0.7, schedule="train") == s
+    m = ModelSpec.create("lvvit_medium", 0.7)
+    assert m.arch == "lvvit_m" and m.idle_layers == tuple(range(5, 20))
+    assert m.keep_k == (137,) * 5 + (96,) * 5 + (67,) * 5
+    assert ModelSpec.create("lvvit_m", 0.5, idle_layers=[5, 6, 7, 8, 9, 10]).keep_k == (98,) * 5 + (49,)
+    with pytest.raises(BadInputError, match="idle layer 16 is out of range for lvvit_s"):
+        ModelSpec.create("lvvit_s", 0.7, idle_layers=[4, 16])
+    with pytest.raises(BadInputError, match="unknown architecture 'lvvit_l'"):
+        ModelSpec.create("lvvit_l", 0.7)
+
+
+def test_lvvit_metadata_round_trip_and_deit_metadata_unchanged():
+    narrow = ModelSpec.create("lvvit_m", 0.7, num_classes=10, img_size=96,
+                              dims=dict(embed_dim=128, depth=20, num_heads=2, stem_width=8))
+    meta = narrow.to_metadata()
+    assert meta["idle_export.stem_width"] == "8"
+    assert ModelSpec.from_metadata(meta) == narrow
+    deit = ModelSpec.create("deit_tiny", 0.7).to_metadata()
+    assert "idle_export.stem_width" not in deit and ModelSpec.from_metadata(deit).stem_width == 0
+
+
+def test_flop_model_lvvit_counts_the_stem():
+    """LV-ViT-S r=0.7: the conv stem (1.35 GMACs, a fifth of the dense model) and the aux
+    head over every patch token are counted; idle layers shrink neither."""
+    spec = ModelSpec.create("lvvit_s", 0.7)
+    stem = 112 * 112 * 64 * (3 * 49 + 2 * 64 * 9) + 196 * 384 * 64 * 64
+    assert spec.embed_macs() == stem
+    dense, idle, folded = spec.macs(dense=True), spec.macs(), spec.macs(folded_scores=True)
+    assert dense / 1e9 == pytest.approx(6.55, abs=0.01) and stem / dense > 0.2
+    heads = 197 * 384 * 1000
+    blocks_dense = dense - stem - heads
+    assert idle - stem - heads < 0.7 * blocks_dense  # the blocks shrink …
+    assert 1 < dense / idle < blocks_dense / (idle - stem - heads)  # … the whole model less so
+    assert folded < idle

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -73,3 +75,45 @@ def test_check_needs_one_reference(tiny_idle_onnx):
 
     with pytest.raises(BadInputError, match="exactly one reference"):
         check_onnx(tiny_idle_onnx)
+
+
+def test_fp16_near_ties_count_as_agreement_and_raw_agreement_is_reported(photos10_idle_onnx, tmp_path):
+    """FP16 moves the token scores a little, so near-tied tokens swap: parity counts a swapped
+    token as agreeing when its reference score is within the candidate's rounding of the K-th
+    score, reports the raw agreement beside it, and passes (top-1 100%)."""
+    from typer.testing import CliRunner
+
+    from idle_export.cli import app
+    from idle_export.onnx.fp16 import fp16_onnx
+
+    half = tmp_path / "p.fp16.onnx"
+    fp16_onnx(photos10_idle_onnx, half)
+    report_path = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["check", str(half), "--against", str(photos10_idle_onnx),
+                                      "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    cases = json.loads(report_path.read_text())["cases"]
+    assert all(c["selection"] == 1.0 and c["top1"] == 1.0 for c in cases)
+    assert any(c["selection_raw"] < 1.0 and c["selection_ties"] > 0 for c in cases)  # swaps happened
+    assert "raw" in result.output and "…" not in result.output  # no number cut when piped
+
+
+def test_a_real_selection_disagreement_is_not_a_tie():
+    """A token far from the K-th score kept instead of a clear winner fails, even when the
+    candidate computed the same scores (its rounding explains nothing)."""
+    from idle_export.model.config import TOLERANCES
+    from idle_export.parity.compare import compare_outputs
+
+    scores = [np.arange(10.0)[None, ::-1].copy()]  # token 0 scores 9, token 9 scores 0
+    ref = {"logits": np.zeros((1, 3)), "selection_layer3": np.array([[0, 1, 2]])}
+    swapped_near = {"logits": np.zeros((1, 3)), "selection_layer3": np.array([[0, 1, 3]])}
+    swapped_far = {"logits": np.zeros((1, 3)), "selection_layer3": np.array([[0, 1, 9]])}
+    tol = TOLERANCES["fp16"]  # |s_3 - s_K| = 1 is beyond 3% of the range 9 … unless rounding says so
+    rounded = scores[0].copy()
+    rounded[0, 2] -= 0.6  # the candidate's scores moved by 0.6: enough to swap tokens 2 and 3
+    rounded[0, 3] += 0.6
+    near = compare_outputs(swapped_near, ref, scores, tol, cand_scores=[rounded])
+    assert near["selection"] == 1.0 and near["selection_raw"] == 0.0 and near["passed"]
+    far = compare_outputs(swapped_far, ref, scores, tol, cand_scores=[scores[0] + 0.01])
+    assert far["selection"] == 0.0 and not far["passed"]
+    assert "token-selection agreement" in " ".join(far["failures"])

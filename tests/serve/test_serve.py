@@ -133,11 +133,18 @@ def test_repo_config_parses_with_triton_protobuf(repo, tiny_idle_onnx):
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, 0)]  # KIND_AUTO
-    assert json.loads(cfg.parameters["idle_export.arch"].string_value) == "deit_tiny"
+    # parameters are plain strings (no JSON quoting of strings); lists and numbers as compact JSON
+    assert cfg.parameters["idle_export.arch"].string_value == "deit_tiny"
+    assert cfg.parameters["idle_export.score_mode"].string_value == "official"
     assert json.loads(cfg.parameters["idle_export.keep_k"].string_value) == [137] * 3 + [96] * 3 + [67] * 3
     assert (folder / "1" / "model.onnx").read_bytes() == tiny_idle_onnx.read_bytes()
-    side = json.loads((folder / "idle_export.json").read_text())
+    side = json.loads((folder / "1" / "idle_export.json").read_text())
     assert side["sha256"] == sha256_file(tiny_idle_onnx) and side["platform"] == "onnxruntime_onnx"
+    # no path of the machine that wrote it: the repository moves to a server as it is
+    assert side["source"] == tiny_idle_onnx.name
+    for f in folder.rglob("*"):
+        if f.is_file() and f.suffix in (".pbtxt", ".json", ".txt"):
+            assert str(tiny_idle_onnx.parent) not in f.read_text() and "/tmp" not in f.read_text()
     assert not (folder / "labels.txt").exists()
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no temp folders left
 
@@ -258,7 +265,7 @@ def test_repo_cli_bad_input_and_force(tiny_idle_onnx, tmp_path):
     out = tmp_path / "repo"
     cases = [
         ([str(bogus)], "is not an ONNX model"),
-        ([str(tiny_idle_onnx), "--max-batch", "0"], "--max-batch 0 must be at least 1"),
+        ([str(tiny_idle_onnx), "--max-batch", "0"], "--max-batch 0 must be between 1 and"),
         ([str(tiny_idle_onnx), "--max-batch", "8", "--preferred", "4,16"], "must lie in 1..8"),
         ([str(tiny_idle_onnx), "--kind", "tpu"], "--kind 'tpu'"),
         ([str(tmp_path / "missing.onnx")], "model file not found"),
@@ -273,12 +280,68 @@ def test_repo_cli_bad_input_and_force(tiny_idle_onnx, tmp_path):
                              "--json", "-"])
     assert ok.exit_code == 0, ok.output
     again = runner.invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(out), "--name", "m"])
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 2 and "already has version 1" in again.output and "--version 2" in again.output
     forced = runner.invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(out), "--name", "m",
                                  "--max-batch", "16", "--force"])
     assert forced.exit_code == 0, forced.output
     assert "max_batch_size: 16" in (out / "m" / "config.pbtxt").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["m"]
+
+
+def test_repo_versions_are_added_beside_each_other(tiny_idle_onnx, tiny_dense_onnx, tmp_path):
+    """Triton's versioning: --version N adds NAME/N next to the versions there; --force replaces
+    one version only; a version with other inputs/outputs is refused (one config serves all)."""
+    from idle_export.fileio import sha256_file
+
+    out = tmp_path / "repo"
+    first = runner.invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(out), "--name", "m"])
+    assert first.exit_code == 0, first.output
+    v1 = sha256_file(out / "m" / "1" / "model.onnx")
+    result = runner.invoke(app, ["serve", "repo", str(tiny_dense_onnx), "-o", str(out), "--name", "m",
+                                 "--version", "2"])
+    assert result.exit_code == 0, result.output
+    assert "versions [1, 2]" in result.output
+    assert sha256_file(out / "m" / "1" / "model.onnx") == v1  # the first version is untouched
+    assert (out / "m" / "2" / "model.onnx").read_bytes() == tiny_dense_onnx.read_bytes()
+    assert json.loads((out / "m" / "2" / "idle_export.json").read_text())["source"] == tiny_dense_onnx.name
+    import onnx
+
+    other = onnx.load(str(tiny_idle_onnx))  # the same model with its output named otherwise
+    for node in other.graph.node:
+        node.output[:] = ["probs" if o == "logits" else o for o in node.output]
+    other.graph.output[0].name = "probs"
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    result = runner.invoke(app, ["serve", "repo", str(tmp_path / "other.onnx"), "-o", str(out), "--name",
+                                 "m", "--version", "3"])
+    assert result.exit_code == 2 and "other inputs, outputs" in result.output
+    assert sorted(p.name for p in (out / "m").iterdir()) == ["1", "2", "config.pbtxt"]
+    result = runner.invoke(app, ["serve", "repo", str(tiny_dense_onnx), "-o", str(out), "--name", "m",
+                                 "--version", "1", "--force"])
+    assert result.exit_code == 0, result.output
+    assert (out / "m" / "1" / "model.onnx").read_bytes() == tiny_dense_onnx.read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_repo_with_the_tensorrt_accelerator_for_triton_gpu_servers(tiny_idle_onnx, tmp_path):
+    """From a CPU build machine, TensorRT reaches Triton as an ONNX model whose ONNX Runtime
+    backend builds the engine on the server's GPU (config parsed back with Triton's protobuf)."""
+    from idle_export.serve.config import parse_config
+
+    out = tmp_path / "repo"
+    result = runner.invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(out), "--name", "m",
+                                 "--accelerator", "tensorrt"])
+    assert result.exit_code == 0, result.output
+    cfg = parse_config((out / "m" / "config.pbtxt").read_text())
+    (accel,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+    assert cfg.platform == "onnxruntime_onnx"
+    for args, match in [(["--accelerator", "tensorrt", "--kind", "cpu"], "needs GPU instances"),
+                        (["--accelerator", "cuda"], "is not one of"),
+                        (["--accelerator", "tensorrt", "--accelerator-precision", "int4"],
+                         "not fp16 or fp32")]:
+        result = runner.invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(tmp_path / "r2"), *args])
+        assert result.exit_code == 2 and match in result.output, result.output
+    assert not (tmp_path / "r2").exists() or not any((tmp_path / "r2").iterdir())
 
 
 def test_query_decodes_images_like_check(tmp_path):

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from idle_export.cli import app
 from idle_export.errors import BadInputError, MissingDependencyError
 from idle_export.hardware import gpu_info
+from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.runtime.tensorrt import TrtRunner
-from idle_export.trt.build import parse_batch
 from idle_export.trt.flavour import import_trt, parse_target
+from idle_export.trt.inputs import parse_profile
 from idle_export.trt.sidecar import compatibility_problems, inspect_engine
 
 runner = CliRunner()
@@ -42,7 +43,7 @@ def built(tiny_idle_onnx, tiny_dense_onnx, tmp_path_factory):
     out = {}
     for name, onnx_path in (("idle", tiny_idle_onnx), ("dense", tiny_dense_onnx)):
         engine = d / f"{name}.engine"
-        result = run_cli("trt", onnx_path, "--fp16", "--batch", BATCH, "--target", TARGET,
+        result = run_cli("trt", onnx_path, "--fp16", "--profile", BATCH, "--target", TARGET,
                          "--flavour", "tensorrt_rtx", "-o", engine, "--json", d / f"{name}.json")
         assert result.exit_code == 0, result.output
         out[name] = (engine, result.output)
@@ -104,7 +105,7 @@ def test_rtx_builds_int8_from_a_qdq_onnx(tiny_idle_onnx, tmp_path):
                                    "WeightSymmetric": True})
     assert run_cli("lint", qdq, "--expect-idle").exit_code == 0
     engine = tmp_path / "int8.engine"
-    result = run_cli("trt", qdq, "--int8", "--batch", "1:2:4", "--target", TARGET,
+    result = run_cli("trt", qdq, "--int8", "--profile", "1:2:4", "--target", TARGET,
                      "--flavour", "tensorrt_rtx", "--emit-selection", "-o", engine)
     assert result.exit_code == 0, result.output
     side = inspect_engine(engine)
@@ -128,9 +129,11 @@ def test_int8_with_calib_folder_uses_the_quantizer(tiny_idle_onnx, tmp_path):
         Image.fromarray(rng.integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(calib / f"{i}.png")
     engine = tmp_path / "calib.engine"
     result = run_cli("trt", tiny_idle_onnx, "--int8", "--calib", calib, "--calib-num", 4,
-                     "--batch", "1:2:4", "--target", TARGET, "--flavour", "tensorrt_rtx", "-o", engine)
+                     "--profile", "1:2:4", "--target", TARGET, "--flavour", "tensorrt_rtx", "-o", engine)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "calib.qdq.onnx").is_file() and inspect_engine(engine)["precision"] == "int8"
+    qdq = tmp_path / "tiny_idle.int8.trt.onnx"  # the name `calibrate --target trt` gives, beside the engine
+    assert qdq.is_file() and inspect_engine(engine)["precision"] == "int8"
+    assert OnnxMetadata.read(qdq).get("quantization")["target"] == "trt"
 
 
 @pytest.mark.trt
@@ -186,21 +189,32 @@ def test_without_gpu_the_runner_says_it_needs_one(built):
 
 
 def test_bad_batch_ranges_and_targets():
-    assert parse_batch("1:32:64") == (1, 32, 64) and parse_batch("8") == (8, 8, 8)
+    assert parse_profile("1:32:64") == (1, 32, 64) and parse_profile("8:8:8") == (8, 8, 8)
+    with pytest.raises(BadInputError, match="static engine for batch 8 is --profile 8:8:8"):
+        parse_profile("8")  # one number used to make a static engine without a word
     with pytest.raises(BadInputError, match="inverted"):
-        parse_batch("64:32:1")
+        parse_profile("64:32:1")
     with pytest.raises(BadInputError, match="MIN:OPT:MAX"):
-        parse_batch("a:b")
+        parse_profile("a:b")
+    with pytest.raises(BadInputError, match="above 4096"):
+        parse_profile("1:32:100000000")
+    # trtexec's spelling gives the same profile; only the batch may differ from the model's input
+    shapes = ("images:1x3x224x224", "images:32x3x224x224", "images:64x3x224x224")
+    assert parse_profile(shapes=shapes, chw=(3, 224, 224)) == (1, 32, 64)
+    with pytest.raises(BadInputError, match="takes 3x224x224 images"):
+        parse_profile(shapes=(*shapes[:2], "images:64x3x256x256"), chw=(3, 224, 224))
     assert parse_target("sm89") == "sm89" and parse_target("8.6") == "sm86" and parse_target("120") == "sm120"
     with pytest.raises(BadInputError, match="not a compute capability"):
         parse_target("ampere")
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--batch", "64:32:1"], "inverted"),
+    (["--profile", "64:32:1"], "inverted"),
+    (["--profile", "8"], "--profile 8:8:8"),
+    (["--batch", "1:32:64"], "--profile MIN:OPT:MAX"),
+    (["--minShapes", "images:1x3x224x224"], "together"),
     (["--fp16", "--int8"], "choose one precision"),
     (["--fp16", "--calib", "."], "--calib is for INT8"),
-    (["--int8"], "INT8 needs a Q/DQ ONNX"),
 ])
 def test_cli_bad_input_exits_2_without_output(tiny_idle_onnx, tmp_path, args, message):
     engine = tmp_path / "x.engine"

@@ -1,0 +1,252 @@
+"""The public Python API: the library functions that the `idle-export` commands call, for
+notebooks and training scripts (examples in docs/api.md).
+
+    from idle_export import api
+
+    ckpt = api.load_checkpoint("deit_s_r0.7.pth")
+    api.export_onnx(ckpt, "deit_s_idle.onnx")
+    api.export_onnx(ckpt, "deit_s_dense.onnx", dense=True)
+    assert api.check("deit_s_idle.onnx", ckpt=ckpt)["passed"]
+
+Importing this module loads no torch, onnx or ONNX Runtime; each function loads what it needs
+when it is called. Failures raise the errors the CLI prints as one line
+(idle_export.errors): BadInputError for unusable input, MissingDependencyError when an extra is
+not installed (its `hint` is the pip command), CheckFailedError only where a function says so.
+Reports are the dicts that the commands write with `--json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from idle_export.bench.plot import plot_report, require_matplotlib
+from idle_export.bench.run import run_bench
+from idle_export.demo import run_demo
+from idle_export.errors import BadInputError
+from idle_export.fileio import check_output_path
+from idle_export.model.checkpoint import Checkpoint
+from idle_export.model.checkpoint import load_checkpoint as _load_checkpoint
+from idle_export.model.config import SCORE_MODES, ModelSpec
+from idle_export.onnx.export import export_checkpoint
+from idle_export.onnx.io import DEFAULT_OPSET
+from idle_export.onnx.lint import lint_file
+from idle_export.parity.check import check_engine_against, check_onnx
+from idle_export.quantize.qdq import default_int8_path, quantize_onnx
+from idle_export.trt.build import build_engine as _build_engine
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Checkpoint", "ModelSpec", "bench", "build_engine", "check", "demo", "export_onnx", "lint",
+           "load_checkpoint", "model_spec", "quantize", "torch_model"]
+
+PathLike = str | Path
+CheckpointLike = str | Path | Checkpoint
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
+def load_checkpoint(path: PathLike, *, ema: bool = False) -> Checkpoint:
+    """Read a checkpoint safely (`torch.load(weights_only=True)` or safetensors).
+
+    Every form IdleViT users have is accepted: the official training checkpoint, `{'model': sd}`,
+    `{'state_dict': sd}`, a bare state dict or a `.safetensors` file. `ema=True` takes the
+    `model_ema` weights. The result carries the weights, the training args (`arch`, `base_rate`)
+    and the file's sha256; `model_spec` turns it into the model to export.
+    """
+    return _load_checkpoint(path, ema=ema)
+
+
+def _checkpoint(checkpoint: CheckpointLike, ema: bool) -> Checkpoint:
+    return checkpoint if isinstance(checkpoint, Checkpoint) else _load_checkpoint(checkpoint, ema=ema)
+
+
+def model_spec(checkpoint: CheckpointLike, *, arch: str | None = None, keep: float | None = None,
+               schedule: str = "eval", idle_layers: Sequence[int] | None = None,
+               keep_k: Sequence[int] | None = None, ema: bool = False) -> ModelSpec:
+    """The ModelSpec (architecture, idle layers, K per idle layer) of a checkpoint.
+
+    `arch` and `keep` default to the checkpoint's `args.arch` / `args.base_rate`; `schedule` is
+    "eval" (idle layers 3..11, the official evaluation script) or "train" (4..11); `idle_layers`
+    and `keep_k` set the layers and the kept tokens per layer explicitly, as the CLI's
+    `--idle-layers` and `--keep-k` do.
+    """
+    ckpt = _checkpoint(checkpoint, ema)
+    return ckpt.spec(arch=arch, keep_rate=keep, schedule=schedule,
+                     idle_layers=list(idle_layers) if idle_layers is not None else None,
+                     keep_k=list(keep_k) if keep_k is not None else None)
+
+
+def torch_model(checkpoint: CheckpointLike, *, dense: bool = False, scores: str = "official",
+                spec: ModelSpec | None = None, ema: bool = False) -> torch.nn.Module:
+    """The IdleViT (eval mode, on the CPU) that the export starts from, with the checkpoint's
+    weights: `model(images)` gives the logits. `dense=True` gives the dense baseline (every token
+    in every layer); `scores` is "official" (the paper's keys for every token) or "folded".
+    `spec` defaults to `model_spec(checkpoint)`."""
+    from idle_export.model.build import build_model
+
+    ckpt = _checkpoint(checkpoint, ema)
+    _check_scores(scores)
+    return build_model(spec or ckpt.spec(), ckpt.state_dict, dense=dense, score_mode=scores)
+
+
+def _check_scores(scores: str) -> None:
+    if scores not in SCORE_MODES:
+        raise BadInputError(f"scores {scores!r} is not one of {', '.join(SCORE_MODES)}",
+                            "use scores='folded' (the default export) or scores='official'")
+
+
+def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = False,
+                arch: str | None = None, keep: float | None = None, schedule: str = "eval",
+                idle_layers: Sequence[int] | None = None, keep_k: Sequence[int] | None = None,
+                spec: ModelSpec | None = None, ema: bool = False, scores: str = "folded",
+                emit_selection: bool = False, plugin: bool = False, opset: int = DEFAULT_OPSET,
+                external_data: bool = False, target: str = "portable") -> Path:
+    """Export a checkpoint to ONNX (`idle-export onnx`); returns the path written.
+
+    The idle graph (TopK + GatherElements + ScatterElements, dynamic batch) by default, the
+    dense baseline of the same weights with `dense=True`. The model is `spec` if given, else
+    `model_spec(checkpoint, arch=..., keep=..., schedule=..., idle_layers=..., keep_k=...)`.
+    `scores`: "folded" (the same top-K without keys for idle tokens) or "official";
+    `emit_selection` adds each idle layer's kept token indices as outputs; `plugin` writes the
+    plugin form (fused idle-select kernels); `external_data` puts the weights in OUTPUT.data.
+    `target`: where the file runs, its graph passes written into it: "portable" (none, the
+    default), "ort" (+ com.microsoft.BiasGelu), "openvino" or "tensorrt" (onnx.targets).
+    The file is written atomically, with the metadata that `check`, `bench` and `trt` read.
+    """
+    _check_scores(scores)
+    ckpt = _checkpoint(checkpoint, ema)
+    if spec is None:
+        spec = model_spec(ckpt, arch=arch, keep=keep, schedule=schedule, idle_layers=idle_layers,
+                          keep_k=keep_k)
+    return export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
+                             score_mode=scores, opset=opset, external_data=external_data, plugin=plugin,
+                             target=target)
+
+
+def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathLike | None = None,
+          ema: bool = False, batch_sizes: Sequence[int] = (1, 7, 32),
+          inputs: Sequence[str] | None = None, images: PathLike | None = None, num: int = 0,
+          max_abs: float | None = None, seed: int = 0, threads: int | None = None,
+          backend: str = "ort") -> dict:
+    """Parity of an ONNX file (or a TensorRT engine) against a reference (`idle-export check`).
+
+    The reference is the PyTorch model of `ckpt` (a path or a loaded Checkpoint) or another ONNX
+    file `against` (an engine is checked against the ONNX it was built from). `inputs` are the
+    input sets, "noise" and/or "photos" (default both; none when `images` is given); `images` is
+    a folder, a .txt list or one image. The tolerance follows the model's precision (fp32 1e-4,
+    fp16 5e-2, int8 top-1 agreement) unless `max_abs` sets the logit tolerance. `backend`
+    runs the ONNX file: "ort" (ONNX Runtime) or "openvino" (OpenVINO CPU).
+
+    Returns the report: `report["passed"]` is the verdict, `report["cases"]` one entry per input
+    set and batch size. A failed comparison is not an exception; a bad file or option is.
+    """
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        raise BadInputError(f"batch_sizes {list(batch_sizes)} needs positive sizes", "e.g. (1, 7, 32)")
+    sets = list(inputs) if inputs is not None else ([] if images is not None else ["noise", "photos"])
+    unknown = [s for s in sets if s not in ("noise", "photos")]
+    if unknown or (not sets and images is None):
+        raise BadInputError(f"inputs {sets}: unknown set {', '.join(unknown) or '(none)'}",
+                            "use inputs=('noise', 'photos'), or pass images=DIR")
+    if threads is not None and threads < 1:
+        raise BadInputError(f"threads={threads} must be at least 1", "e.g. threads=2")
+    if Path(model).suffix in ENGINE_SUFFIXES:
+        if backend != "ort":
+            raise BadInputError(f"{Path(model).name} is a TensorRT engine: it runs on TensorRT, not "
+                                f"backend={backend!r}", "drop backend")
+        if against is None or ckpt is not None or images is not None:
+            raise BadInputError(f"{Path(model).name} is a TensorRT engine: it is checked against the "
+                                "ONNX it was built from", "pass against='MODEL.onnx'")
+        return check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
+                                    seed=seed, threads=threads)
+    if isinstance(ckpt, Checkpoint) and ema:
+        raise BadInputError("ema=True picks the weights when a checkpoint is read; this one is already "
+                            "loaded", "load it with load_checkpoint(path, ema=True)")
+    return check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
+                      input_sets=sets, seed=seed, threads=threads, images=images, num=num,
+                      max_abs=max_abs, backend=backend)
+
+
+def lint(onnx: PathLike, *, expect_idle: bool = False) -> dict:
+    """Static check that TensorRT 10/11 and TensorRT-RTX support every op and attribute of an ONNX
+    file (`idle-export lint`); needs neither TensorRT nor a GPU. Returns the report: `passed`,
+    `errors`, `warnings`, `findings` (rule, node, message) and the op counts. `expect_idle`
+    makes a graph without the idle ops an error."""
+    return lint_file(onnx, expect_idle=expect_idle)
+
+
+def build_engine(onnx: PathLike, output: PathLike | None = None, *, precision: str = "fp16",
+                 batch: tuple[int, int, int] = (1, 32, 64), target: str | None = None,
+                 flavour: str | None = None, timing_cache: PathLike | None = None,
+                 workspace: int | None = None, selection: bool = False, plugin: bool = False,
+                 verbose: bool = False) -> dict:
+    """Build a TensorRT engine and its ENGINE.json sidecar (`idle-export trt`); needs the `trt`
+    extra (TensorRT-RTX, which builds without a GPU) or TensorRT 10/11 on an NVIDIA GPU.
+
+    `precision`: "fp32", "fp16" (token scores, TopK and indices stay FP32/INT64) or "int8" (a
+    Q/DQ ONNX from `quantize(..., target="trt")`); `batch`: the profile (min, opt, max);
+    `target`: a compute capability to cross-build for with TensorRT-RTX ("sm89"); `flavour`:
+    "tensorrt" or "tensorrt_rtx" (default: tensorrt when installed). `output` defaults to
+    ONNX_STEM.PRECISION.engine. Returns the sidecar dict (versions, profile, build time, the
+    equivalent trtexec command line).
+    """
+    return _build_engine(onnx, precision=precision, batch=batch, target=target,
+                         timing_cache=timing_cache, workspace=workspace, verbose=verbose,
+                         output=output, flavour=flavour, selection=selection, plugin=plugin)
+
+
+def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike | None = None,
+             num: int | None = None, method: str = "minmax", target: str = "ort",
+             per_channel: bool = True, batch_size: int = 16, seed: int = 0) -> dict:
+    """Calibrate an FP32 ONNX file and write the INT8 Q/DQ model (`idle-export calibrate`); the
+    token-selection path stays FP32.
+
+    `images`: a folder, a .txt list or one image (default: the built-in photos); `num`: how many
+    (default up to 512; 0: all); `method`: "minmax", "percentile" or "entropy"; `target`: "ort"
+    (the fastest placement for ONNX Runtime), "trt" (for `build_engine(precision="int8")`) or
+    "openvino" (NNCF, for OpenVINO; the `openvino` extra).
+    `output` defaults to MODEL.int8.TARGET.onnx. Returns the calibration report.
+    """
+    output = output if output is not None else default_int8_path(onnx, target)
+    return quantize_onnx(onnx, output, images=images, num=num, method=method, target=target,
+                         per_channel=per_channel, batch_size=batch_size, seed=seed)
+
+
+def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
+          batches: Sequence[int] = (1, 8, 64), threads: int | None = None, runs: int = 5,
+          warmup: int = 3, min_time: float = 1.0, inputs: str = "noise",
+          scores: Sequence[str] = ("official", "folded"), optimize: bool = False,
+          independent: bool = False, seed: int = 0, plot: PathLike | None = None) -> dict:
+    """Images/s of idle vs dense, side by side, against the FLOP ideal (`idle-export bench`).
+
+    `targets`: idle and dense ONNX files (paired by their metadata), engines, or one checkpoint
+    (exported to a temporary folder in each of `scores`, with each backend's export target).
+    `backends`: "ort", "ort-cuda", "openvino", "torch", "trt". Files are timed as written;
+    `optimize` applies in memory the backend target's passes a file lacks. Each variant runs
+    `runs` timed runs of at least `min_time` seconds, interleaved with the others;
+    `independent` also times every ONNX file with timeit in a separate process.
+    `plot` writes a PNG (the `plot` extra). Returns the report (`report["results"]`: images/s,
+    latency percentiles and achieved/ideal per variant and batch).
+    """
+    modes = list(scores)
+    for mode in modes:
+        _check_scores(mode)
+    if plot is not None:
+        check_output_path(Path(plot), "plot")
+        require_matplotlib()
+    report = run_bench([Path(t) for t in targets], backends=list(backends), batches=[int(b) for b in batches],
+                       threads=threads, runs=runs, warmup=warmup, min_time=min_time, inputs=inputs,
+                       score_modes=modes, optimize=optimize, independent=independent, seed=seed)
+    if plot is not None:
+        plot_report(report, Path(plot))
+    return report
+
+
+def demo(folder: PathLike = "demo_out", *, arch: str = "deit_small", keep: float = 0.7,
+         batch_sizes: Sequence[int] = (1, 7, 32)) -> dict:
+    """The whole pipeline on a seeded model (`idle-export demo`): a checkpoint in the official
+    training format, its idle and dense ONNX exports, each checked against PyTorch. Returns the
+    report; `report["passed"]` is the verdict and `report["checkpoint"]` the checkpoint's path."""
+    return run_demo(Path(folder), arch=arch, keep_rate=keep, batch_sizes=[int(b) for b in batch_sizes])

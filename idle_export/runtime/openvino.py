@@ -1,0 +1,143 @@
+"""OpenVINO (CPU) as a Runner: `openvino.Core().compile_model(...)` on an exported ONNX file.
+
+FP32 inference is asked for explicitly (INFERENCE_PRECISION_HINT f32): OpenVINO's CPU plugin
+otherwise computes in bf16 on CPUs that have it, which moves logits by ~1e-2 and changes which
+tokens the idle layers keep. (An INT8 file's quantized ops still run in INT8: the hint only
+sets the floating-point precision.) PERFORMANCE_HINT LATENCY: one stream, `threads` threads,
+what one synchronous request per call wants.
+
+selection=True returns the kept patch indices per idle layer: the file's own
+`selection_layer{L}` outputs when it was exported with --emit-selection, else the TopK index
+tensors inside the graph, marked as outputs by an ONNX edit before compiling (as OrtRunner
+does; a plugin-form graph's IdleSelect outputs likewise), together with the scores each TopK
+ranks (`last_scores`, for the tie analysis of parity.compare). optimize=True applies, in
+memory, the passes of the `openvino` export target that the file does not have yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from idle_export.deps import pip_extra
+from idle_export.errors import BadInputError, MissingDependencyError
+from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
+from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.onnx.passes import optimize_model_proto
+from idle_export.onnx.plugin_form import add_selection_outputs, inline, is_plugin_form
+from idle_export.onnx.targets import file_passes, missing_passes
+from idle_export.runtime.base import Runner
+from idle_export.runtime.onnxruntime import topk_index_outputs, topk_score_inputs
+
+OPENVINO_PIP = pip_extra("openvino") + ", or use --backend ort"
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise MissingDependencyError("the openvino backend needs OpenVINO, which is not installed",
+                                     OPENVINO_PIP) from None
+    return openvino
+
+
+def openvino_config(threads: int | None) -> dict:
+    """compile_model properties of every OpenVINO CPU model of the project (bench, check, sweep)."""
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
+class OpenVinoRunner(Runner):
+    """An ONNX file compiled by OpenVINO for the CPU, FP32 (INT8 where the file is quantized)."""
+
+    def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
+                 threads: int | None = None, optimize: bool = False):
+        self.path = Path(path)
+        self.name = name or f"openvino:{self.path.name}"
+        self.selection = selection
+        self.threads = threads
+        self.optimize = optimize
+        self.compiled = None
+        self.request = None
+        self.file_passes: list[str] = []
+        self.passes_at_load: list[str] = []
+        self.score_mode: str | None = None
+        self.last_scores: list[np.ndarray] = []
+        self._selection: list[tuple[str, str]] = []  # (result key, output name)
+        self._cls_first = False  # --emit-selection outputs: [B, K+1], CLS (0) first
+        self._scores: list[str] = []
+
+    def activate(self) -> None:
+        ov = import_openvino()
+        if not self.path.is_file():
+            raise BadInputError(f"ONNX file not found: {self.path}", "check the path")
+        meta = OnnxMetadata.read(self.path)
+        self.file_passes = file_passes(meta)
+        self.score_mode = meta.score_mode if meta.has_spec else None
+        todo = missing_passes(meta, "openvino") if self.optimize else ()
+        self.passes_at_load = list(todo)
+        core = ov.Core()
+        try:
+            if self.selection or todo:
+                model = core.read_model(self._edited(meta, todo).SerializeToString())
+            else:
+                model = core.read_model(str(self.path))
+            self.compiled = core.compile_model(model, "CPU", openvino_config(self.threads))
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or ["?"])[0][:200]
+            raise BadInputError(f"OpenVINO cannot compile {self.path.name} ({first})",
+                                "export it with --target openvino (or portable): a --target ort "
+                                "file has ONNX Runtime-only ops") from None
+        self.request = self.compiled.create_infer_request()
+
+    def _edited(self, meta: OnnxMetadata, passes: tuple[str, ...]):
+        """The file's graph with the selection tensors marked as outputs and `passes` applied."""
+        import onnx
+
+        proto = load_onnx(self.path)
+        plugin = is_plugin_form(proto)
+        if self.selection:
+            own = [o.name for o in proto.graph.output if o.name.startswith(SELECTION_PREFIX)]
+            layers = list(meta.spec.idle_layers) if meta.has_spec else []
+            if own:
+                self._cls_first = True
+                self._selection = [(name, name) for name in own]
+            else:
+                topk = add_selection_outputs(proto) if plugin else topk_index_outputs(proto)
+                if not topk:
+                    raise BadInputError(f"{self.path.name} has no token selection (no TopK)",
+                                        "check a dense file without selection, or pass the idle export")
+                layers = layers if len(layers) == len(topk) else list(range(len(topk)))
+                self._selection = [(f"{SELECTION_PREFIX}{layer}", name) for layer, name in
+                                   zip(layers, topk, strict=True)]
+                self._scores = [] if plugin else topk_score_inputs(proto)
+            outputs = {o.name for o in proto.graph.output}
+            for _, name in self._selection:
+                if name not in outputs:
+                    proto.graph.output.append(
+                        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+            for name in self._scores:
+                if name not in outputs:
+                    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        if passes:
+            proto = optimize_model_proto(inline(proto) if plugin else proto, passes)
+        return proto
+
+    def deactivate(self) -> None:
+        self.request = None
+        self.compiled = None
+
+    def infer(self, feed):
+        images = np.ascontiguousarray(feed["images"], dtype=np.float32)
+        out = self.request.infer({"images": images})
+        # copies (np.array): the request reuses its output buffers on the next call
+        result = {"logits": np.array(out[self.compiled.output("logits")])}
+        for key, name in self._selection:
+            idx = np.array(out[self.compiled.output(name)], dtype=np.int64)
+            result[key] = idx[:, 1:] - 1 if self._cls_first else idx  # patch indices
+        self.last_scores = [np.array(out[self.compiled.output(n)], dtype=np.float64)
+                            for n in self._scores]
+        return result

@@ -1,0 +1,116 @@
+"""OpenVINO as a bench backend and as an INT8 target (NNCF): report structure (never speed),
+the selection path kept FP32 in the compiled INT8 model, and exit 3 when OpenVINO or NNCF are
+missing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from idle_export.cli import app
+from tests.conftest import error_lines
+
+runner = CliRunner()
+FAST = dict(runs=2, warmup=1, min_time=0.02)
+
+
+@pytest.fixture(scope="module")
+def ov_int8(tiny_folded_onnx, tmp_path_factory):
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'idle-export[openvino]')")
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    from idle_export.quantize.qdq import quantize_onnx
+
+    out = tmp_path_factory.mktemp("ov_int8") / "tiny.int8.openvino.onnx"
+    report = quantize_onnx(tiny_folded_onnx, out, num=8, target="openvino", cache_dir=False)
+    return out, report
+
+
+def test_openvino_int8_keeps_the_selection_path_fp32(ov_int8):
+    """In the NNCF file no DequantizeLinear feeds a score MatMul, and OpenVINO's compiled model
+    runs those MatMuls in f32 while the linear layers run in INT8."""
+    import openvino as ov
+
+    from idle_export.onnx.metadata import OnnxMetadata
+    from idle_export.onnx.targets import file_passes, file_target
+    from idle_export.quantize.selection import dequantized_score_inputs, score_matmuls
+
+    path, report = ov_int8
+    assert report["score_matmuls_fp32"] == report["topk"] == 9 and report["target"] == "openvino"
+    proto = onnx.load(str(path))
+    assert dequantized_score_inputs(proto) == [False] * 9
+    meta = OnnxMetadata.of(proto)
+    assert meta.precision == "int8" and meta.get("quantization")["tool"].startswith("nncf")
+    assert file_target(meta) == "openvino" and "gather_rows" in file_passes(meta)
+    scores = {m.name for m in score_matmuls(proto)}
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    precisions, int8_layers = {}, 0
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        prec = info["runtimePrecision"].astype(str)
+        for name in set(info["originalLayersNames"].astype(str).split(",")) & scores:
+            precisions[name] = prec
+        int8_layers += info["layerType"].astype(str) == "FullyConnected" and prec in ("i8", "u8")
+    assert precisions == dict.fromkeys(scores, "f32")
+    assert int8_layers >= 12 * 4 - 9  # the qkv/proj/fc1/fc2 linears of 12 blocks, minus ignored
+
+
+def test_bench_openvino_and_ort_side_by_side(tiny_folded_onnx, tiny_dense_onnx, ov_int8):
+    from idle_export.bench.run import run_bench
+
+    files = [tiny_folded_onnx, tiny_dense_onnx, ov_int8[0]]
+    report = run_bench(files, backends=["ort", "openvino"], batches=[1, 2], threads=1, **FAST)
+    keys = {(r["backend"], r["variant"]) for r in report["results"]}
+    assert keys == {("ort", "idle-folded"), ("ort", "dense"), ("openvino", "idle-folded"),
+                    ("openvino", "dense"), ("openvino", "idle-folded-int8")}
+    for r in report["results"]:  # timed as written: the files' own passes, none added
+        assert r["passes_at_load"] == [] and "cpu_ms_per_image" in r
+        assert r["precision"] == ("int8" if r["variant"].endswith("int8") else "fp32")
+    assert any("not timed on ort" in s and "int8" in s for s in report["skipped"])
+    assert any("without the openvino target's passes" in n for n in report["notes"])
+    comps = {(c["backend"], c["variant"], c["batch"]): c for c in report["comparisons"]}
+    assert comps[("openvino", "idle-folded-int8", 2)]["baseline"] == "openvino:dense"
+    cross = report["vs_openvino_dense"]
+    idle = ("ort:idle-folded", "openvino:idle-folded", "openvino:idle-folded-int8")
+    assert {(c["variant"], c["batch"]) for c in cross} == {(v, b) for v in idle for b in (1, 2)}
+    for bs in (1, 2):
+        for precision in ("fp32", "int8"):
+            rows = [c for c in cross if c["batch"] == bs and c["precision"] == precision]
+            assert sum(c["best"] for c in rows) == 1
+            assert all(c["baseline"] == "openvino:dense" and c["cpu_speedup"] > 0 for c in rows)
+    json.dumps(report)
+
+
+def test_bench_checkpoint_exports_each_backends_target(tiny_ckpt, tmp_path):
+    pytest.importorskip("openvino")
+    out = tmp_path / "b.json"
+    res = runner.invoke(app, ["bench", str(tiny_ckpt), "--backend", "openvino", "--batch", "1",
+                              "--scores", "folded", "--runs", "1", "--warmup", "1", "--min-time", "0.01",
+                              "--threads", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert [(r["variant"], r["target"]) for r in report["results"]] == [("idle-folded", "openvino"),
+                                                                       ("dense", "openvino")]
+    assert all(r["passes_in_file"] == ["fold_initializer_ops", "gather_rows"] for r in report["results"])
+    assert report["notes"] == [] and "timed as written" in res.output
+
+
+@pytest.mark.parametrize("missing", ["openvino", "nncf"])
+def test_missing_openvino_or_nncf_exit_3(tiny_folded_onnx, tiny_dense_onnx, tmp_path, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import openvino` / `import nncf` fails
+    calls = [["calibrate", str(tiny_folded_onnx), "--target", "openvino", "-o", str(tmp_path / "q.onnx")]]
+    if missing == "openvino":
+        calls += [["bench", str(tiny_folded_onnx), str(tiny_dense_onnx), "--backend", "openvino"],
+                  ["check", str(tiny_folded_onnx), "--against", str(tiny_folded_onnx),
+                   "--backend", "openvino"]]
+    for args in calls:
+        if args[0] == "calibrate" and missing == "openvino":
+            monkeypatch.setitem(sys.modules, "nncf", None)  # NNCF without OpenVINO fails to import
+        res = runner.invoke(app, args)
+        lines = error_lines(res.output)
+        assert res.exit_code == 3, (args, res.output)
+        assert len(lines) == 1 and 'pip install "idle-export[openvino]"' in lines[0], lines
+    assert not (tmp_path / "q.onnx").exists()
