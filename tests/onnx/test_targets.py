@@ -63,7 +63,7 @@ def test_each_target_writes_its_passes(target_files, tiny_folded_onnx):
 @pytest.mark.parametrize("target,backend", [("ort", "ort"), ("openvino", "openvino")])
 def test_target_files_pass_check_against_torch(target_files, tiny_ckpt, tmp_path, target, backend):
     if backend == "openvino":
-        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'idle-export[openvino]')")
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (idle-export[openvino])")
     out = tmp_path / "check.json"
     res = runner.invoke(app, ["check", str(target_files[target]), "--ckpt", str(tiny_ckpt), "--batch", "1,5",
                               "--backend", backend, "--json", str(out)])
