@@ -92,6 +92,20 @@ def onnx_summary(path: str | Path) -> dict:
     }
 
 
+def load_onnx_header(path: str | Path):
+    """onnx.ModelProto without its weights (graph, metadata); bad files give a one-line error."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"ONNX file not found: {path}", "check the path")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - DecodeError and friends
+        raise BadInputError(f"{path.name} is not an ONNX model ({type(e).__name__})",
+                            "pass a file written by `idle-export onnx`") from None
+
+
 def load_onnx(path: str | Path):
     """onnx.ModelProto with external data resolved; bad files give a one-line error."""
     import onnx

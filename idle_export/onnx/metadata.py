@@ -17,6 +17,7 @@ from typing import Any
 
 from idle_export.errors import BadInputError
 from idle_export.model.config import ModelSpec
+from idle_export.onnx.io import load_onnx_header
 
 PREFIX = "idle_export."
 
@@ -36,17 +37,7 @@ class OnnxMetadata:
     @classmethod
     def read(cls, path: str | Path) -> OnnxMetadata:
         """The metadata of an ONNX file, without loading its weights."""
-        import onnx
-
-        path = Path(path)
-        if not path.is_file():
-            raise BadInputError(f"ONNX file not found: {path}", "check the path")
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # noqa: BLE001 - DecodeError and friends
-            raise BadInputError(f"{path.name} is not an ONNX model ({type(e).__name__})",
-                                "pass a file written by `idle-export onnx`") from None
-        return cls.of(proto)
+        return cls.of(load_onnx_header(path))
 
     def get(self, name: str, default: Any = None) -> Any:
         """The JSON value of `idle_export.<name>`, or `default` when absent."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from idle_export import __version__
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_write_text, sha256_file
-from idle_export.onnx.io import MAX_BATCH
+from idle_export.onnx.io import MAX_BATCH, load_onnx_header
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.serve.config import (
     _ONNX_TO_TRITON,
@@ -45,13 +45,7 @@ def _onnx_io(path: Path):
     """(inputs, outputs, metadata, external data files) of an ONNX file, weights not loaded."""
     import onnx
 
-    if not path.is_file():
-        raise BadInputError(f"ONNX file not found: {path}", "check the path")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - DecodeError and friends
-        raise BadInputError(f"{path.name} is not an ONNX model ({type(e).__name__})",
-                            "pass a file written by `idle-export onnx`") from None
+    proto = load_onnx_header(path)
     if not proto.graph.node:  # an empty file parses as an empty model
         raise BadInputError(f"{path.name} is not an ONNX model (no graph)",
                             "pass a file written by `idle-export onnx`")
