@@ -53,6 +53,21 @@ def finite(value: float | None, what: str, *, low: float = 0.0, high: float = fl
     return value
 
 
+def byte_size(text: str | None, what: str) -> int | None:
+    """Bytes from `67108864`, `64MiB`, `64M`, `512k`, `1G` (k/M/G are powers of 1024, as Triton's
+    sizes are counted)."""
+    import re
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d{1,15})\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*", text, re.IGNORECASE)
+    if not m:
+        raise BadInputError(f"{what} {text!r} is not a size in bytes",
+                            f"e.g. {what} 64MiB or {what} 67108864")
+    unit = (m.group(2) or "b")[0].lower()
+    return int(m.group(1)) * 1024 ** "bkmg".index(unit)
+
+
 MAX_THREADS = 1024
 
 

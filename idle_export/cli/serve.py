@@ -11,6 +11,7 @@ from idle_export.cli.app import app, command
 from idle_export.cli.options import (
     JsonOut,
     Threads,
+    byte_size,
     check_threads,
     echo_err,
     int_list,
@@ -99,16 +100,25 @@ def run_cmd(
     log_file: Annotated[Path | None, typer.Option("--log-file", help="Keep tritonserver's log "
                                                      "here (default: a temp file, removed on a clean "
                                                      "exit).")] = None,
+    max_input: Annotated[str | None, typer.Option("--http-max-input-size", metavar="BYTES", help="Most "
+                                                  "bytes of inputs one HTTP request may declare, and of "
+                                                  "its body (e.g. 64MiB; default 64MiB or the largest "
+                                                  "full batch of a served model). Larger requests get "
+                                                  "413/400 and the server keeps serving.")] = None,
 ):
     """Serve a repository's ONNX models locally: Triton core via pytriton, ONNX Runtime on CPU."""
 
     def ready(handle):
+        for w in handle.warnings:
+            echo_err(f"warning: {w}")
         echo_err(f"serving {', '.join(handle.models)} at {handle.url} (Triton via pytriton, ONNX Runtime "
-                 f"CPU); stop with Ctrl+C or SIGTERM")
+                 f"CPU; requests up to {handle.max_input_bytes / 2**20:.4g} MiB of inputs); stop with "
+                 "Ctrl+C or SIGTERM")
 
     summary = serve_repository(repository, host=host, port=port, models=model or None,
                                threads=check_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
                                exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready,
+                               max_input_bytes=byte_size(max_input, "--http-max-input-size"),
                                on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
     if summary["skipped"]:
         echo_err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")

@@ -14,8 +14,9 @@ from pathlib import Path
 # Lines tritonserver logs on every CPU-only start of pytriton's build: never why it stopped.
 LOG_NOISE = ("CudaDriverHelper has not been initialized", "Failed to set config modification time")
 STUB = "triton_python_backend_stub"
-OOM_HINT = ("a JSON request declaring an input larger than memory does this: Triton 2.51 allocates "
-            "the declared shape before it checks it against the model (docs/reliability.md)")
+OOM_HINT = ("memory ran out: many large requests at once, or more model instances than memory holds; "
+            "lower --http-max-input-size, or serve fewer instances (serve repo --instances) "
+            "(docs/reliability.md)")
 
 
 def _stat(pid: int) -> tuple[int, str, str] | None:

@@ -4,6 +4,7 @@ CPU), HTTP on 127.0.0.1 by default; stops cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from idle_export.errors import BadInputError, IdleExportError, MissingDependency
 from idle_export.fileio import check_output_path
 from idle_export.runtime.onnxruntime import OrtRunner
 from idle_export.serve.config import ONNX_PLATFORM, SERVE_PIP, TRITON_TO_NUMPY, model_config_pb2
+from idle_export.serve.guard import DEFAULT_MAX_INPUT, ELEMENT_BYTES, Guard
 from idle_export.serve.process import LOG_NOISE, Drain, crash_cause, process_tree, stop_leftovers
 from idle_export.serve.repository import RepoModel, read_repository
 
@@ -31,6 +33,7 @@ RESTRICTED_ENDPOINTS = ["shared-memory", "trace", "logging"]
 # pytriton kills tritonserver 30 s after asking it to stop (SERVER_OUTPUT_TIMEOUT_SECS): a longer
 # exit timeout would be cut short, with the in-flight requests.
 MAX_EXIT_TIMEOUT_S = 25
+MAX_INPUT_BOUNDS = (4096, 2**31)  # --http-max-input-size
 
 
 def python_lib_dir() -> str:
@@ -74,13 +77,36 @@ def check_port_free(host: str, port: int, what: str = "--port") -> None:
                                 "check --host (e.g. 127.0.0.1)") from None
 
 
-def check_run_options(exit_timeout_s: int, log_file: str | Path | None) -> Path | None:
+def check_run_options(exit_timeout_s: int, log_file: str | Path | None,
+                      max_input_bytes: int | None = None) -> Path | None:
     """Usage errors of `serve run` before anything starts; the log file as an absolute path."""
+    lo, hi = MAX_INPUT_BOUNDS
+    if max_input_bytes is not None and not lo <= max_input_bytes <= hi:
+        raise BadInputError(f"--http-max-input-size {max_input_bytes} must lie in {lo}..{hi} bytes",
+                            "e.g. --http-max-input-size 64MiB (the default, or a served model's full batch)")
     if not 0 <= exit_timeout_s <= MAX_EXIT_TIMEOUT_S:
         raise BadInputError(f"--exit-timeout {exit_timeout_s} must lie in 0..{MAX_EXIT_TIMEOUT_S} seconds",
                             "pytriton kills tritonserver 30 s after the stop request, cutting off what still "
                             "runs; e.g. --exit-timeout 10")
     return None if log_file is None else check_output_path(Path(log_file), "--log-file").absolute()
+
+
+def input_limit(models: list[RepoModel], requested: int | None) -> tuple[int, list[str]]:
+    """The bytes of inputs one request may declare, and warnings: by default Triton 2.59's 64 MiB,
+    raised to the largest full batch a served model takes (binary tensors), so no valid request is
+    refused; a smaller --http-max-input-size is kept, with a warning naming the batch it cuts."""
+    pb2 = model_config_pb2()
+    full = {}
+    for m in models:
+        per_item = sum(math.prod(t.dims) * ELEMENT_BYTES.get(pb2.DataType.Name(t.data_type)[5:], 4)
+                       for t in m.config.input)
+        full[m.name] = (per_item, max(1, m.config.max_batch_size))
+    if requested is None:
+        return max([DEFAULT_MAX_INPUT] + [p * b for p, b in full.values()]), []
+    cut = [f"{name} (batches over {requested // per_item}, max batch {b})" for name, (per_item, b)
+           in full.items() if per_item * b > requested]
+    return requested, ([f"--http-max-input-size {requested} refuses full batches of "
+                        f"{', '.join(cut)}"] if cut else [])
 
 
 def _numpy_dtype(pb2, data_type: int):
@@ -131,13 +157,15 @@ class ServerHandle:
     url: str
     models: list[str]
     log_file: str | None
+    max_input_bytes: int
+    warnings: list[str]
 
 
 def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
                      models: list[str] | None = None, threads: int | None = None,
                      grpc_port: int | None = None, metrics_port: int | None = None,
                      exit_timeout_s: int = 10, log_file: str | Path | None = None,
-                     stop_event: threading.Event | None = None,
+                     max_input_bytes: int | None = None, stop_event: threading.Event | None = None,
                      on_start: Callable[[], None] | None = None,
                      on_ready: Callable[[ServerHandle], None] | None = None,
                      handle_signals: bool = True) -> dict:
@@ -147,13 +175,16 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
     queue delay), instance count and parameters; inference runs in this process with ONNX Runtime.
     On SIGTERM/SIGINT (or stop_event) the models are unloaded first, so Triton answers every request
     it accepted (up to exit_timeout_s) and refuses new ones, then tritonserver stops; nothing it
-    started is left running. Returns a summary dict once the server has stopped.
+    started is left running. HTTP clients reach tritonserver through the request guard
+    (serve/guard.py), which bounds each request to max_input_bytes of inputs (input_limit).
+    Returns a summary dict once the server has stopped.
     """
-    log_file = check_run_options(exit_timeout_s, log_file)
-    try:
-        import pytriton  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError("nvidia-pytriton is not installed", SERVE_PIP) from None
+    log_file = check_run_options(exit_timeout_s, log_file, max_input_bytes)
+    for module, package in (("pytriton", "nvidia-pytriton"), ("aiohttp", "aiohttp")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise MissingDependencyError(f"{package} is not installed", SERVE_PIP) from None
     pb2 = model_config_pb2()
     if pb2 is None:
         raise MissingDependencyError("tritonclient is not installed", SERVE_PIP)
@@ -169,6 +200,7 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
     for p, what in ((port, "--port"), (grpc_port, "--grpc-port"), (metrics_port, "--metrics-port")):
         if p is not None:
             check_port_free(host, p, what)
+    limit, limit_warnings = input_limit(served, max_input_bytes)
     if threads is not None and threads < 1:
         raise BadInputError(f"--threads {threads} must be at least 1", "pass --threads 2")
     runtimes = {m.name: [_OrtModel(m, threads) for _ in range(_instance_count(m.config))] for m in served}
@@ -187,7 +219,8 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
     if own_log:
         fd, log_file = tempfile.mkstemp(prefix="idle-export-triton-", suffix=".log")
         os.close(fd)
-    config = TritonConfig(http_address=host, http_port=port, grpc_address=host,
+    inner_port = _free_loopback_port()  # tritonserver's HTTP; clients use the guard on host:port
+    config = TritonConfig(http_address="127.0.0.1", http_port=inner_port, grpc_address=host,
                           allow_grpc=grpc_port is not None, grpc_port=grpc_port,
                           allow_metrics=metrics_port is not None, metrics_port=metrics_port,
                           metrics_address=host if metrics_port is not None else None,
@@ -208,7 +241,7 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
     url = f"http://{host}:{port}"
     started = time.perf_counter()
     tree: dict = {}
-    drain = None
+    drain = guard = None
     try:
         for m in served:
             funcs = [batch(rt) for rt in runtimes[m.name]]
@@ -231,9 +264,12 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
             raise IdleExportError(f"Triton did not start ({type(e).__name__}: {str(e)[:200]})",
                                   f"see the server log {log_file}; {_log_tail(log_file)}") from None
         tree = process_tree()
-        drain = Drain(f"http://{_loopback(host)}:{port}", exit_timeout_s)
+        drain = Drain(f"http://127.0.0.1:{inner_port}", exit_timeout_s)
+        guard = Guard(host, port, inner_port, limit)
+        guard.start()
         if on_ready:
-            on_ready(ServerHandle(url, [m.name for m in served], None if own_log else str(log_file)))
+            on_ready(ServerHandle(url, [m.name for m in served], None if own_log else str(log_file),
+                                  limit, limit_warnings))
         ticks = 0
         while not stop.wait(0.5):
             ticks += 1
@@ -247,20 +283,22 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
     finally:
         if drain is not None:
             drain.close()
+        if guard is not None:  # answers are out once the drain is done; then no new connection
+            guard.stop()
         triton.stop()
         stop_leftovers(tree)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if own_log and not sys.exc_info()[0]:
             Path(log_file).unlink(missing_ok=True)
-    return {"url": url, "models": [m.name for m in served], "skipped": skipped,
+    return {"url": url, "models": [m.name for m in served], "skipped": skipped, "max_input_bytes": limit,
             "uptime_s": round(time.perf_counter() - started, 2), "signal": received[0] if received else None}
 
 
-def _loopback(host: str) -> str:
-    """The address this machine reaches a server bound to `host` at (a wildcard → loopback)."""
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"[{host}]" if ":" in host else host
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _instance_count(cfg) -> int:

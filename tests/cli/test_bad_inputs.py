@@ -142,6 +142,9 @@ CASES = {
     "query top 0": ("serve query http://127.0.0.1:9 img.png --top 0", 2, "--top 0"),
     "query json is image": ("serve query http://127.0.0.1:9 img.png --json img.png", 2, "is the input"),
     "run no repository": ("serve run nope", 2, "nope"),
+    "run input size text": ("serve run nope --http-max-input-size lots", 2, "is not a size in bytes"),
+    "run input size tiny": ("serve run nope --http-max-input-size 1k", 2, "must lie in 4096..2147483648"),
+    "run input size huge": ("serve run nope --http-max-input-size 3G", 2, "must lie in 4096..2147483648"),
 }
 
 

@@ -385,13 +385,13 @@ def test_int64_outputs_pass_pytritons_dtype_check():
 
 # ----------------------------------------------------------------------------- the real server
 class Server:
-    def __init__(self, repo: Path, port: int, log: Path):
+    def __init__(self, repo: Path, port: int, log: Path, extra: tuple[str, ...] = ()):
         env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}  # the launcher fixes it
         self.url = f"http://127.0.0.1:{port}"
         self.port = port
         self.stderr = log
         self.proc = subprocess.Popen([idle_export_exe(), "serve", "run", str(repo), "--port", str(port),
-                                      "--threads", "2", "--exit-timeout", "5"],
+                                      "--threads", "2", "--exit-timeout", "5", *extra],
                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env,
                                      start_new_session=True)
 

@@ -1,15 +1,19 @@
 """Server limits (docs/reliability.md, "Server limits"): a real `idle-export serve run` on
-127.0.0.1 gets malformed requests over raw HTTP, 50 concurrent valid requests, SIGTERM with
-requests in flight, and the one request that Triton 2.51 cannot survive (the shape bomb).
+127.0.0.1 gets malformed, oversized and compressed requests over raw HTTP (the JSON shape bomb
+that aborts a bare Triton 2.51 among them) and over gRPC, 50 concurrent valid requests, and SIGTERM
+with requests in flight.
 
-Two servers start here (~10 s each): the module's, which SIGTERM ends last, and one for the shape
-bomb, which kills it. Every answer is compared with ONNX Runtime run directly on the same images.
+Two servers start here (~10 s each): the module's, which SIGTERM ends last, and one whose
+tritonserver the test kills, to check what `serve run` says and leaves then. Every answer is
+compared with ONNX Runtime run directly on the same images.
 """
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
+import os
 import signal
 import socket
 import threading
@@ -38,6 +42,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton not installed (pip insta
 
 MODEL = "tiny_idle"
 TOL = 1e-5
+LIMIT = 8 * 2**20  # the module server's --http-max-input-size: a full batch of 8 (4.8 MB) fits
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,8 @@ def repo(tiny_idle_onnx, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    srv = Server(repo, free_port(), tmp_path_factory.mktemp("log") / "serve_run.err")
+    srv = Server(repo, free_port(), tmp_path_factory.mktemp("log") / "serve_run.err",
+                 ("--http-max-input-size", "8MiB", "--grpc-port", str(free_port())))
     try:
         srv.wait_ready([MODEL])
         yield srv
@@ -73,12 +79,12 @@ def pool(tiny_idle_onnx):
         return x, r.infer({"images": x})["logits"]
 
 
-def post(port: int, body: bytes, model: str = MODEL) -> tuple[int, str]:
+def post(port: int, body: bytes, model: str = MODEL, headers: dict | None = None) -> tuple[int, str]:
     """A raw KServe v2 JSON request, as any HTTP client can send it: (status, error text)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         conn.request("POST", f"/v2/models/{model}/infer", body=body,
-                     headers={"Content-Type": "application/json"})
+                     headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         text = resp.read().decode(errors="replace")
     finally:
@@ -127,36 +133,61 @@ def assert_nothing_left(tree: dict[int, tuple[str, str]], folders: list[Path], p
         s.bind(("127.0.0.1", port))
 
 
-# Triton's own answers (2.51, the one in pytriton 0.7; upstream main still does the same). Its HTTP
-# front end reports JSON it cannot parse, or whose members have the wrong JSON type, as an internal
-# error (500): TritonJson errors are TRITONSERVER_ERROR_INTERNAL. Nothing configures that.
+def binary(shape, data_bytes: int) -> tuple[bytes, dict]:
+    """A binary-tensor request (what tritonclient sends): JSON header, then the raw bytes."""
+    header = json.dumps({"inputs": [{"name": "images", "shape": list(shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": data_bytes}}]}).encode()
+    return header + bytes(data_bytes), {"Inference-Header-Content-Length": str(len(header))}
+
+
+BOMB = tensor([100_000_000, 3, 224, 224], data=[0.0] * 10)  # 147 bytes; aborts a bare Triton 2.51
+OVER = f"this server takes at most {LIMIT:,} bytes of inputs per request (serve run --http-max-input-size)"
+# (body, headers, status, message). The guard of `serve run` (serve/guard.py) answers the first
+# group; Triton answers the rest, its 500s for request JSON it cannot parse turned into 400.
 MALFORMED = {
-    "invalid JSON": (b"{not json", 500, "failed to parse the request JSON"),
-    "truncated JSON": (b'{"inputs": [{"name": "images", "sha', 500, "failed to parse the request JSON"),
-    "no inputs member": (b"{}", 500, "Unable to parse 'inputs'"),
-    "inputs not a list": (b'{"inputs": 3}', 500, "Unable to parse 'inputs'"),
+    "JSON shape bomb": (BOMB, {}, 400, f"declares shape [100000000, 3, 224, 224] (60,211,200,000,000 bytes): "
+                                      f"{OVER}"),
+    "binary shape bomb": (*binary([100_000_000, 3, 224, 224], 40), 400, OVER),
+    "declared size just over the limit": (tensor([14, 3, 224, 224], data=[0.0] * 10), {}, 400, OVER),
+    "body over the limit": (b" " * (LIMIT + 2**17), {}, 413, "the request body is over 8,454,144 bytes"),
+    "gzip bomb": (gzip.compress(b" " * (64 * 2**20)), {"Content-Encoding": "gzip"}, 413,
+                  "the request body inflates to more than 8388608 bytes"),
+    "not gzip": (b"{}", {"Content-Encoding": "gzip"}, 400, "failed to decompress the gzip request body"),
+    "unknown encoding": (b"{}", {"Content-Encoding": "br"}, 400, "unsupported Content-Encoding 'br'"),
+    "header length past the body": (b"{}", {"Inference-Header-Content-Length": "99"}, 400,
+                                    "Inference-Header-Content-Length '99' is not a length within"),
+    "invalid JSON": (b"{not json", {}, 400, "failed to parse the request JSON"),
+    "truncated JSON": (b'{"inputs": [{"name": "images", "sha', {}, 400, "failed to parse the request JSON"),
+    "deeply nested JSON": (b"[" * 100_000, {}, 400, "failed to parse the request JSON"),
+    "no inputs member": (b"{}", {}, 400, "Unable to parse 'inputs'"),
+    "inputs not a list": (b'{"inputs": 3}', {}, 400, "Unable to parse 'inputs'"),
+    "input not an object": (b'{"inputs": [3]}', {}, 400, "Unable to parse 'inputs': input 0 is not"),
+    "negative dimension": (tensor([-1, 3, 2, 2], data=[0.0] * 12), {}, 400, "Unable to parse 'shape'"),
+    "fractional dimension": (tensor([1.5, 3, 2, 2], data=[0.0] * 12), {}, 400, "Unable to parse 'shape'"),
     "no datatype": (json.dumps({"inputs": [{"name": "images", "shape": [1, 3, 2, 2], "data": [0.0] * 12}]})
-                    .encode(), 500, "Unable to parse 'datatype'"),
-    "negative dimension": (tensor([-1, 3, 2, 2], data=[0.0] * 12), 500, "Unable to parse 'shape'"),
-    "strings as data": (tensor([1, 3, 2, 2], data=["a"] * 12), 500, "Unable to parse 'data'"),
-    "fewer numbers than the shape": (tensor([1, 3, 224, 224], data=[0.0] * 10), 500,
+                    .encode(), {}, 400, "Unable to parse 'datatype'"),
+    "strings as data": (tensor([1, 3, 2, 2], data=["a"] * 12), {}, 400, "Unable to parse 'data'"),
+    "fewer numbers than the shape": (tensor([1, 3, 224, 224], data=[0.0] * 10), {}, 400,
                                      "Shape does not match true shape of 'data'"),
-    "empty body": (b"", 400, "input byte size mismatch"),
-    "missing input": (b'{"inputs": []}', 400, "missing required input(s) ['images']"),
-    "wrong input name": (tensor([1, 3, 2, 2], name="x"), 400, "unexpected inference input 'x'"),
-    "wrong shape": (tensor([1, 3, 2, 2]), 400, "unexpected shape for input 'images'"),
-    "wrong rank": (tensor([1, 3, 224]), 400, "unexpected shape for input 'images'"),
-    "wrong datatype": (tensor([1, 3, 2, 2], "FP64"), 400, "data-type is 'FP64', but model"),
-    "integer datatype": (tensor([1, 3, 2, 2], "INT32", data=[0] * 12), 400, "data-type is 'INT32'"),
-    "unknown datatype": (tensor([1, 3, 2, 2], "XX"), 400, "invalid datatype for input images"),
-    "batch over the maximum": (tensor([MAX_BATCH + 1, 3, 2, 2]), 400, f"batch-size must be <= {MAX_BATCH}"),
+    "empty body": (b"", {}, 400, "input byte size mismatch"),
+    "missing input": (b'{"inputs": []}', {}, 400, "missing required input(s) ['images']"),
+    "wrong input name": (tensor([1, 3, 2, 2], name="x"), {}, 400, "unexpected inference input 'x'"),
+    "wrong shape": (tensor([1, 3, 2, 2]), {}, 400, "unexpected shape for input 'images'"),
+    "wrong rank": (tensor([1, 3, 224]), {}, 400, "unexpected shape for input 'images'"),
+    "wrong datatype": (tensor([1, 3, 2, 2], "FP64"), {}, 400, "data-type is 'FP64', but model"),
+    "integer datatype": (tensor([1, 3, 2, 2], "INT32", data=[0] * 12), {}, 400, "data-type is 'INT32'"),
+    "unknown datatype": (tensor([1, 3, 2, 2], "XX"), {}, 400, "invalid datatype for input images"),
+    "batch over the maximum": (tensor([MAX_BATCH + 1, 3, 2, 2]), {}, 400,
+                               f"batch-size must be <= {MAX_BATCH}"),
+    "binary batch over the maximum": (*binary([MAX_BATCH + 1, 3, 2, 2], 4 * 12 * (MAX_BATCH + 1)), 400,
+                                      f"batch-size must be <= {MAX_BATCH}"),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_request_gets_an_error_and_the_server_keeps_serving(server, pool, case):
-    body, status, match = MALFORMED[case]
-    got, error = post(server.port, body)
+    body, headers, status, match = MALFORMED[case]
+    got, error = post(server.port, body, headers=headers)
     assert (got, match in error) == (status, True), f"{case}: {got} {error}"
     assert_serves(server, pool)
 
@@ -166,20 +197,58 @@ def test_unknown_model_is_404(server, pool):
     assert_serves(server, pool)
 
 
-def test_binary_shape_bomb_is_refused(server, pool):
-    """The binary form of the shape bomb (what tritonclient sends): Triton sizes the input from the
-    bytes that came, so the batch limit answers it."""
-    header = json.dumps({"inputs": [{"name": "images", "shape": [100_000_000, 3, 224, 224],
-                                     "datatype": "FP32", "parameters": {"binary_data_size": 40}}]}).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+def test_compressed_and_full_batch_requests_are_answered_exactly(server, pool):
+    """What the guard passes on is untouched: gzip and deflate both ways, a full batch of 8 in
+    binary form (4.8 MB, under the 8 MiB limit), and JSON."""
+    import tritonclient.http as httpclient
+
+    x, ref = pool
+    client = http_client(server.url)
     try:
-        conn.request("POST", f"/v2/models/{MODEL}/infer", body=header + bytes(40),
-                     headers={"Inference-Header-Content-Length": str(len(header))})
-        resp = conn.getresponse()
-        status, error = resp.status, resp.read().decode()
+        for algorithm in ("gzip", "deflate"):
+            inp = httpclient.InferInput("images", list(x[:2].shape), "FP32")
+            inp.set_data_from_numpy(x[:2])
+            result = client.infer(MODEL, [inp], request_compression_algorithm=algorithm,
+                                  response_compression_algorithm=algorithm)
+            assert np.abs(result.as_numpy("logits") - ref[:2]).max() <= TOL, algorithm
+        assert np.abs(infer(client, MODEL, x[:MAX_BATCH]) - ref[:MAX_BATCH]).max() <= TOL
+        inp = httpclient.InferInput("images", [1, 3, 224, 224], "FP32")
+        inp.set_data_from_numpy(x[:1], binary_data=False)  # JSON numbers
+        as_json = httpclient.InferRequestedOutput("logits", binary_data=False)
+        out = client.infer(MODEL, [inp], outputs=[as_json])
+        assert np.abs(out.as_numpy("logits") - ref[:1]).max() <= TOL
     finally:
-        conn.close()
-    assert status == 400 and f"batch-size must be <= {MAX_BATCH}" in error
+        client.close()
+
+
+def test_grpc_shape_bombs_are_refused(server, pool):
+    """Triton 2.51's gRPC endpoint sizes inputs from the contents it received (no guard needed):
+    raw and typed contents declaring [100000000, 3, 224, 224] get INVALID_ARGUMENT."""
+    grpc = pytest.importorskip("grpc")
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    port = int(server.proc.args[server.proc.args.index("--grpc-port") + 1])
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def request(shape, raw: bytes | None = None, typed: list[float] | None = None):
+        req = service_pb2.ModelInferRequest(model_name=MODEL)
+        t = req.inputs.add(name="images", datatype="FP32", shape=shape)
+        if raw is not None:
+            req.raw_input_contents.append(raw)
+        else:
+            t.contents.fp32_contents.extend(typed)
+        return req
+
+    for req, says in [(request([100_000_000, 3, 224, 224], raw=bytes(40)), "batch-size must be <= 8"),
+                      (request([100_000_000, 3, 224, 224], typed=[0.0] * 10), "batch-size must be <= 8"),
+                      (request([1, 3, 224, 224], raw=bytes(40)), "input byte size mismatch")]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in info.value.details()
+    x, ref = pool
+    out = stub.ModelInfer(request(list(x[:2].shape), raw=x[:2].tobytes()), timeout=60)
+    logits = np.frombuffer(out.raw_output_contents[0], np.float32).reshape(2, -1)
+    assert np.abs(logits - ref[:2]).max() <= TOL
     assert_serves(server, pool)
 
 
@@ -259,29 +328,25 @@ def test_sigterm_with_requests_in_flight(server, pool):
     assert not list(Path("/dev/shm").glob(f"pytrtion{server.proc.pid}-*"))
 
 
-def test_json_shape_bomb_kills_triton_251_and_serve_run_names_the_cause(repo, pool, tmp_path):
-    """~150 bytes of JSON declaring [100000000, 3, 224, 224] with ten numbers. Triton 2.51 allocates
-    the declared 60 TB before it compares the shape with the data or the model's batch limit, and
-    aborts (std::bad_alloc): its JSON front end has no size limit (`--http-max-input-size` arrived
-    in Triton 2.59; pytriton 0.7 ships 2.51). What `serve run` guarantees instead: it notices at
-    once, names the cause, exits 4 and leaves nothing behind."""
+def test_killed_tritonserver_is_named_and_nothing_is_left(repo, pool, tmp_path):
+    """When tritonserver dies under `serve run` (here SIGKILL, as the kernel's out-of-memory killer
+    sends it), `serve run` notices at once, names the cause, exits 4, keeps tritonserver's log for
+    the user and leaves no process, model copy or listening port behind."""
     srv = Server(repo, free_port(), tmp_path / "serve_run.err")
     try:
         srv.wait_ready([MODEL])
         tree = descendants(srv.proc.pid)
         folders = stub_folders(tree)
-        body = tensor([100_000_000, 3, 224, 224], data=[0.0] * 10)
-        assert len(body) < 200
-        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
-            post(srv.port, body)
+        (triton,) = [p for p, (comm, _) in tree.items() if comm == "tritonserver"]
+        os.kill(triton, signal.SIGKILL)
         rc = srv.proc.wait(60)
     finally:
         srv.kill()
     err_text = srv.stderr.read_text()
     assert rc == 4, err_text
     (line,) = [ln for ln in err_text.splitlines() if ln.startswith("error:")]
-    assert "Triton stopped unexpectedly: tritonserver aborted on std::bad_alloc" in line
-    assert "declar" in line and "docs/reliability.md" in line and "Traceback" not in err_text
+    assert "Triton stopped unexpectedly: tritonserver was killed (SIGKILL)" in line
+    assert "out-of-memory killer" in line and "Traceback" not in err_text
     kept = Path(line.split("tritonserver's log: ")[1].rstrip(")"))  # kept for the user, as the hint says
     assert "Started HTTPService" in kept.read_text()
     kept.unlink()
@@ -292,7 +357,7 @@ def test_json_shape_bomb_kills_triton_251_and_serve_run_names_the_cause(repo, po
 
 @pytest.mark.parametrize("output, log, code, says", [
     ("terminate called after throwing an instance of 'std::bad_alloc'\n  what():  std::bad_alloc\n"
-     "Signal (6) received.\n", "", -6, "aborted on std::bad_alloc: an allocation failed; a JSON request"),
+     "Signal (6) received.\n", "", -6, "aborted on std::bad_alloc: an allocation failed; memory ran out"),
     ("terminate called after throwing an instance of 'std::runtime_error'\n  what():  oops\n", "", -6,
      "aborted on an uncaught C++ exception std::runtime_error (oops)"),
     ("Signal (11) received.\n", "", -11, "tritonserver crashed (SIGSEGV)"),

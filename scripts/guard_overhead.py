@@ -1,0 +1,94 @@
+"""What the request guard of `serve run` costs: the same tritonclient requests sent to the guard's
+port and straight to tritonserver's loopback port, in turns (docs/reliability.md, "The cost").
+
+    .venv/bin/python scripts/guard_overhead.py [REPOSITORY] [--model NAME] [--batch 1,8]
+
+Without a repository it exports the seeded deit_tiny demo model (`idle-export demo`) into a temp
+folder and writes one. Prints milliseconds per request, medians of 3 rounds of 40.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def tritonserver_port(pid: int) -> int:
+    """The HTTP port tritonserver (a child of `serve run`) listens on: its first LISTEN socket."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    children = subprocess.run(["pgrep", "-P", str(pid), "tritonserver"], capture_output=True,
+                              text=True).stdout.split()
+    for line in out.splitlines():
+        if any(f"pid={c}," in line for c in children) and "127.0.0.1:" in line:
+            return int(line.split()[3].rsplit(":", 1)[1])
+    raise SystemExit("tritonserver's port not found (needs `ss` and `pgrep`)")
+
+
+def per_request_ms(port: int, model: str, x: np.ndarray, n: int = 40) -> float:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    inp = httpclient.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    try:
+        t = time.perf_counter()
+        for _ in range(n):
+            client.infer(model, [inp])
+        return (time.perf_counter() - t) / n * 1000
+    finally:
+        client.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("repository", nargs="?")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--port", type=int, default=8170)
+    args = ap.parse_args()
+    exe = str(Path(sys.executable).with_name("idle-export"))
+    work = Path(tempfile.mkdtemp(prefix="guard-overhead-"))
+    repo = args.repository
+    if repo is None:
+        subprocess.run([exe, "demo", "--arch", "deit_tiny", "-o", str(work / "demo"), "--batch", "1"],
+                       check=True, capture_output=True)
+        repo = str(work / "repo")
+        subprocess.run([exe, "serve", "repo", str(work / "demo" / "deit_tiny_idle.onnx"), "-o", repo,
+                        "--name", args.model, "--max-batch", "8"], check=True, capture_output=True)
+    server = subprocess.Popen([exe, "serve", "run", repo, "--port", str(args.port), "--threads", "2"],
+                              stderr=open(work / "serve_run.err", "w"))
+    try:
+        import tritonclient.http as httpclient
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpclient.InferenceServerClient(f"127.0.0.1:{args.port}").is_model_ready(args.model):
+                    break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        inner = tritonserver_port(server.pid)
+        for b in (int(v) for v in args.batch.split(",")):
+            x = np.random.default_rng(0).random((b, 3, 224, 224), dtype=np.float32)
+            times = {args.port: [], inner: []}
+            for port in times:
+                per_request_ms(port, args.model, x, 5)  # warm-up
+            for _ in range(3):
+                for port in times:
+                    times[port].append(per_request_ms(port, args.model, x))
+            guard, direct = (float(np.median(times[p])) for p in (args.port, inner))
+            print(f"batch {b}: {guard:.2f} ms through the guard, {direct:.2f} ms straight to tritonserver "
+                  f"(+{guard - direct:.2f} ms, {guard / direct - 1:+.1%})")
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+if __name__ == "__main__":
+    main()
