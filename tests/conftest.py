@@ -67,6 +67,18 @@ def photos10_idle_onnx(photos10_ckpt, tmp_path_factory) -> Path:
 PROGRESS_PREFIX = "· "  # cli.options: progress lines of steps over a second when stderr is not a terminal
 
 
+def save_code_running_pickle(path: Path) -> Path:
+    """A checkpoint whose unpickling would run `touch <folder>/pwned`: loaders must refuse it."""
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {path.parent / 'pwned'}",))
+
+    torch.save({"model": Evil()}, path)
+    return path
+
+
 def error_lines(stderr: str) -> list[str]:
     """stderr without the progress lines: what must be one line when a command fails."""
     return [line for line in stderr.strip().splitlines() if not line.startswith(PROGRESS_PREFIX)]

@@ -45,6 +45,20 @@ def topk_score_inputs(proto) -> list[str]:
     return [n.input[0] for n in proto.graph.node if n.op_type == "TopK"]
 
 
+def expose_outputs(proto, index_names: list[str], score_names: list[str]) -> None:
+    """Mark graph tensors as outputs (what Polygraphy's `--onnx-outputs` does): the TopK index
+    tensors as INT64, the score tensors with the type inference gives them."""
+    import onnx
+
+    outputs = {o.name for o in proto.graph.output}
+    for name in index_names:
+        if name not in outputs:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    for name in score_names:
+        if name not in outputs:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+
+
 class OrtRunner(Runner):
     """ONNX Runtime session on an ONNX file (embedded or external weights).
 
@@ -79,7 +93,6 @@ class OrtRunner(Runner):
         self.score_mode: str | None = None  # how the graph ranks tokens (from its metadata)
 
     def activate(self) -> None:
-        import onnx
 
         ort = import_onnxruntime()
         proto = load_onnx(self.path)
@@ -91,14 +104,7 @@ class OrtRunner(Runner):
             self.score_mode = meta.score_mode if meta.has_spec else None
             layers = list(meta.spec.idle_layers) if meta.has_spec else []
             self.idle_layers = layers if len(layers) == len(self._topk) else list(range(len(self._topk)))
-            outputs = {o.name for o in proto.graph.output}
-            for name in self._topk:
-                if name not in outputs:
-                    proto.graph.output.append(
-                        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-            for name in self._scores:
-                if name not in outputs:
-                    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            expose_outputs(proto, self._topk, self._scores)
         meta = OnnxMetadata.of(proto)
         self.file_passes = file_passes(meta)
         todo = missing_passes(meta, "ort") if self.optimize else ()

@@ -28,7 +28,7 @@ from idle_export.onnx.passes import optimize_model_proto
 from idle_export.onnx.plugin_form import add_selection_outputs, inline, is_plugin_form
 from idle_export.onnx.targets import file_passes, missing_passes
 from idle_export.runtime.base import Runner
-from idle_export.runtime.onnxruntime import topk_index_outputs, topk_score_inputs
+from idle_export.runtime.onnxruntime import expose_outputs, topk_index_outputs, topk_score_inputs
 
 OPENVINO_PIP = pip_extra("openvino") + ", or use --backend ort"
 
@@ -95,7 +95,6 @@ class OpenVinoRunner(Runner):
 
     def _edited(self, meta: OnnxMetadata, passes: tuple[str, ...]):
         """The file's graph with the selection tensors marked as outputs and `passes` applied."""
-        import onnx
 
         proto = load_onnx(self.path)
         plugin = is_plugin_form(proto)
@@ -114,14 +113,7 @@ class OpenVinoRunner(Runner):
                 self._selection = [(f"{SELECTION_PREFIX}{layer}", name) for layer, name in
                                    zip(layers, topk, strict=True)]
                 self._scores = [] if plugin else topk_score_inputs(proto)
-            outputs = {o.name for o in proto.graph.output}
-            for _, name in self._selection:
-                if name not in outputs:
-                    proto.graph.output.append(
-                        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
-            for name in self._scores:
-                if name not in outputs:
-                    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            expose_outputs(proto, [name for _, name in self._selection], self._scores)
         if passes:
             proto = optimize_model_proto(inline(proto) if plugin else proto, passes)
         return proto

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from idle_export.cli import app
-from tests.conftest import error_lines
+from tests.conftest import error_lines, save_code_running_pickle
 
 runner = CliRunner()
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
@@ -43,11 +41,7 @@ def work(tiny_ckpt, tiny_folded_onnx, tiny_dense_onnx, tmp_path_factory):
     (d / "noimgs").mkdir()
     (d / "noimgs" / "a.txt").write_text("no image here\n")
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {d / 'pwned'}",))
-
-    torch.save({"model": Evil()}, d / "evil.pth")
+    save_code_running_pickle(d / "evil.pth")
     return d
 
 

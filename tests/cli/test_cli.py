@@ -1,7 +1,6 @@
 """The CLI as a user meets it: one-line errors with exit codes, no partial files, fast --help."""
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from idle_export.cli import app
-from tests.conftest import error_lines
+from tests.conftest import error_lines, save_code_running_pickle
 
 runner = CliRunner()
 EXE = Path(sys.executable).with_name("idle-export")
@@ -40,11 +39,7 @@ def bad_files(tmp_path_factory, tiny_ckpt):
     data = tiny_ckpt.read_bytes()
     (d / "cut.pth").write_bytes(data[: len(data) // 3])
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {d / 'pwned'}",))
-
-    torch.save({"model": Evil()}, d / "evil.pth")
+    save_code_running_pickle(d / "evil.pth")
     return d
 
 

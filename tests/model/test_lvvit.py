@@ -21,6 +21,7 @@ from idle_export.model.lvvit import (
     seeded_lvvit_state_dict,
 )
 from tests.lvvit_reference import reference_forward
+from tests.onnx.test_export import topk_ks
 
 # A small LV-ViT: the official stem and blocks at toy widths, 8×8 = 64 patch tokens.
 TINY = dict(img_size=128, embed_dim=48, depth=6, num_heads=3, stem_width=8)
@@ -210,18 +211,6 @@ def test_fold_batchnorm_equals_unfolded():
 # ------------------------------------------------------------------------------------ ONNX
 
 
-def _topk_ks(proto) -> list[int]:
-    """The constant K of every TopK node, in graph order."""
-    import onnx
-
-    consts = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-    return [int(np.asarray(consts[n.input[1]]).reshape(-1)[0])
-            for n in proto.graph.node if n.op_type == "TopK"]
-
-
 @pytest.mark.parametrize("score_mode", ["official", "folded"])
 def test_onnx_export_matches_torch(score_mode, tmp_path):
     import onnx
@@ -242,7 +231,7 @@ def test_onnx_export_matches_torch(score_mode, tmp_path):
     ops = Counter(n.op_type for n in proto.graph.node)
     assert ops["TopK"] == len(k_by_layer) and ops["ScatterElements"] == len(k_by_layer)
     assert "BatchNormalization" not in ops and ops["Conv"] == 4
-    assert _topk_ks(proto) == list(k_by_layer.values())
+    assert topk_ks(proto) == list(k_by_layer.values())
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):

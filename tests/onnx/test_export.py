@@ -12,9 +12,9 @@ from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.runtime.onnxruntime import OrtRunner
 
 
-def topk_ks(path) -> list[int]:
-    """The constant K of every TopK node, in graph order."""
-    proto = onnx.load(str(path))
+def topk_ks(model) -> list[int]:
+    """The constant K of every TopK node, in graph order (an ONNX file or a loaded model)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     consts = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "Constant":

@@ -434,18 +434,21 @@ def server(repo, tmp_path_factory):
         srv.kill()
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_idle_onnx):
-    """24 inputs (16 seeded noise, 8 photos) and their logits from ONNX Runtime run directly."""
+def reference_pool(onnx_path: Path, noise: int, photos: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded noise and built-in photos, and their logits from ONNX Runtime run directly."""
     from idle_export.data.inputs import builtin_photos, seeded_noise
     from idle_export.onnx.metadata import OnnxMetadata
     from idle_export.runtime.onnxruntime import OrtRunner
 
-    spec = OnnxMetadata.read(tiny_idle_onnx).spec
-    x = np.concatenate([seeded_noise(16, spec, seed=1), builtin_photos(8, spec, seed=1)])
-    with OrtRunner(tiny_idle_onnx, threads=2) as r:
-        ref = r.infer({"images": x})["logits"]
-    return x, ref
+    spec = OnnxMetadata.read(onnx_path).spec
+    x = np.concatenate([seeded_noise(noise, spec, seed=seed), builtin_photos(photos, spec, seed=seed)])
+    with OrtRunner(onnx_path, threads=2) as r:
+        return x, r.infer({"images": x})["logits"]
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_idle_onnx):
+    return reference_pool(tiny_idle_onnx, noise=16, photos=8, seed=1)
 
 
 def _stats(url: str, model: str) -> dict:

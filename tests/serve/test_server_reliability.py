@@ -33,6 +33,7 @@ from tests.serve.test_serve import (
     free_port,
     http_client,
     infer,
+    reference_pool,
     still_running,
 )
 
@@ -68,15 +69,7 @@ def server(repo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(tiny_idle_onnx):
-    """16 inputs (8 seeded noise, 8 photos) and their logits from ONNX Runtime run directly."""
-    from idle_export.data.inputs import builtin_photos, seeded_noise
-    from idle_export.onnx.metadata import OnnxMetadata
-    from idle_export.runtime.onnxruntime import OrtRunner
-
-    spec = OnnxMetadata.read(tiny_idle_onnx).spec
-    x = np.concatenate([seeded_noise(8, spec, seed=3), builtin_photos(8, spec, seed=3)])
-    with OrtRunner(tiny_idle_onnx, threads=2) as r:
-        return x, r.infer({"images": x})["logits"]
+    return reference_pool(tiny_idle_onnx, noise=8, photos=8, seed=3)
 
 
 def post(port: int, body: bytes, model: str = MODEL, headers: dict | None = None) -> tuple[int, str]:
