@@ -52,8 +52,9 @@ def sweep_cmd(
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per ratio and batch.")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls before timing.")] = 2,
     min_time: Annotated[float, typer.Option("--min-time", help="Seconds one run lasts at least.")] = 0.5,
-    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="ort: apply the ONNX "
-                                           "Runtime graph passes, as bench does.")] = True,
+    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="ort: apply, in memory, "
+                                           "the passes of `onnx --target ort` to each ratio's export "
+                                           "before timing it (bench's --optimize).")] = True,
     arch: Arch = None,
     schedule: Schedule = "eval",
     idle_layers: IdleLayers = None,

@@ -12,6 +12,7 @@ import numpy as np
 from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
 from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.onnx.targets import file_target, runs_on
 
 CONFIG_NAME = "config.pbtxt"
 
@@ -225,6 +226,29 @@ def _accelerator(pb) -> tuple[str, dict[str, str]] | None:
     ea = pb.optimization.execution_accelerators
     found = [*ea.gpu_execution_accelerator, *ea.cpu_execution_accelerator]
     return (found[0].name, dict(found[0].parameters)) if found else None
+
+
+# the bench/check backend each accelerator stands for, and how to write the files it runs best
+ACCELERATOR_BACKEND = {
+    "tensorrt": ("trt", "`idle-export onnx --target tensorrt` (the plain export)", "trt"),
+    "openvino": ("openvino", "`idle-export onnx --target openvino`", "openvino")}
+
+
+def accelerator_warnings(meta: OnnxMetadata, accelerator: str | None, file_name: str) -> list[str]:
+    """A warning when the file was written for another runtime than the accelerator: ONNX
+    Runtime-only ops (`--target ort`) or INT8 calibrated for another runtime. Triton's ONNX Runtime
+    backend still runs it, the nodes the accelerator cannot take on its default provider."""
+    if accelerator not in ACCELERATOR_BACKEND or runs_on(meta, ACCELERATOR_BACKEND[accelerator][0]):
+        return []
+    if meta.precision == "int8":
+        made_for = (meta.get("quantization") or {}).get("target") or "another runtime"
+        calibrate = f"`idle-export calibrate --target {ACCELERATOR_BACKEND[accelerator][2]}`"
+        why, fix = f"its INT8 graph was calibrated for {made_for}", f"{calibrate} on the FP32 file"
+    else:
+        why, fix = (f"it was written for --target {file_target(meta)} (ONNX Runtime-only ops)",
+                    ACCELERATOR_BACKEND[accelerator][1])
+    return [f"{file_name} is not made for the {accelerator} accelerator: {why}; the nodes it cannot take "
+            f"run on ONNX Runtime's default provider. For the accelerator, write the file with {fix}"]
 
 
 def accelerator_parameters(accelerator: str | None, precision: str, is_plan: bool,

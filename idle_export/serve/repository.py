@@ -31,6 +31,7 @@ from idle_export.serve.config import (
     RepoConfig,
     TensorConfig,
     accelerator_parameters,
+    accelerator_warnings,
     model_config_pb2,
     parse_config,
     plain_parameters,
@@ -146,6 +147,7 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
         ins, outs, meta, profile, engine_info = _engine_io(model, onnx, warnings)
     else:
         ins, outs, meta, external = _onnx_io(model)
+        warnings += accelerator_warnings(meta, accelerator, model.name)
 
     dynamic = [t.name for t, dyn in ins + outs if not dyn]
     if dynamic:

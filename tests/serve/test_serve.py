@@ -582,3 +582,42 @@ def test_sigterm_stops_cleanly_and_leaves_no_process(server):
     with socket.socket() as s:  # the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", server.port))
+
+
+def test_repo_warns_when_the_file_is_not_made_for_the_accelerator(tiny_idle_onnx, tmp_path):
+    """A `--target ort` file has ONNX Runtime-only ops: the tensorrt/openvino accelerators cannot
+    take them, so `serve repo` says so and names the file to write; a plain export is quiet."""
+    import onnx
+
+    from idle_export.onnx.targets import apply_target
+
+    ort_file = tmp_path / "tiny.ort.onnx"
+    onnx.save(apply_target(onnx.load(str(tiny_idle_onnx)), "ort"), str(ort_file))
+    for accel, fix in (("tensorrt", "--target tensorrt"), ("openvino", "--target openvino")):
+        result = runner.invoke(app, ["serve", "repo", str(ort_file), "-o", str(tmp_path / f"r_{accel}"),
+                                     "--accelerator", accel])
+        assert result.exit_code == 0, result.output
+        assert f"warning: tiny.ort.onnx is not made for the {accel} accelerator" in result.output
+        assert "written for --target ort" in result.output and fix in result.output
+    plain = runner.invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(tmp_path / "plain"),
+                                "--accelerator", "openvino"])
+    assert plain.exit_code == 0 and "warning" not in plain.output, plain.output
+
+
+def test_accelerator_warnings_for_int8_files():
+    import onnx
+
+    from idle_export.onnx.metadata import OnnxMetadata
+    from idle_export.serve.config import accelerator_warnings
+
+    def meta(**values) -> OnnxMetadata:
+        proto = onnx.ModelProto()
+        OnnxMetadata.of(proto).updated(**values).write(proto)
+        return OnnxMetadata.of(proto)
+
+    for_ort = meta(precision="int8", quantization={"target": "ort"})
+    (warning,) = accelerator_warnings(for_ort, "tensorrt", "x.int8.ort.onnx")
+    assert "calibrated for ort" in warning and "calibrate --target trt" in warning
+    assert accelerator_warnings(meta(precision="int8", quantization={"target": "trt"}), "tensorrt", "x") == []
+    assert accelerator_warnings(for_ort, None, "x") == []
+    assert "calibrate --target openvino" in accelerator_warnings(for_ort, "openvino", "x")[0]
