@@ -4,7 +4,7 @@ port and straight to tritonserver's loopback port, in turns (docs/reliability.md
     .venv/bin/python scripts/guard_overhead.py [REPOSITORY] [--model NAME] [--batch 1,8]
 
 Without a repository it exports the seeded deit_tiny demo model (`idle-export demo`) into a temp
-folder and writes one. Prints milliseconds per request, medians of 3 rounds of 40.
+folder and writes one. Prints the median milliseconds per request, requests to both ports alternating.
 """
 
 from __future__ import annotations
@@ -30,19 +30,24 @@ def tritonserver_port(pid: int) -> int:
     raise SystemExit("tritonserver's port not found (needs `ss` and `pgrep`)")
 
 
-def per_request_ms(port: int, model: str, x: np.ndarray, n: int = 40) -> float:
+def latencies_ms(ports: list[int], model: str, x: np.ndarray, n: int) -> dict[int, list[float]]:
+    """n requests to each port, alternating request by request (drift hits both alike)."""
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    clients = {p: httpclient.InferenceServerClient(f"127.0.0.1:{p}") for p in ports}
     inp = httpclient.InferInput("images", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
+    out: dict[int, list[float]] = {p: [] for p in ports}
     try:
-        t = time.perf_counter()
         for _ in range(n):
-            client.infer(model, [inp])
-        return (time.perf_counter() - t) / n * 1000
+            for p, client in clients.items():
+                t = time.perf_counter()
+                client.infer(model, [inp])
+                out[p].append((time.perf_counter() - t) * 1000)
     finally:
-        client.close()
+        for client in clients.values():
+            client.close()
+    return out
 
 
 def main() -> None:
@@ -51,6 +56,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--port", type=int, default=8170)
+    ap.add_argument("--requests", type=int, default=200)
     args = ap.parse_args()
     exe = str(Path(sys.executable).with_name("idle-export"))
     work = Path(tempfile.mkdtemp(prefix="guard-overhead-"))
@@ -76,15 +82,12 @@ def main() -> None:
         inner = tritonserver_port(server.pid)
         for b in (int(v) for v in args.batch.split(",")):
             x = np.random.default_rng(0).random((b, 3, 224, 224), dtype=np.float32)
-            times = {args.port: [], inner: []}
-            for port in times:
-                per_request_ms(port, args.model, x, 5)  # warm-up
-            for _ in range(3):
-                for port in times:
-                    times[port].append(per_request_ms(port, args.model, x))
+            latencies_ms([args.port, inner], args.model, x, 5)  # warm-up
+            times = latencies_ms([args.port, inner], args.model, x, args.requests)
             guard, direct = (float(np.median(times[p])) for p in (args.port, inner))
-            print(f"batch {b}: {guard:.2f} ms through the guard, {direct:.2f} ms straight to tritonserver "
-                  f"(+{guard - direct:.2f} ms, {guard / direct - 1:+.1%})")
+            print(f"batch {b}: median {guard:.2f} ms through the guard, {direct:.2f} ms straight to "
+                  f"tritonserver (+{guard - direct:.2f} ms, {guard / direct - 1:+.1%}; {args.requests} "
+                  "requests each, alternating)")
     finally:
         server.terminate()
         server.wait(60)

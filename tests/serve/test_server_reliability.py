@@ -185,6 +185,24 @@ def test_malformed_request_gets_an_error_and_the_server_keeps_serving(server, po
     assert_serves(server, pool)
 
 
+def test_chunked_body_over_the_limit_is_refused(server, pool):
+    """No Content-Length to refuse up front: the guard counts the chunks as they come."""
+    def chunks():
+        for _ in range(LIMIT // 2**20 + 2):
+            yield b" " * 2**20
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        conn.request("POST", f"/v2/models/{MODEL}/infer", body=chunks(), encode_chunked=True,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        status, text = resp.status, resp.read().decode()
+    finally:
+        conn.close()
+    assert status == 413 and "the request body is over" in text, (status, text)
+    assert_serves(server, pool)
+
+
 def test_unknown_model_is_404(server, pool):
     assert post(server.port, tensor([1, 3, 2, 2]), model="nope")[0] == 404
     assert_serves(server, pool)
