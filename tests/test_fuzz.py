@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from idle_export.cli.options import batch_list, finite, int_list
+from idle_export.cli.options import batch_list, byte_size, finite, int_list
 from idle_export.errors import BadInputError
 from idle_export.model.config import ModelSpec, canonical_arch, check_keep_rate
 from idle_export.onnx.metadata import OnnxMetadata
@@ -58,6 +58,14 @@ def test_profiles(value):
 @given(st.tuples(text, text, text))
 def test_trtexec_shapes(shapes):
     only_bad_input(parse_profile, shapes=shapes, chw=(3, 224, 224))
+
+
+@FUZZ
+@given(st.one_of(text, st.tuples(st.integers(-10, 10**16), st.sampled_from(["", "k", "MiB", "gb", "T", " m"]))
+                 .map(lambda v: f"{v[0]}{v[1]}")))
+def test_byte_sizes(value):
+    size = only_bad_input(byte_size, value, "--http-max-input-size")
+    assert size is None or (isinstance(size, int) and size >= 0)
 
 
 @FUZZ

@@ -93,7 +93,6 @@ class OrtRunner(Runner):
         self.score_mode: str | None = None  # how the graph ranks tokens (from its metadata)
 
     def activate(self) -> None:
-
         ort = import_onnxruntime()
         proto = load_onnx(self.path)
         plugin = is_plugin_form(proto)

@@ -95,7 +95,6 @@ class OpenVinoRunner(Runner):
 
     def _edited(self, meta: OnnxMetadata, passes: tuple[str, ...]):
         """The file's graph with the selection tensors marked as outputs and `passes` applied."""
-
         proto = load_onnx(self.path)
         plugin = is_plugin_form(proto)
         if self.selection:
