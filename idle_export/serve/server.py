@@ -263,6 +263,7 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
         except Exception as e:  # noqa: BLE001 - pytriton raises plain exceptions
             raise IdleExportError(f"Triton did not start ({type(e).__name__}: {str(e)[:200]})",
                                   f"see the server log {log_file}; {_log_tail(log_file)}") from None
+        _quiet_stdout(triton)
         tree = process_tree()
         drain = Drain(f"http://127.0.0.1:{inner_port}", exit_timeout_s)
         guard = Guard(host, port, inner_port, limit)
@@ -293,6 +294,15 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
             Path(log_file).unlink(missing_ok=True)
     return {"url": url, "models": [m.name for m in served], "skipped": skipped, "max_input_bytes": limit,
             "uptime_s": round(time.perf_counter() - started, 2), "signal": received[0] if received else None}
+
+
+def _quiet_stdout(triton) -> None:
+    """pytriton echoes what tritonserver prints on its stdout to ours (its TritonServer's verbose
+    flag, on by default, not in TritonConfig): "Signal (2) received." on every stop. It keeps the
+    lines (`logs()`, read for the crash cause); our stdout stays clean."""
+    server = getattr(triton, "_triton_server", None)
+    if server is not None and hasattr(server, "_verbose"):
+        server._verbose = False
 
 
 def _free_loopback_port() -> int:

@@ -386,13 +386,14 @@ def test_int64_outputs_pass_pytritons_dtype_check():
 # ----------------------------------------------------------------------------- the real server
 class Server:
     def __init__(self, repo: Path, port: int, log: Path, extra: tuple[str, ...] = ()):
+        self.stdout = log.with_suffix(".out")
         env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}  # the launcher fixes it
         self.url = f"http://127.0.0.1:{port}"
         self.port = port
         self.stderr = log
         self.proc = subprocess.Popen([idle_export_exe(), "serve", "run", str(repo), "--port", str(port),
                                       "--threads", "2", "--exit-timeout", "5", *extra],
-                                     stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env,
+                                     stdout=open(self.stdout, "w"), stderr=open(log, "w"), env=env,
                                      start_new_session=True)
 
     def wait_ready(self, models: list[str], timeout: float = 240) -> None:
@@ -574,6 +575,7 @@ def test_sigterm_stops_cleanly_and_leaves_no_process(server):
     rc = server.proc.wait(90)
     assert rc == 0, server.stderr.read_text()[-2000:]
     assert "stopped (SIGTERM)" in server.stderr.read_text()
+    assert server.stdout.read_text() == ""  # not even tritonserver's "Signal (2) received."
     deadline = time.time() + 10
     while time.time() < deadline and any(still_running(p, st) for p, (_, st) in tree.items()):
         time.sleep(0.2)
