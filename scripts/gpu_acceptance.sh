@@ -178,6 +178,21 @@ import numpy as np
 from idle_export.data.inputs import builtin_photos
 from idle_export.runtime.tensorrt import TrtRunner
 
+def time_engine(e, b=32, iters=50):
+    x = builtin_photos(b, spec, seed=0)
+    with TrtRunner(e) as r:
+        for _ in range(10):
+            r.infer({"images": x})
+        walls = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            r.infer({"images": x})
+            walls.append(time.perf_counter() - t)
+    p50 = float(np.median(walls))
+    return {"batch": b, "p50_ms": round(p50 * 1e3, 3), "images_per_s": round(b / p50, 1),
+            "note": "TrtRunner.infer, host↔device copies included"}
+
+
 BATCH = (1, 32, 64)
 engines = []
 for precision in ("fp32", "fp16", "int8"):
@@ -206,21 +221,7 @@ for precision in ("fp32", "fp16", "int8"):
                                                               "cosine_min", "failures")}
                                        for c in rep["cases"]]}
 
-        def timing(e=engine, b=32, iters=50):
-            x = builtin_photos(b, spec, seed=0)
-            with TrtRunner(e) as r:
-                for _ in range(10):
-                    r.infer({"images": x})
-                walls = []
-                for _ in range(iters):
-                    t = time.perf_counter()
-                    r.infer({"images": x})
-                    walls.append(time.perf_counter() - t)
-            p50 = float(np.median(walls))
-            return {"batch": b, "p50_ms": round(p50 * 1e3, 3), "images_per_s": round(b / p50, 1),
-                    "note": "TrtRunner.infer, host↔device copies included"}
-
-        t = step(f"time {variant} {precision}", timing, budget=15)
+        t = step(f"time {variant} {precision}", lambda e=engine: time_engine(e), budget=15)
         if t:
             case["timing"] = t
         save()
@@ -261,20 +262,6 @@ def plugin_kernels():
     return {"ok": bool(result.get("ok")), "exit": proc.returncode, "device": result.get("device"),
             "cases": [{k: c.get(k) for k in keys if k in c} for c in result.get("cases", [])],
             "trt_unit_engines": result.get("trt")}
-
-
-def time_engine(e, b=32, iters=50):
-    x = builtin_photos(b, spec, seed=0)
-    with TrtRunner(e) as r:
-        for _ in range(10):
-            r.infer({"images": x})
-        walls = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            r.infer({"images": x})
-            walls.append(time.perf_counter() - t)
-    p50 = float(np.median(walls))
-    return {"batch": b, "p50_ms": round(p50 * 1e3, 3), "images_per_s": round(b / p50, 1)}
 
 
 plugin_missing = None
