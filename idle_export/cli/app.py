@@ -15,7 +15,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from idle_export import __version__
 from idle_export.cli.options import QUIET, echo_err
 from idle_export.errors import EXIT_INTERNAL, BadInputError, IdleExportError
-from idle_export.fileio import check_output_path
+from idle_export.fileio import check_output_path, is_disk_full, is_stream
 
 
 def _tidy(param) -> None:
@@ -68,7 +68,9 @@ app = typer.Typer(
 _DEBUG = {"on": bool(os.environ.get("IDLE_EXPORT_DEBUG"))}
 
 
-OUTPUT_OPTIONS = {"output": "-o/--output", "json_out": "--json", "plot": "--plot", "log_file": "--log-file"}
+OUTPUT_OPTIONS = {"output": "-o/--output", "json_out": "--json", "plot": "--plot", "log_file": "--log-file",
+                  "save_outputs": "--save-outputs"}
+STDOUT_PATHS = ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number
 
 
@@ -81,11 +83,12 @@ def check_distinct_paths(kw: dict) -> None:
     for name, value in kw.items():
         values = value if isinstance(value, list) else [value]
         for v in values:
-            if name in OUTPUT_OPTIONS and v not in (None, "-"):
+            if name in OUTPUT_OPTIONS and v not in (None, "-") and not is_stream(v):
                 outputs.append((OUTPUT_OPTIONS[name], Path(v)))
             elif isinstance(v, Path):
-                inputs.append((name.upper() if name not in ("ckpt", "against", "images", "onnx", "calib")
-                               else f"--{name}", v))
+                inputs.append((name.upper() if name not in ("ckpt", "against", "images", "onnx", "calib",
+                                                                "load_outputs")
+                               else f"--{name.replace('_', '-')}", v))
     seen: dict[str, str] = {}
     for flag, path in outputs:
         real = os.path.realpath(path)
@@ -127,6 +130,8 @@ def command(*args, target: typer.Typer | None = None, **kwargs):
 
             previous = _sigterm_as_interrupt()
             try:
+                if kw.get("json_out") in STDOUT_PATHS:  # the report alone on stdout, as with -
+                    kw["json_out"] = "-"
                 if kw.get("json_out") not in (None, "-"):  # a report nobody can write: say so first
                     check_output_path(Path(kw["json_out"]), "--json")
                 if kw.get("json_out") == "-":
@@ -145,6 +150,11 @@ def command(*args, target: typer.Typer | None = None, **kwargs):
                 echo_err(f"error: {e.one_line()}")
                 raise typer.Exit(e.exit_code) from None
             except Exception as e:  # noqa: BLE001 - the last line of defence
+                if is_disk_full(e) and not _DEBUG["on"]:  # a write no atomic helper made
+                    where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+                    echo_err(f"error: no space left on device{where} (hint: free some space or write "
+                             "to another folder)")
+                    raise typer.Exit(BadInputError.exit_code) from None
                 if _DEBUG["on"]:
                     raise
                 first = (str(e).splitlines() or [""])[0][:200]

@@ -20,6 +20,7 @@ from idle_export.cli.options import (
     write_json,
 )
 from idle_export.errors import BadInputError, CheckFailedError
+from idle_export.fileio import check_output_path
 from idle_export.parity.check import check_engine_against, check_onnx
 
 
@@ -51,11 +52,21 @@ def check_cmd(
                                          "ONNX file being checked: ort (ONNX Runtime CPU) or "
                                          "openvino (OpenVINO CPU). The reference runs on torch "
                                          "(--ckpt) or ONNX Runtime (--against).")] = "ort",
+    save_outputs: Annotated[Path | None, typer.Option("--save-outputs", help="Also write both runs' "
+                                                         "outputs (Polygraphy RunResults JSON) to compare "
+                                                         "later, elsewhere, with --load-outputs.")] = None,
+    load_outputs: Annotated[Path | None, typer.Option("--load-outputs", help="Compare against a run saved "
+                                                         "with --save-outputs (its checked model), e.g. an "
+                                                         "engine on a GPU machine against the ONNX run on "
+                                                         "the build machine; same --inputs/--batch/--seed.")
+                            ] = None,
     json_out: JsonOut = None,
 ):
     """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
 
     sizes = batch_list(batch)
+    if save_outputs is not None:
+        check_output_path(save_outputs, "--save-outputs")
     finite(max_abs, "--max-abs", example="e.g. --max-abs 1e-4 (0 demands identical logits)")
     if num < 0:
         raise BadInputError(f"--num {num} must be ≥ 0", "e.g. --num 200 (0: all of --images)")
@@ -71,17 +82,19 @@ def check_cmd(
         if backend != "ort":
             raise BadInputError(f"{model.name} is a TensorRT engine: it runs on TensorRT, not "
                                 f"--backend {backend}", "drop --backend")
-        if against is None or ckpt is not None or images is not None:
+        if (against is None and load_outputs is None) or ckpt is not None or images is not None:
             raise BadInputError(f"{model.name} is a TensorRT engine: it is checked against the ONNX "
                                 "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
-        with status(f"checking {model.name} against {against.name}"):
+        with status(f"checking {model.name} against {(against or load_outputs).name}"):
             report = check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
-                                          seed=seed, threads=check_threads(threads))
+                                          seed=seed, threads=check_threads(threads),
+                                          save_outputs=save_outputs, load_outputs=load_outputs)
     else:
         with status(f"checking {model.name}"):
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                                 input_sets=sets, seed=seed, threads=check_threads(threads), images=images,
-                                num=num, max_abs=max_abs, backend=backend)
+                                num=num, max_abs=max_abs, backend=backend, save_outputs=save_outputs,
+                                load_outputs=load_outputs)
     console = report_console(json_out)
     print_check(report, console)
     print_check_details(report, console)

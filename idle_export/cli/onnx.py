@@ -66,6 +66,8 @@ def onnx_cmd(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (≥17).")] = 18,
     external_data: Annotated[bool, typer.Option("--external-data", help="Write weights to "
                                                 "OUTPUT.data instead of embedding them.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Export weights with "
+                                                  "NaN or inf values (refused otherwise).")] = False,
     json_out: JsonOut = None,
 ):
     """Export a checkpoint to ONNX with the idle path (TopK + GatherElements + ScatterElements)."""
@@ -78,7 +80,7 @@ def onnx_cmd(
         kind = "dense" if dense else "idle_plugin" if plugin else "idle"
         suffix = "" if target == "portable" else f".{target}"
         output = checkpoint.with_name(f"{checkpoint.stem}_{kind}{suffix}.onnx")
-    check_output_path(output)
+    check_output_path(output, stream_ok=not external_data)
     check_opset(opset)
     with status(f"loading {checkpoint.name}"):
         ckpt = load_checkpoint(checkpoint, ema=ema)
@@ -86,7 +88,7 @@ def onnx_cmd(
     with status(f"exporting {spec.describe()}{' dense' if dense else ''} to {output}"):
         export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                           score_mode=scores, opset=opset, external_data=external_data,
-                          plugin=plugin, target=target)
+                          plugin=plugin, target=target, allow_nonfinite=allow_nonfinite)
     summary = onnx_summary(output)
     what = (f"dense baseline of {spec.arch}" if dense else
             f"{spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")

@@ -11,6 +11,7 @@ import typer
 
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_write_text
+from idle_export.numerics import json_safe
 from idle_export.onnx.io import MAX_BATCH
 
 
@@ -78,8 +79,14 @@ def check_threads(threads: int | None) -> int | None:
 
 
 def write_json(report: dict, target: str) -> None:
-    """`--json -` prints to stdout; `--json FILE` writes FILE atomically."""
-    text = json.dumps(report, indent=2, default=str)
+    """`--json -` prints to stdout; `--json FILE` writes FILE atomically (a stream such as
+    /dev/stdout or a FIFO is written through). Strict JSON: a NaN or inf figure is written as
+    null and listed under "nonfinite_fields"."""
+    found: list[str] = []
+    report = json_safe(report, found=found)
+    if found:
+        report["nonfinite_fields"] = found
+    text = json.dumps(report, indent=2, default=str, allow_nan=False)
     if target == "-":
         typer.echo(text)
         return

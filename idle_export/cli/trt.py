@@ -109,7 +109,7 @@ def trt_cmd(
                                 timing_cache=timing_cache, workspace=workspace, verbose=verbose,
                                 output=output, flavour=flavour, selection=emit_selection,
                                 plugin=plugin, echo=echo_err)
-    except KeyboardInterrupt:
+    except BaseException:
         if source != onnx:  # the INT8 graph calibrated for this build: nothing stays behind
             source.unlink(missing_ok=True)
         raise

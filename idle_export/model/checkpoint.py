@@ -23,6 +23,7 @@ from idle_export.model.config import (
     arch_family,
     canonical_arch,
 )
+from idle_export.numerics import nonfinite_counts
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
@@ -52,6 +53,11 @@ class Checkpoint:
             raise CheckpointError(f"{self.path.name}: args.base_rate is {rate!r}, not a number",
                                   "pass the keep rate the model was trained with: --keep 0.7")
         return float(rate)
+
+    def nonfinite(self) -> list[tuple[str, int, int, int]]:
+        """The weights with NaN or inf values (numerics.nonfinite_counts)."""
+        return nonfinite_counts((k, v.detach().float().numpy()) for k, v in self.state_dict.items()
+                                if hasattr(v, "is_floating_point") and v.is_floating_point())
 
     @property
     def num_classes(self) -> int:

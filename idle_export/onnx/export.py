@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from idle_export import __version__
 from idle_export.errors import BadInputError
-from idle_export.fileio import check_output_path
+from idle_export.fileio import check_free_space, check_output_path, mapped_disk_full, output_folder, work_dir
 from idle_export.lazy import lazy_module
+from idle_export.numerics import describe_nonfinite
 from idle_export.onnx.io import (
     DEFAULT_OPSET,
     INPUT_NAME,
@@ -41,15 +40,16 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
     if plugin and target not in ("portable", "tensorrt"):
         raise BadInputError(f"--plugin writes the plugin form for TensorRT; --target {target} tunes "
                             "the standard form", "drop --plugin, or use --target portable")
-    path = check_output_path(Path(path))
+    path = check_output_path(Path(path), stream_ok=not external_data)
     spec = model.spec
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_free_space(output_folder(path), needed, path)
     dummy = torch.zeros(2, 3, spec.img_size, spec.img_size)
     outputs = [OUTPUT_NAME] + (selection_output_names(spec) if model.emit_selection else [])
     dynamic_shapes = None
     if dynamic_batch:
         dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
-    tmpdir = Path(tempfile.mkdtemp(prefix=".idle-export-", dir=path.parent))
-    try:
+    with work_dir(output_folder(path), "onnx") as tmpdir, mapped_disk_full(path, needed):
         raw = tmpdir / "raw.onnx"
         with torch.no_grad():
             torch.onnx.export(model.eval(), (dummy,), str(raw), dynamo=True, opset_version=opset,
@@ -57,6 +57,7 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
                               dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
                               optimize=True)
         proto = onnx.load(str(raw))
+        raw.unlink()  # the final file takes its place on disk
         OnnxMetadata({"idle_export.tool_version": __version__, "idle_export.opset": str(opset),
                       **(metadata or {})}).write(proto)
         proto.producer_name = "idle-export"
@@ -66,8 +67,6 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
             proto = to_plugin_form(proto)
         proto = apply_target(proto, target)
         install_onnx(proto, tmpdir, path, external_data=external_data, check=True)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return path
 
 
@@ -76,18 +75,25 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
 def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
                       emit_selection: bool = False, score_mode: str = "folded",
                       opset: int = DEFAULT_OPSET, external_data: bool = False,
-                      plugin: bool = False, target: str = DEFAULT_TARGET) -> Path:
+                      plugin: bool = False, target: str = DEFAULT_TARGET,
+                      allow_nonfinite: bool = False) -> Path:
     """Checkpoint (already loaded) → ONNX with the full idle-export metadata; plugin: the
-    plugin form (IdleSelect/IdleScatter, folded scores only)."""
+    plugin form (IdleSelect/IdleScatter, folded scores only). Weights with NaN or inf are
+    refused unless `allow_nonfinite`."""
     import json
 
-    output = check_output_path(Path(output))
+    output = check_output_path(Path(output), stream_ok=not external_data)
     if plugin and dense:
         raise BadInputError("--plugin fuses the idle layers' token selection; the dense baseline "
                             "has none", "drop --plugin (or --dense)")
     if plugin and score_mode != "folded":
         raise BadInputError(f"--plugin computes folded scores (xn·w); --scores {score_mode} "
                             "computes keys for every token", "use --scores folded (the default)")
+    bad = ckpt.nonfinite()
+    if bad and not allow_nonfinite:
+        raise BadInputError(f"{ckpt.path.name} has non-finite weights: {describe_nonfinite(bad)}",
+                            "fix the checkpoint (a diverged run?), or export it as it is with "
+                            "--allow-nonfinite")
     if dense:
         score_mode = "official"  # a dense layer computes every key: there is nothing to fold
     # LV-ViT: the stem's BatchNorms folded into its convs (no BatchNormalization in the graph)

@@ -4,9 +4,12 @@ atomically (embedded or external weights), and a summary of a file's ops and met
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from idle_export.errors import BadInputError
+from idle_export.fileio import is_stream, mapped_disk_full, resolve_output
+from idle_export.numerics import nonfinite_counts
 
 MIN_OPSET = 17
 
@@ -47,29 +50,51 @@ def selection_output_names(spec) -> list[str]:
 
 def install_onnx(proto, tmpdir: Path, path: Path, *, external_data: bool, check: bool = False) -> None:
     """Save `proto` in `tmpdir` (weights in `path.data` with external_data), optionally run the
-    full ONNX checker on it, then rename it (and its data file) onto `path`. A stale `path.data`
-    of an earlier external-data file is removed when the new file embeds its weights."""
+    full ONNX checker on it, then rename it (and its data file) onto `path` (a symlink's target;
+    a stream such as /dev/null gets the bytes written through). A stale `path.data` of an earlier
+    external-data file is removed when the new file embeds its weights."""
     import onnx
 
-    final = tmpdir / path.name
-    data_name = path.name + ".data"
-    if external_data:
-        onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(final))
+    stream = is_stream(path)
+    if stream and external_data:
+        raise BadInputError(f"-o {path} is not a regular file; --external-data writes {path.name}.data "
+                            "beside it", "give -o a file path, or drop --external-data")
+    target = path if stream else resolve_output(path)
+    final = tmpdir / target.name
+    data_name = target.name + ".data"
+    with mapped_disk_full(path, proto.ByteSize()):
+        if external_data:
+            onnx.save_model(proto, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(final))
     if check:
         onnx.checker.check_model(str(final), full_check=True)
+    if stream:
+        with open(final, "rb") as src, open(path, "ab") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return
     umask = os.umask(0)
     os.umask(umask)
     for written in (final, tmpdir / data_name):  # the usual file mode (onnx writes its data 0600)
         if written.exists():
             os.chmod(written, 0o666 & ~umask)
     if external_data:
-        os.replace(tmpdir / data_name, path.parent / data_name)
-    elif (path.parent / data_name).exists():
-        os.remove(path.parent / data_name)
-    os.replace(final, path)
+        os.replace(tmpdir / data_name, target.parent / data_name)
+    elif (target.parent / data_name).exists():
+        os.remove(target.parent / data_name)
+    os.replace(final, target)
+
+
+def nonfinite_initializers(proto) -> list[tuple[str, int, int, int]]:
+    """numerics.nonfinite_counts of a loaded model's float weights (initializers and Constants)."""
+    from onnx import numpy_helper
+
+    tensors = [(t.name, t) for t in proto.graph.initializer]
+    tensors += [(n.output[0], a.t) for n in proto.graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value" and a.t.data_type in (1, 10, 11, 16)]
+    return nonfinite_counts((name, numpy_helper.to_array(t)) for name, t in tensors
+                            if t.data_type in (1, 10, 11, 16))  # float, float16, double, bfloat16
 
 
 def onnx_summary(path: str | Path) -> dict:

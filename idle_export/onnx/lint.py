@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from idle_export.numerics import describe_nonfinite
 from idle_export.onnx.graph import constant_tensors, mixed_float_inputs, producers, tensor_types
-from idle_export.onnx.io import MIN_OPSET, load_onnx
+from idle_export.onnx.io import MIN_OPSET, load_onnx, nonfinite_initializers
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.plugin_form import PLUGIN_OPS, inline, plugin_node_problem
 from idle_export.plugins.spec import DOMAIN
@@ -77,6 +78,10 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
     from onnx import TensorProto
 
     findings: list[dict] = _plugin_findings(model)
+    bad = nonfinite_initializers(model)
+    if bad:  # every runtime takes them; the outputs would be NaN
+        findings.append(_finding("nonfinite-weights", f"{len(bad)} weight tensor(s) hold NaN or inf: "
+                                 f"{describe_nonfinite(bad)}; re-export from a finite checkpoint"))
     if model.functions:
         model = inline(model)  # what TensorRT without the plugin parses: the function bodies
     g = model.graph

@@ -16,9 +16,13 @@ from idle_export.hardware import check_batch_fits
 from idle_export.lazy import lazy_module
 from idle_export.model.checkpoint import Checkpoint, load_checkpoint
 from idle_export.model.config import TOLERANCES, Tolerances
-from idle_export.onnx.io import load_onnx
+from idle_export.numerics import describe_nonfinite
+from idle_export.onnx.io import load_onnx, nonfinite_initializers
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.compare import compare_on_images, compare_runners, labels_from_folders
+from idle_export.parity.saved import Recorder
+from idle_export.parity.saved import load_outputs as load_outputs_file
+from idle_export.parity.saved import save_outputs as save_outputs_file
 from idle_export.runtime.onnxruntime import OrtRunner
 from idle_export.runtime.openvino import OpenVinoRunner, import_openvino
 from idle_export.runtime.tensorrt import TrtRunner
@@ -43,7 +47,8 @@ def tolerance_for(meta: OnnxMetadata) -> Tolerances:
 def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
                seed: int = 0, threads: int | None = None, images=None, num: int = 0,
-               max_abs: float | None = None, backend: str = "ort") -> dict:
+               max_abs: float | None = None, backend: str = "ort", save_outputs=None,
+               load_outputs=None) -> dict:
     """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
     path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
     which model and preprocessing to use.
@@ -54,21 +59,23 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     size running over the whole set; with an ImageFolder layout whose folder names are the
     model's classes, accuracy is reported too. `backend` runs the candidate: ort (ONNX Runtime
     CPU) or openvino (OpenVINO CPU, FP32 unless the file is INT8); the reference always runs
-    on torch or ONNX Runtime."""
+    on torch or ONNX Runtime, or is a run saved earlier (`load_outputs`, parity.saved);
+    `save_outputs` keeps both runs' outputs for a later comparison elsewhere."""
     if backend not in CHECK_BACKENDS:
         raise BadInputError(f"--backend {backend!r} is not one of {', '.join(CHECK_BACKENDS)}",
                             "use --backend ort (ONNX Runtime) or --backend openvino")
     if backend == "openvino":
         import_openvino()  # exit 3 before any work
     # a clear error for a missing or broken file, before anything else
-    meta = OnnxMetadata.of(load_onnx(onnx_path))
+    proto = load_onnx(onnx_path)
+    meta = OnnxMetadata.of(proto)
     spec = meta.spec
     dense = meta.dense
     check_batch_fits(spec, max(batch_sizes))
     warnings = []
-    if (ckpt_path is None) == (against is None):
+    if sum(x is not None for x in (ckpt_path, against, load_outputs)) != 1:
         raise BadInputError("check needs exactly one reference",
-                            "pass --ckpt CHECKPOINT (torch) or --against OTHER.onnx")
+                            "pass --ckpt CHECKPOINT (torch), --against OTHER.onnx or --load-outputs RUN.json")
     if tol is None:
         tol = tolerance_for(meta)
         if max_abs is not None:
@@ -80,6 +87,9 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         if expected and expected != ckpt.sha256:
             warnings.append(f"{ckpt.path.name} is not the checkpoint {Path(onnx_path).name} was "
                             "exported from (sha256 differs)")
+        bad = ckpt.nonfinite()
+        if bad:
+            warnings.append(f"{ckpt.path.name} has non-finite weights: {describe_nonfinite(bad)}")
         # The reference is always the paper's formulation (keys for every token), whatever
         # score mode the file was exported with: a folded export is checked against it. An
         # LV-ViT keeps its stem BatchNorms, so the export's folding is checked too.
@@ -88,6 +98,8 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         reference = TorchRunner(model, name=f"torch:{ckpt.path.name} (official scores)",
                                 selection=not dense,
                                 threads=threads)
+    elif load_outputs is not None:
+        reference = load_outputs_file(load_outputs)
     else:
         if OnnxMetadata.of(load_onnx(against)).precision != "fp32":
             warnings.append(f"the reference {Path(against).name} is not FP32")
@@ -96,6 +108,8 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads)
     else:
         candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
+    if save_outputs is not None:
+        candidate, reference = Recorder(candidate), Recorder(reference)
     n = max(batch_sizes)
     inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
     if inputs or images is None:
@@ -114,6 +128,11 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         if real.skipped:
             warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
                             f"{real.skipped[0][0]} ({real.skipped[0][1]})")
+    if save_outputs is not None:
+        save_outputs_of(save_outputs, [candidate, reference], inputs, batch_sizes, seed, images, num)
+    weights = nonfinite_initializers(proto)
+    if weights:  # the file's own weights: the first place to look when its outputs are NaN
+        warnings.append(f"{Path(onnx_path).name} has non-finite weights: {describe_nonfinite(weights)}")
     report["precision"] = precision
     report["backend"] = backend
     report["model"] = spec.describe() + (" (dense)" if dense else "") + (
@@ -122,25 +141,44 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     return report
 
 
-def check_engine_against(engine: str | Path, onnx_path: str | Path, *, batch_sizes=(1, 7, 32),
+def save_outputs_of(path, recorders, inputs: dict, batch_sizes, seed: int, images, num: int) -> None:
+    """The recorded runs, with what a later check needs to feed the same inputs."""
+    how = {"inputs": list(inputs), "batch": list(batch_sizes), "seed": seed,
+           "images": None if images is None else str(images), "num": num}
+    save_outputs_file(path, recorders, {"check": how})
+
+
+def check_engine_against(engine: str | Path, onnx_path: str | Path | None, *, batch_sizes=(1, 7, 32),
                          input_sets=("noise", "photos"), tol=None, seed: int = 0,
-                         threads: int | None = None) -> dict:
+                         threads: int | None = None, save_outputs=None, load_outputs=None) -> dict:
     """`idle-export check X.engine --against Y.onnx`: TensorRT on the GPU against ONNX Runtime
-    (FP32, CPU) on the same inputs, with the tolerance of the engine's precision."""
+    (FP32, CPU) on the same inputs, with the tolerance of the engine's precision; or against a
+    run saved on another machine (`load_outputs`, e.g. Y.onnx checked with --save-outputs)."""
 
     info = inspect_engine(engine)  # sidecar problems surface before the GPU question
-    spec = OnnxMetadata.of(load_onnx(onnx_path)).spec
+    if (onnx_path is None) == (load_outputs is None):
+        raise BadInputError("an engine is checked against one reference",
+                            "pass --against MODEL.onnx or --load-outputs RUN.json")
+    reference = load_outputs_file(load_outputs) if load_outputs is not None else None
+    spec = (OnnxMetadata.of(load_onnx(onnx_path)) if onnx_path is not None
+            else OnnxMetadata(info.get("model") or {})).spec
     lo, hi = info["profiles"][0]["min"][0], info["profiles"][0]["max"][0]
     sizes = [b for b in batch_sizes if lo <= b <= hi] or [hi]
     warnings = []
-    if info.get("onnx", {}).get("sha256") != sha256_file(onnx_path):
+    if onnx_path is not None and info.get("onnx", {}).get("sha256") != sha256_file(onnx_path):
         warnings.append(f"{Path(engine).name} was built from {info['onnx']['path']}, not from "
                         f"{Path(onnx_path).name} (sha256 differs)")
     inputs = {name: input_set(name, max(sizes), spec, seed=seed) for name in input_sets}
     tol = tol or TOLERANCES[info["precision"]]
     selection = bool(info.get("selection_outputs"))
-    report = compare_runners(TrtRunner(engine), OrtRunner(onnx_path, selection=selection, threads=threads),
-                             inputs, sizes, tol)
+    candidate = TrtRunner(engine)
+    if reference is None:
+        reference = OrtRunner(onnx_path, selection=selection, threads=threads)
+    if save_outputs is not None:
+        candidate, reference = Recorder(candidate), Recorder(reference)
+    report = compare_runners(candidate, reference, inputs, sizes, tol)
+    if save_outputs is not None:
+        save_outputs_of(save_outputs, [candidate, reference], inputs, sizes, seed, None, 0)
     report["model"] = spec.describe()
     report["engine"] = {k: info[k] for k in ("flavour", "trt_version", "precision", "compute_capability")}
     report["warnings"] = warnings

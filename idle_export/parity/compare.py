@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from idle_export.model.config import Tolerances
+from idle_export.numerics import describe_nonfinite, nonfinite_counts
 from idle_export.onnx.io import SELECTION_PREFIX
 
 
@@ -70,6 +71,11 @@ def compare_outputs(out_a: dict, out_b: dict, scores: list[np.ndarray] | None,
         case["selection_per_layer"] = per_layer
         case["selection_ties"] = ties
     failures = []
+    nonfinite = nonfinite_counts([("candidate", out_a["logits"]), ("reference", out_b["logits"])])
+    if nonfinite:  # NaN compares false with every tolerance: name it and fail
+        case["nonfinite_logits"] = {name: {"nan": nan, "inf": inf, "of": size}
+                                    for name, nan, inf, size in nonfinite}
+        failures.append(f"logits not finite: {describe_nonfinite(nonfinite)}")
     if case["max_abs"] > tol.max_abs:
         failures.append(f"max abs error {case['max_abs']:.3g} > {tol.max_abs:g}")
     if case["top1"] < tol.min_top1:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from idle_export.deps import pip_extra
 from idle_export.errors import IdleExportError, MissingDependencyError
+from idle_export.fileio import mapped_disk_full, output_folder, work_dir
 from idle_export.onnx.io import install_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.targets import apply_target
@@ -95,11 +94,8 @@ def write_openvino(proto, meta, src: Path, dst: Path, calib, external: bool, per
     recipe["calibration"] = calib.source
     OnnxMetadata.of(quantized).updated(quantization=recipe, source_model=src.name).write(quantized)
     say("writing")
-    tmpdir = Path(tempfile.mkdtemp(prefix=".idle-export-int8-", dir=dst.parent))
-    try:
+    with work_dir(output_folder(dst), "int8") as tmpdir, mapped_disk_full(dst):
         install_onnx(quantized, tmpdir, dst, external_data=external)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     ops: dict[str, int] = {}
     for n in quantized.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1

@@ -26,8 +26,6 @@ Recipes (docs/int8.md has the measurements behind the ORT one):
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import numpy as np
 from idle_export.data.images import load_images
 from idle_export.deps import import_onnxruntime
 from idle_export.errors import BadInputError
-from idle_export.fileio import check_output_path
+from idle_export.fileio import check_output_path, mapped_disk_full, output_folder, work_dir
 from idle_export.hardware import memory_available
 from idle_export.onnx.graph import consumers as consumers_of
 from idle_export.onnx.graph import producers as producers_of
@@ -304,8 +302,7 @@ def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str 
     cal_method = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
                   "entropy": q.CalibrationMethod.Entropy}[method]
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=".idle-export-int8-", dir=dst.parent))
-    try:
+    with work_dir(output_folder(dst), "int8") as tmpdir, mapped_disk_full(dst):
         say("preprocessing (constant folding, shape inference)")
         pre = tmpdir / "pre.onnx"
         quant_pre_process = import_onnxruntime("quantization.shape_inference").quant_pre_process
@@ -356,8 +353,6 @@ def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str 
         final_dir = tmpdir / "final"  # quantize_static wrote `out` (same name) into tmpdir
         final_dir.mkdir()
         install_onnx(model, final_dir, dst, external_data=external)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return {
         "source": str(src),
         "output": str(dst),

@@ -5,16 +5,27 @@ place; `read_repository` reads one back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from idle_export import __version__
 from idle_export.errors import BadInputError
-from idle_export.fileio import atomic_write_text, sha256_file
+from idle_export.fileio import (
+    atomic_write_text,
+    check_free_space,
+    clean_stale,
+    disk_full,
+    folder_lock,
+    is_disk_full,
+    mapped_disk_full,
+    mkdir_hint,
+    sha256_file,
+    temp_name,
+)
 from idle_export.onnx.io import MAX_BATCH, load_onnx_header
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.serve.config import (
@@ -78,7 +89,36 @@ def _onnx_io(path: Path):
     return inputs, outputs, meta, sorted(external)
 
 
-def write_repository(model: str | Path, output: str | Path, *, name: str | None = None,
+def write_repository(model: str | Path, output: str | Path, **kwargs) -> dict:
+    """Write `output/NAME/` for an ONNX file or a TensorRT engine (see _write_repository). One
+    writer at a time per repository (a lock on its folder: a second run waits, then sees the
+    first's model); a folder this call created is removed again when it fails."""
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    if output.exists() and not output.is_dir():
+        raise BadInputError(f"output {output} is a file", "give a folder for the model repository")
+    if not output.exists() and parent.exists() and not parent.is_dir():
+        raise BadInputError(f"{parent} is a file, not a folder", "give -o a path inside a folder")
+    if not output.exists() and not parent.is_dir():
+        raise BadInputError(f"folder {parent} does not exist", mkdir_hint(parent))
+    created = not output.exists()
+    try:
+        output.mkdir(exist_ok=True)
+    except OSError as e:
+        raise (disk_full(output) if is_disk_full(e) else
+               BadInputError(f"cannot create {output}", "choose a writable -o/--output")) from None
+    try:
+        clean_stale(output)
+        with folder_lock(output), mapped_disk_full(output):
+            return _write_repository(model, output, **kwargs)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                output.rmdir()  # only when empty: another writer's model stays
+        raise
+
+
+def _write_repository(model: str | Path, output: Path, *, name: str | None = None,
                      max_batch: int | None = 64, preferred: list[int] | None = None,
                      queue_delay_us: int = 100, instances: int = 1, kind: str | None = None,
                      version: int = 1, onnx: str | Path | None = None,
@@ -96,7 +136,6 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
     Returns a report dict.
     """
     model = Path(model)
-    output = Path(output)
     if not model.exists():
         raise BadInputError(f"model file not found: {model}", "check the path")
     if model.is_dir():
@@ -120,13 +159,6 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
         raise BadInputError(f"--kind {kind!r} is not one of {', '.join(KINDS)}", "use --kind auto")
     if is_plan and kind == "cpu":
         raise BadInputError("a TensorRT plan cannot run on CPU instances", "use --kind gpu")
-    if output.exists() and not output.is_dir():
-        raise BadInputError(f"output {output} is a file", "give a folder for the model repository")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not output.exists() and parent.exists() and not parent.is_dir():
-        raise BadInputError(f"{parent} is a file, not a folder", "give -o a path inside a folder")
-    if not output.exists() and not parent.is_dir():
-        raise BadInputError(f"folder {parent} does not exist", f"create it: mkdir -p {parent}")
     final = output / name
     if final.exists() and not (final / CONFIG_NAME).is_file():
         raise BadInputError(f"{final} exists and is not a model folder (no {CONFIG_NAME})",
@@ -257,12 +289,13 @@ def _install(model: Path, output: Path, name: str, version: int, platform: str, 
     """Build the version folder in a temporary folder inside the repository and rename it into
     place; a new model folder is built whole and renamed the same way. config.pbtxt and
     labels.txt are replaced atomically. Returns the files of the version folder."""
-    output.mkdir(exist_ok=True)
     if not os.access(output, os.W_OK | os.X_OK):
         raise BadInputError(f"model repository {output} is not writable", "choose another -o/--output")
     final = output / name
     new_model = not final.exists()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=output))
+    sizes = [model] + [model.parent / loc for loc in external if (model.parent / loc).is_file()]
+    check_free_space(output, sum(p.stat().st_size for p in sizes), final)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(name), dir=output))
     old = None
     try:
         vdir = tmp / str(version)
@@ -295,7 +328,7 @@ def _install(model: Path, output: Path, name: str, version: int, platform: str, 
             os.replace(tmp, final)
         else:
             if (final / str(version)).exists():  # --force: this version only
-                old = output / f".{name}.{version}.old-{os.getpid()}"
+                old = output / f"{temp_name(name)}{version}.old"
                 os.replace(final / str(version), old)
             os.replace(vdir, final / str(version))
             atomic_write_text(final / CONFIG_NAME, text)
@@ -337,59 +370,3 @@ def _json_or_text(value: str):
         return json.loads(value)
     except ValueError:
         return value
-
-
-# ============================================================================ repository reader
-@dataclass
-class RepoModel:
-    name: str
-    folder: Path
-    config: object  # model_config_pb2.ModelConfig
-    version: int
-    model_file: Path
-
-    @property
-    def platform(self) -> str:
-        return self.config.platform or self.config.backend
-
-
-def read_repository(repo: str | Path, names: list[str] | None = None) -> list[RepoModel]:
-    """Models of a Triton model repository (config.pbtxt parsed with Triton's protobuf)."""
-    repo = Path(repo)
-    if not repo.is_dir():
-        raise BadInputError(f"model repository {repo} is not a folder",
-                            "write one with `idle-export serve repo MODEL.onnx -o model_repository/`")
-    if (repo / CONFIG_NAME).is_file():
-        raise BadInputError(f"{repo} is a model folder, not a model repository",
-                            f"pass its parent folder: {repo.parent}")
-    models, held = [], []  # held: every model there, named when --model asks for another
-    for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        cfg_path = folder / CONFIG_NAME
-        if not cfg_path.is_file():
-            continue
-        held.append(folder.name)
-        if names and folder.name not in names:
-            continue
-        cfg = parse_config(cfg_path.read_text(errors="replace"), str(cfg_path))
-        if cfg.name and cfg.name != folder.name:
-            raise BadInputError(f"{cfg_path} names the model {cfg.name!r} but its folder is {folder.name!r}",
-                                "Triton needs them equal: rename the folder or fix name:")
-        platform = cfg.platform or cfg.backend
-        filename = cfg.default_model_filename or DEFAULT_FILENAMES.get(platform, "model.onnx")
-        versions = sorted((int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                          reverse=True)
-        found = next(((v, folder / str(v) / filename) for v in versions
-                       if (folder / str(v) / filename).is_file()), None)
-        if found is None:
-            raise BadInputError(f"{folder.name} has no version folder with {filename}",
-                                f"expected {folder}/1/{filename}")
-        models.append(RepoModel(folder.name, folder, cfg, found[0], found[1]))
-    if names:
-        missing = sorted(set(names) - {m.name for m in models})
-        if missing:
-            raise BadInputError(f"model {', '.join(missing)} not in {repo}",
-                                f"models there: {', '.join(held) or '(none)'}")
-    if not models:
-        raise BadInputError(f"no model in {repo} (no NAME/config.pbtxt)",
-                            "write one with `idle-export serve repo MODEL.onnx -o model_repository/`")
-    return models

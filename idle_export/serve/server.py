@@ -25,7 +25,7 @@ from idle_export.runtime.onnxruntime import OrtRunner
 from idle_export.serve.config import ONNX_PLATFORM, SERVE_PIP, TRITON_TO_NUMPY, model_config_pb2
 from idle_export.serve.guard import DEFAULT_MAX_INPUT, ELEMENT_BYTES, Guard
 from idle_export.serve.process import LOG_NOISE, Drain, crash_cause, process_tree, stop_leftovers
-from idle_export.serve.repository import RepoModel, read_repository
+from idle_export.serve.reader import RepoModel, read_repository
 
 # Endpoints that need pytriton's access token. model-repository (the model index the client uses)
 # and statistics (request counts) stay open, as in a stock Triton; the server binds 127.0.0.1.

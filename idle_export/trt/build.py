@@ -23,7 +23,13 @@ from pathlib import Path
 
 from idle_export import __version__
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
-from idle_export.fileio import atomic_write_bytes, check_output_path, sha256_file
+from idle_export.fileio import (
+    atomic_write_bytes,
+    check_free_space,
+    check_output_path,
+    output_folder,
+    sha256_file,
+)
 from idle_export.hardware import gpu_info
 from idle_export.onnx.fp16 import fp16_onnx, score_path_nodes
 from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
@@ -74,7 +80,7 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
     output = Path(output) if output is not None else default_engine_path(onnx, precision)
     if output.resolve() == onnx.resolve():
         raise BadInputError("the engine would overwrite the ONNX file", "pass -o NAME.engine")
-    check_output_path(output)
+    check_output_path(output, stream_ok=False)  # the sidecar ENGINE.json goes beside it
     if timing_cache is not None:  # read and written: it must be a writable file
         check_output_path(Path(timing_cache), "--timing-cache")
     if workspace is not None and workspace < 1:
@@ -82,53 +88,60 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
     model, flavour, inlined = trt_plugin.prepare(onnx, load_onnx(onnx), plugin, precision, target, flavour)
     facts = onnx_facts(model)
     check_graph(onnx, model, facts, precision, batch)
+    check_free_space(output_folder(output), _space_needed(onnx, precision, facts), output)
     trt, target, gpu = _choose_trt(flavour, target, echo)
-    parsed, fp16_report, strongly_typed, plugin_info = trt_plugin.graph_to_parse(
-        _graph_to_parse, trt, model, facts, onnx, output, precision, selection, plugin, inlined, echo)
-    fp32_layers = sorted(score_path_nodes(model)) if precision == "fp16" and not strongly_typed else []
-
+    # a failed or interrupted build leaves nothing behind, not even the graph it wrote for the
+    # parser (FP16, inlined or plugin copy), nor an engine without its sidecar
+    written: list[Path] = []
     try:
+        parsed, fp16_report, strongly_typed, plugin_info = trt_plugin.graph_to_parse(
+            _graph_to_parse, trt, model, facts, onnx, output, precision, selection, plugin, inlined, echo)
+        fp32_layers = sorted(score_path_nodes(model)) if precision == "fp16" and not strongly_typed else []
+
+        if parsed != onnx:
+            written.append(parsed)
         with Interruptible(trt) as interrupt:
             data, network, config, name, chw, seconds, cache_note, selection_outputs, _parser = _build(
                 trt, parsed, facts, batch, precision, strongly_typed, fp32_layers, target, workspace,
                 timing_cache, selection, verbose, echo, interrupt, plugin_info)
-    except KeyboardInterrupt:  # an interrupted build leaves nothing behind, not even the graph it
-        if parsed != onnx:     # wrote for the parser (FP16, inlined or plugin copy)
-            parsed.unlink(missing_ok=True)
+        if timing_cache is not None and trt.flavour == "tensorrt":
+            atomic_write_bytes(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+        io = [_tensor_desc(network.get_input(i)) for i in range(network.num_inputs)] + \
+             [_tensor_desc(network.get_output(i)) for i in range(network.num_outputs)]
+        sidecar = {
+            "format": SIDECAR_FORMAT,
+            "engine": output.name,
+            "engine_sha256": hashlib.sha256(data).hexdigest(),
+            "engine_bytes": len(data),
+            "flavour": trt.flavour,
+            "trt_version": trt.version,
+            "strongly_typed": bool(strongly_typed),
+            "compute_capability": target or (gpu["compute_capability"] if gpu else "portable"),
+            "gpu": gpu["name"] if gpu else None,
+            "precision": precision,
+            "profiles": [{"input": name, "min": [batch[0], *chw], "opt": [batch[1], *chw],
+                          "max": [batch[2], *chw]}],
+            "io": io,
+            "onnx": {"path": onnx.name, "sha256": sha256_file(onnx)},
+            "built_from": {"path": parsed.name, "sha256": sha256_file(parsed)} if parsed != onnx else None,
+            "fp16_pass": fp16_report and {k: v for k, v in fp16_report.items() if k != "path"},
+            "fp32_layers": fp32_layers,
+            "selection_outputs": selection_outputs,
+            "plugin": plugin_info,
+            "workspace_mib": workspace,
+            "timing_cache": cache_note,
+            "build_seconds": round(seconds, 2),
+            "tool_version": __version__,
+            "model": facts["metadata"].ours(),
+        }
+        sidecar["trtexec"] = trtexec_command(sidecar, parsed, output, trt, timing_cache, verbose)
+        atomic_write_bytes(output, data)
+        written.append(output)
+        atomic_write_bytes(sidecar_path(output), (json.dumps(sidecar, indent=2) + "\n").encode())
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
         raise
-    if timing_cache is not None and trt.flavour == "tensorrt":
-        atomic_write_bytes(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
-    io = [_tensor_desc(network.get_input(i)) for i in range(network.num_inputs)] + \
-         [_tensor_desc(network.get_output(i)) for i in range(network.num_outputs)]
-    sidecar = {
-        "format": SIDECAR_FORMAT,
-        "engine": output.name,
-        "engine_sha256": hashlib.sha256(data).hexdigest(),
-        "engine_bytes": len(data),
-        "flavour": trt.flavour,
-        "trt_version": trt.version,
-        "strongly_typed": bool(strongly_typed),
-        "compute_capability": target or (gpu["compute_capability"] if gpu else "portable"),
-        "gpu": gpu["name"] if gpu else None,
-        "precision": precision,
-        "profiles": [{"input": name, "min": [batch[0], *chw], "opt": [batch[1], *chw],
-                      "max": [batch[2], *chw]}],
-        "io": io,
-        "onnx": {"path": onnx.name, "sha256": sha256_file(onnx)},
-        "built_from": {"path": parsed.name, "sha256": sha256_file(parsed)} if parsed != onnx else None,
-        "fp16_pass": fp16_report and {k: v for k, v in fp16_report.items() if k != "path"},
-        "fp32_layers": fp32_layers,
-        "selection_outputs": selection_outputs,
-        "plugin": plugin_info,
-        "workspace_mib": workspace,
-        "timing_cache": cache_note,
-        "build_seconds": round(seconds, 2),
-        "tool_version": __version__,
-        "model": facts["metadata"].ours(),
-    }
-    sidecar["trtexec"] = trtexec_command(sidecar, parsed, output, trt, timing_cache, verbose)
-    atomic_write_bytes(output, data)
-    atomic_write_bytes(sidecar_path(output), (json.dumps(sidecar, indent=2) + "\n").encode())
     return sidecar
 
 
@@ -189,6 +202,16 @@ def _choose_trt(flavour: str | None, target: str | None, echo) -> tuple[TrtInfo,
                                          f"build without a GPU with TensorRT-RTX: {PIP['tensorrt_rtx']} "
                                          "and pass --target sm89 (or your GPU's)")
     return trt, target, gpu
+
+
+def _space_needed(onnx: Path, precision: str, facts: dict) -> int:
+    """About the bytes a build writes: the engine (about the ONNX weights' size: TensorRT-RTX's
+    FP16 engine of DeiT-Tiny is as large as its FP32 ONNX) and, for a strongly typed FP16 build
+    of an FP32 file, the FP16 graph beside it."""
+    size = onnx.stat().st_size + sum(p.stat().st_size for p in onnx.parent.glob(onnx.name + ".data"))
+    engine = 0.5 if precision == "int8" else 1.0
+    fp16_graph = 0.5 if precision == "fp16" and not facts["fp16"] else 0.0
+    return int(size * (engine + fp16_graph))
 
 
 def _graph_to_parse(trt: TrtInfo, model, facts: dict, onnx: Path, output: Path, precision: str,

@@ -137,7 +137,8 @@ def test_any_body_is_passed_on_or_refused_with_a_status(body, encoding, header_l
 
 
 def test_default_limit_fits_every_served_models_full_batch(tiny_idle_onnx, tmp_path):
-    from idle_export.serve.repository import read_repository, write_repository
+    from idle_export.serve.reader import read_repository
+    from idle_export.serve.repository import write_repository
     from idle_export.serve.server import input_limit
 
     write_repository(tiny_idle_onnx, tmp_path / "repo", name="small", max_batch=8)
