@@ -5,7 +5,7 @@ level; torch, onnx and onnxruntime load inside the library functions they call, 
 
 # isort: off
 from idle_export.cli.app import app
-from idle_export.cli import onnx, check, trt, calibrate, bench, show, sweep, serve, demo  # noqa: F401 (registers)
+from idle_export.cli import onnx, check, trt, calibrate, bench, show, sweep, serve, serve_bench, demo  # noqa: F401 (registers)
 # isort: on
 
 

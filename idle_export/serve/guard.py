@@ -118,13 +118,29 @@ def is_parse_error(status: int, body: bytes) -> bool:
     return isinstance(message, str) and message.startswith(TRITON_PARSE_ERRORS)
 
 
+def default_budget(limit: int) -> int:
+    """Bytes of request bodies the guard holds at once by default: 16 full-size requests (1 GiB at
+    the 64 MiB default), at most a quarter of the memory available at start (a JSON body costs
+    ~4x its size while parsed), never less than one full-size request."""
+    from idle_export.hardware import memory_available
+
+    available = memory_available() or 8 * 2**30
+    return max(limit + HEADER_SLACK, min(16 * (limit + HEADER_SLACK), available // 4))
+
+
 class Guard:
     """The front: listens on host:port, forwards to tritonserver at 127.0.0.1:upstream_port."""
 
     JSON_IN_THREAD = 256 * 2**10  # parse larger JSON off the event loop
 
-    def __init__(self, host: str, port: int, upstream_port: int, limit: int):
+    def __init__(self, host: str, port: int, upstream_port: int, limit: int, budget: int | None = None):
         self.host, self.port, self.limit = host, port, limit
+        # bytes of request bodies held at once (read, checked, on their way to Triton and back):
+        # over it a request gets 503 + Retry-After, as Triton's own max_queue_size answers; one
+        # request always fits, so a lone full-size request is never refused
+        self.budget = max(limit + HEADER_SLACK, budget or default_budget(limit))
+        self.in_flight = 0
+        self.busy_refused = 0
         self.upstream = f"http://127.0.0.1:{upstream_port}"
         self._thread: threading.Thread | None = None
         self._loop = None
@@ -183,20 +199,44 @@ class Guard:
             await session.close()
 
     async def _handle(self, request, session, web):
-        import aiohttp
-
         def answer(status: int, message: str):
             return web.Response(status=status, body=error_body(message), content_type="application/json")
 
+        held = [0]  # bytes of this request counted in self.in_flight
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(request, held)
             if request.method == "POST" and INFER_PATH.match(request.path):
                 if len(body) > self.JSON_IN_THREAD:
                     await self._loop.run_in_executor(None, self._check, body, request.headers)
                 else:
                     self._check(body, request.headers)
         except Refused as r:
+            self.in_flight -= held[0]
+            if r.status == 503:
+                self.busy_refused += 1
+                return web.Response(status=503, body=error_body(r.message), content_type="application/json",
+                                    headers={"Retry-After": "1", "Connection": "close"})
             return answer(r.status, r.message)
+        try:
+            return await self._forward(request, body, session, web, answer)
+        finally:
+            self.in_flight -= held[0]
+
+    def _reserve(self, total: int, held: list[int]) -> None:
+        """Count this request as holding `total` bytes (held[0] are counted already); Refused(503)
+        when that takes the guard over its budget while other requests are in flight."""
+        more = total - held[0]
+        if more <= 0:
+            return
+        if self.in_flight > held[0] and self.in_flight + more > self.budget:
+            raise Refused(503, f"server busy: {self.in_flight:,} bytes of requests in flight, the most "
+                               f"this server holds at once is {self.budget:,}; retry after a second")
+        self.in_flight += more
+        held[0] = total
+
+    async def _forward(self, request, body: bytes, session, web, answer):
+        import aiohttp
+
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if body:
             headers["Content-Length"] = str(len(body))
@@ -211,7 +251,7 @@ class Guard:
             return answer(503, f"Triton behind this server is not reachable ({type(e).__name__}); it is "
                                "stopping or has stopped")
 
-    async def _read_body(self, request) -> bytes:
+    async def _read_body(self, request, held: list[int]) -> bytes:
         """The body, at most limit + HEADER_SLACK bytes (Refused 413 beyond, before reading it
         when Content-Length says so). Chunks joined once: aiohttp's request.read() grows a
         bytearray, ~3 ms for 4.8 MB."""
@@ -221,11 +261,13 @@ class Guard:
                                "are 4-6x smaller than JSON numbers)")
         if (request.content_length or 0) > cap:
             raise too_big
+        self._reserve(request.content_length or 0, held)  # before reading, when it is declared
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(2**20):
             size += len(chunk)
             if size > cap:
                 raise too_big
+            self._reserve(size, held)  # chunked bodies: counted as they come
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -566,6 +566,29 @@ def test_second_server_on_busy_port(server, repo):
     assert http_client(server.url).is_model_ready("tiny_idle")
 
 
+def test_serve_bench_agrees_with_the_servers_statistics(server, tmp_path):
+    """`serve bench` for a few seconds against the real server: per level, the requests it
+    counted in its windows are what Triton's /v2/models/NAME/stats counted over the same
+    windows (± the requests in flight at each edge), Triton's inference count is batch × its
+    request count, and the percentiles are ordered."""
+    result = CliRunner().invoke(app, ["serve", "bench", server.url, "--models", "tiny_idle,tiny_named",
+                                      "--concurrency", "1,3", "--batch", "1,2", "--warmup", "0.3",
+                                      "--window", "0.5", "--max-windows", "3",
+                                      "--json", str(tmp_path / "l.json"), "--plot", str(tmp_path / "l.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "l.json").read_text())
+    assert len(report["rows"]) == 8 and (tmp_path / "l.png").stat().st_size > 10_000
+    for row in report["rows"]:
+        c, bs = row["Concurrency"], row["batch"]
+        assert row["errors"] == 0 and row["requests"] > 0, row
+        assert abs(row["Server Requests"] - row["requests_all_windows"]) <= c + 1, row
+        assert row["Server Inferences"] == bs * row["Server Requests"], row
+        assert row["p50 latency"] <= row["p90 latency"] <= row["p99 latency"], row
+        assert row["Server Compute Infer"] > 0 and row["Server Queue"] >= 0
+        assert row["Inferences/Second"] == pytest.approx(row["requests_per_second"] * bs)
+    assert {(r["batch"], r["Concurrency"]) for r in report["ratios"]} == {(1, 1), (1, 3), (2, 1), (2, 3)}
+
+
 def test_sigterm_stops_cleanly_and_leaves_no_process(server):
     tree = descendants(server.proc.pid)
     names = {comm for comm, _ in tree.values()}

@@ -284,6 +284,58 @@ def test_50_concurrent_requests_match_onnxruntime(server, pool):
     assert worst <= TOL, f"max abs diff to ONNX Runtime {worst:.2e}"
 
 
+def _peak_rss(pid: int) -> int:
+    """VmHWM: the most resident memory process `pid` has had, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_many_large_requests_at_once_get_503_and_memory_stays_bounded(server, pool):
+    """50 clients each send a 7.2 MB binary request (under the 8 MiB limit) at the same moment:
+    360 MB in all against the guard's budget of 16 full requests (~130 MB). Requests over the
+    budget get 503 with Retry-After before their body is read; the server process's peak memory
+    grows by less than the sum of the bodies; afterwards it answers exactly."""
+    from idle_export.serve.guard import HEADER_SLACK, default_budget
+
+    budget = default_budget(LIMIT)
+    assert budget == 16 * (LIMIT + HEADER_SLACK)  # this machine has the memory for the default
+    shape = [12, 3, 224, 224]  # over max batch 8: Triton reads it, then answers 400
+    header = json.dumps({"inputs": [{"name": "images", "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": int(np.prod(shape)) * 4}}]}).encode()
+    body = header + np.zeros(shape, np.float32).tobytes()
+    assert len(body) < LIMIT and 50 * len(body) > 2 * budget
+    before = _peak_rss(server.proc.pid)
+    start = threading.Barrier(50)
+
+    def send(_):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        try:
+            start.wait(60)
+            conn.request("POST", f"/v2/models/{MODEL}/infer", body=body,
+                         headers={"Inference-Header-Content-Length": str(len(header)),
+                                  "Content-Type": "application/octet-stream"})
+            resp = conn.getresponse()
+            text = resp.read().decode(errors="replace")
+            return resp.status, resp.getheader("Retry-After"), text
+        except (ConnectionError, OSError):  # refused before the body was read: the socket closes
+            return "reset", None, ""
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(50) as ex:
+        answers = list(ex.map(send, range(50)))
+    statuses = [a[0] for a in answers]
+    assert set(statuses) <= {400, 503, "reset"}, statuses
+    assert 400 in statuses  # some got through to Triton (batch 12 > max batch 8)
+    busy = [a for a in answers if a[0] == 503]
+    assert busy and all(a[1] == "1" and "server busy" in a[2] for a in busy), statuses
+    grown = _peak_rss(server.proc.pid) - before
+    assert grown < 50 * len(body) * 0.75, f"peak memory grew by {grown / 1e6:.0f} MB"
+    assert_serves(server, pool)
+
+
 def test_sigterm_with_requests_in_flight(server, pool):
     """Clients keep sending; SIGTERM arrives while requests run. Every request sent before it is
     answered exactly; later ones are refused (404 from the unloading model, then no connection),
@@ -401,3 +453,4 @@ def test_run_and_query_option_errors(repo, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert match in result.output and "Traceback" not in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
+
