@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def atomic_open(path: str | Path):
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise BadInputError(f"folder {folder} does not exist", f"create it: mkdir -p {folder}")
+        raise BadInputError(f"folder {folder} does not exist", mkdir_hint(folder))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
     except OSError:
@@ -53,7 +54,7 @@ def check_output_path(path: Path, option: str = "-o/--output") -> Path:
     if path.exists() and path.is_dir():
         raise BadInputError(f"output {path} is a folder", "give a file name such as model.onnx")
     if not folder.exists():
-        raise BadInputError(f"output folder {folder} does not exist", f"create it: mkdir -p {folder}")
+        raise BadInputError(f"output folder {folder} does not exist", mkdir_hint(folder))
     if not folder.is_dir():
         raise BadInputError(f"output folder {folder} is not a folder", "give a path inside a folder")
     try:  # a real probe: permission bits say nothing for root or read-only mounts
@@ -72,3 +73,8 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def mkdir_hint(folder: str | Path) -> str:
+    """The hint for a missing folder: a command that can be pasted into a shell as it is."""
+    return f"create it: mkdir -p {shlex.quote(str(folder))}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from idle_export import __version__
 from idle_export.errors import BadInputError
-from idle_export.fileio import atomic_write_text, sha256_file
+from idle_export.fileio import atomic_write_text, mkdir_hint, sha256_file
 from idle_export.onnx.io import MAX_BATCH, load_onnx_header
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.serve.config import (
@@ -126,7 +126,7 @@ def write_repository(model: str | Path, output: str | Path, *, name: str | None 
     if not output.exists() and parent.exists() and not parent.is_dir():
         raise BadInputError(f"{parent} is a file, not a folder", "give -o a path inside a folder")
     if not output.exists() and not parent.is_dir():
-        raise BadInputError(f"folder {parent} does not exist", f"create it: mkdir -p {parent}")
+        raise BadInputError(f"folder {parent} does not exist", mkdir_hint(parent))
     final = output / name
     if final.exists() and not (final / CONFIG_NAME).is_file():
         raise BadInputError(f"{final} exists and is not a model folder (no {CONFIG_NAME})",
