@@ -29,7 +29,8 @@ class DiskFullError(BadInputError):
     """No room to write an output (exit 2: the user frees space or writes elsewhere)."""
 
 
-def mkdir_hint(folder: Path) -> str:
+def mkdir_hint(folder: str | Path) -> str:
+    """The hint for a missing folder: a command that can be pasted into a shell as it is."""
     return f"create it: mkdir -p {shlex.quote(str(folder))}"
 
 
@@ -314,3 +315,4 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+

@@ -82,3 +82,23 @@ def save_code_running_pickle(path: Path) -> Path:
 def error_lines(stderr: str) -> list[str]:
     """stderr without the progress lines: what must be one line when a command fails."""
     return [line for line in stderr.strip().splitlines() if not line.startswith(PROGRESS_PREFIX)]
+
+
+def write_huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit grayscale PNG of width × height black pixels: a few KB on disk however many
+    pixels it declares (14000×14000 is ~25 KB), for the decompression-bomb guard."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    block = row * 1000
+    data = b"".join(z.compress(block) for _ in range(height // 1000)) + z.compress(row * (height % 1000))
+    data += z.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+    return path

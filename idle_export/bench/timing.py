@@ -74,9 +74,9 @@ def bench_batch(variants: list[Variant], feed: dict, batch: int, *, runs: int, w
     for r in range(runs):
         # rotate the order every run so no variant always goes first after another's caches
         order = variants[r % len(variants):] + variants[: r % len(variants)]
+        if progress:  # one line per run (all variants), each at least --min-time per variant
+            progress(f"batch {batch}: run {r + 1}/{runs}")
         for v in order:
-            if progress:
-                progress(f"batch {batch}: run {r + 1}/{runs} {v.key}")
             wall, cpu, lat = time_calls(v.runner, feed, iters[v.key])
             walls[v.key].append(wall)
             cpus[v.key].append(cpu)

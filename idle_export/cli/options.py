@@ -158,42 +158,65 @@ def report_console(json_out: str | None):
 
 class _LineStatus:
     """Progress where stderr is not a terminal (a log, CI): a step that lasts over a second gets
-    a line, then an update at most every few seconds, so it is never silent; a quick step (or
-    one that fails at once) prints nothing, so errors stay one line."""
+    a line, and then so does each update (bench's "run 2/5", ...) that lasts over half a second,
+    so no counter seems to jump; quicker updates get one at most every few seconds, so it is never
+    silent; a quick step (or one that fails at once) prints nothing, so errors stay one line."""
 
     AFTER_S = 1.0
+    UPDATE_AFTER_S = 0.5
     EVERY_S = 5.0
 
     def __init__(self, console, message: str):
+        import threading
+
         self.console, self.message, self.last, self.timer = console, message, None, None
+        self.lock, self.shown, self.step = threading.Lock(), False, 0
 
     def __enter__(self):
-        import threading
         import time
 
         self.start = time.monotonic()
-        self.timer = threading.Timer(self.AFTER_S, self._print)
-        self.timer.daemon = True
-        self.timer.start()
+        self._arm(self.AFTER_S)
         return self
 
     def __exit__(self, *exc):
-        self.timer.cancel()
+        with self.lock:
+            self.timer.cancel()
+            self.shown = True  # a timer already past its cancel point prints nothing
         return False
+
+    def _arm(self, after_s: float) -> None:
+        """The current message gets its line if nothing replaces it within `after_s`."""
+        import threading
+
+        if self.timer is not None:
+            self.timer.cancel()
+        self.step += 1
+        self.timer = threading.Timer(after_s, self._due, args=(self.step,))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _due(self, step: int) -> None:
+        with self.lock:
+            if step == self.step and not self.shown:
+                self._print()
 
     def _print(self) -> None:
         import time
 
         self.console.print(f"· {self.message}", highlight=False)
-        self.last = time.monotonic()
+        self.last, self.shown = time.monotonic(), True
 
     def update(self, message: str) -> None:
         import time
 
-        self.message = message
-        now = time.monotonic()
-        if now - self.start >= self.AFTER_S and (self.last is None or now - self.last >= self.EVERY_S):
-            self._print()
+        with self.lock:
+            self.message, self.shown = message, False
+            now = time.monotonic()
+            if now - self.start >= self.AFTER_S and (self.last is None or now - self.last >= self.EVERY_S):
+                self._print()
+            else:
+                self._arm(max(self.UPDATE_AFTER_S, self.AFTER_S - (now - self.start)))
 
 
 class _Silent:

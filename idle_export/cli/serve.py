@@ -122,7 +122,8 @@ def run_cmd(
                                on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
     if summary["skipped"]:
         echo_err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")
-    echo_err(f"stopped ({summary['signal'] or 'stop requested'}) after {summary['uptime_s']:.0f} s")
+    echo_err(f"stopped ({summary['signal'] or 'stop requested'}) after serving {summary['uptime_s']:.0f} s; "
+             f"shutdown took {summary['shutdown_s']:.1f} s")
 
 
 @_serve_command("query")
@@ -135,11 +136,14 @@ def query_cmd(
     repeat: Annotated[int, typer.Option("--repeat", help="Send the request N times (latency "
                                         "percentiles).")] = 1,
     timeout: Annotated[float, typer.Option("--timeout", help="Network timeout, seconds.")] = 60.0,
+    wait: Annotated[float, typer.Option("--wait", metavar="SECONDS", help="Wait up to this long for "
+                                        "a server that is still starting to be ready (0: ask once).")
+                    ] = 0.0,
     json_out: JsonOut = None,
 ):
     """Top-k classes and latency from a Triton server; preprocessing identical to `check`."""
 
-    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout)
+    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout, wait_s=wait)
     print_query(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)

@@ -30,7 +30,7 @@ from idle_export.errors import BadInputError, CheckFailedError
 from idle_export.explore.choose import DEFAULT_RATIOS, check_choice_options, choose_ratio, parse_ratios
 from idle_export.explore.pareto import import_matplotlib, mark_front, plot_sweep, print_sweep
 from idle_export.explore.sweep import check_backend, copy_onnx, run_sweep, sweep_images
-from idle_export.fileio import check_output_path
+from idle_export.fileio import check_output_path, mkdir_hint
 from idle_export.model.checkpoint import load_checkpoint
 
 
@@ -96,7 +96,7 @@ def sweep_cmd(
         check_output_path(plot, "--plot")
         import_matplotlib()  # missing: exit 3 now, not after the sweep
     if onnx_dir is not None and not onnx_dir.is_dir():
-        raise BadInputError(f"--onnx-dir {onnx_dir} is not a folder", f"create it: mkdir -p {onnx_dir}")
+        raise BadInputError(f"--onnx-dir {onnx_dir} is not a folder", mkdir_hint(onnx_dir))
     layers = int_list(idle_layers, "--idle-layers")
     with status(f"loading {checkpoint.name}"):
         ckpt = load_checkpoint(checkpoint, ema=ema)

@@ -16,7 +16,8 @@ Files PIL cannot decode (corrupt JPEG/PNG, text files, ...) are skipped with a w
 counted. Grayscale, palette, CMYK, RGBA and 16-bit images are converted to 8-bit RGB (alpha is
 dropped) and counted as converted. Fewer usable images than `num` is an error (BadInputError)
 naming how many there are: a smaller calibration set than asked for changes the INT8 result,
-so we never shrink it silently. `num=0` means "all usable images".
+so we never shrink it silently. `num=0` means "all usable images". An image over MAX_PIXELS
+(~89.5 Mpx) is an error naming it, not a file to skip (`open_rgb`, the one decoder).
 
 Cache: preprocessed tensors are stored as .npy (plus a small .json report) under
 `cache_dir` (default $IDLE_EXPORT_CACHE or ~/.cache/idle-export/calib), keyed by the sha256 of
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +44,10 @@ from idle_export.fileio import atomic_open, atomic_write_text
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 LIST_SUFFIXES = (".txt", ".lst")
 CACHE_VERSION = 1
+# The most pixels an image may have (Pillow's default MAX_IMAGE_PIXELS, ~89.5 Mpx: 1 GiB at 4 bytes
+# per pixel / 3): a larger one is refused before it is decoded (a "decompression bomb" — a few KB of
+# PNG can declare 14000×14000 pixels and take gigabytes to decode); the models see ~224 px anyway.
+MAX_PIXELS = 89_478_485
 
 
 class ImagesSkippedWarning(UserWarning):
@@ -115,21 +121,46 @@ def _require_files(files: list[Path], message: str, hint: str) -> None:
 
 
 def open_rgb(path: Path):
-    """(PIL RGB image, converted?) — raises OSError/ValueError when PIL cannot decode it."""
+    """(PIL RGB image, converted?) — the one decoder of every command that reads images. An image
+    over MAX_PIXELS is a BadInputError (before decoding; no DecompressionBombWarning printed);
+    raises OSError/ValueError when PIL cannot decode the file."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()  # decode now: truncated / corrupt files fail here, not later
-        mode = im.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: scale to 8 bit
-            arr = np.asarray(im, dtype=np.float64)
-            hi = arr.max()
-            arr = arr / (65535.0 if mode.startswith("I;16") or hi > 255 else max(hi, 1.0)) * 255.0
-            im8 = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-            return im8.convert("RGB"), True
-        if mode == "RGB":
-            return im.copy(), False
-        return im.convert("RGB"), True
+    with warnings.catch_warnings():  # Pillow warns above its limit and refuses above twice it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:  # says the pixel count, not the size
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            raise _too_large(path, int(m.group(1)) if m else None, "") from None
+        with im:
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise _too_large(path, width * height, f" ({width}×{height})")
+            return _to_rgb(im)
+
+
+def _too_large(path: Path, pixels: int | None, size: str) -> BadInputError:
+    many = f"{pixels / 1e6:.0f} million pixels" if pixels else "too many pixels"
+    return BadInputError(f"image {path} has {many}{size}, over the limit of {MAX_PIXELS / 1e6:.1f} million "
+                         "(a decompression-bomb guard)",
+                         "downscale it or leave it out; the model sees a few hundred pixels anyway")
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    im.load()  # decode now: truncated / corrupt files fail here, not later
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: scale to 8 bit
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max()
+        arr = arr / (65535.0 if mode.startswith("I;16") or hi > 255 else max(hi, 1.0)) * 255.0
+        im8 = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        return im8.convert("RGB"), True
+    if mode == "RGB":
+        return im.copy(), False
+    return im.convert("RGB"), True
 
 
 def _select(files: list[Path], num: int, seed: int, spec, shuffle: bool):
@@ -147,6 +178,8 @@ def _select(files: list[Path], num: int, seed: int, spec, shuffle: bool):
         f = files[i]
         try:
             img, conv = open_rgb(f)
+        except BadInputError:  # too large: an error, not a file to skip
+            raise
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds for undecodable files
             detail = (str(e).splitlines() or [""])[0][:80]
             reason = "not an image" if f.suffix.lower() not in IMAGE_SUFFIXES else \

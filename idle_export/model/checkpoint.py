@@ -144,13 +144,25 @@ def infer_arch(state_dict: dict) -> str | None:
     return EMBED_DIM_TO_ARCH.get(width)
 
 
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file by its content, whatever its name: an 8-byte little-endian header
+    length, then that many bytes of JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
+
+
 def _read_raw(path: Path):
     """The deserialised object; every failure becomes a one-line CheckpointError."""
     import pickle
 
     import torch
 
-    if path.suffix in SAFETENSORS_SUFFIXES:
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES or is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -162,21 +174,25 @@ def _read_raw(path: Path):
                 "re-save it with safetensors.torch.save_file or pass the .pth checkpoint",
             ) from None
     import argparse
+    import warnings
 
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a plain pickle (not torch.save's zip) of a newer protocol makes torch warn first
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text:
-            culprit = _unsafe_global(text)
+        culprit = _unsafe_global(text) or _pickle_global(path)
+        if culprit or "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text:
+            culprit = culprit or "that is not a tensor"
             raise CheckpointError(
                 f"{path.name} refers to the Python object {culprit}, which idle-export will not "
                 "unpickle (loading it could run code)",
                 "save only tensors: torch.save({'model': model.state_dict()}, path) or safetensors",
             ) from None
         raise CheckpointError(
-            f"{path.name} is not a PyTorch checkpoint ({text.splitlines()[0][:120]})",
+            f"{path.name} is not a PyTorch checkpoint (the unpickler stopped at: {_unpickler_reason(text)})",
             "pass the .pth file that torch.save wrote, or a .safetensors file",
         ) from None
     except (RuntimeError, OSError) as e:  # a cut zip archive raises either, depending on where
@@ -194,11 +210,44 @@ def _read_raw(path: Path):
         ) from None
 
 
-def _unsafe_global(text: str) -> str:
+def _unsafe_global(text: str) -> str | None:
     import re
 
     m = re.search(r"(?:Unsupported global: GLOBAL|GLOBAL)\s+([\w.]+)", text)
-    return m.group(1) if m else "that is not a tensor"
+    return m.group(1) if m else None
+
+
+def _pickle_global(path: Path) -> str | None:
+    """The first Python object a plain pickle refers to (module.name), read without running it:
+    torch's unpickler stops at the protocol-4 framing of such a file before it sees the object."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # PROTO: a pickle of protocol 2 or newer (not text that parses)
+                return None
+            f.seek(0)
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return f"{strings[-2]}.{strings[-1]}"
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - not a pickle, or a damaged one: nothing to name
+        return None
+    return None
+
+
+def _unpickler_reason(text: str) -> str:
+    """The line of torch's weights-only error that says what stopped it (not its preamble about
+    PyTorch 2.6's defaults, nor the link to the docs)."""
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(skip)]
+    reason = (useful or lines or ["unreadable"])[0]
+    return reason.removeprefix("WeightsUnpickler error:").strip()[:120] or "unreadable"
 
 
 def _is_state_dict(obj) -> bool:
@@ -257,6 +306,12 @@ def load_weights(vit, state_dict: dict, spec: ModelSpec) -> None:
     every missing, unexpected or misshapen key."""
     import torch
 
+    distilled = [k for k in ("dist_token", "head_dist.weight") if k in state_dict]
+    if distilled:  # DeiT's distillation token and second head: a different model, not supported
+        raise CheckpointError(f"the weights are a distilled DeiT ({', '.join(distilled)}), which "
+                              "idle-export does not support",
+                              "use the non-distilled checkpoint of the model, e.g. deit_small_patch16_224 "
+                              "rather than deit_small_distilled_patch16_224")
     expected = vit.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

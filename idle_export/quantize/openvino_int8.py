@@ -36,8 +36,25 @@ from idle_export.quantize.selection import dequantized_score_inputs, selection_p
 NNCF_PIP = pip_extra("openvino")
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=…", which it
+    logs when imported on a machine with a CUDA toolkit and no usable GPU (NNCF imports it while
+    telling what kind of model it quantizes): not news for a CPU calibration. Its other records
+    pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_no_cuda_runtime_note() -> None:
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
+
+
 def import_nncf():
     """nncf, or exit 3 naming the extra that brings it."""
+    quiet_no_cuda_runtime_note()
     try:
         import nncf
     except ImportError:

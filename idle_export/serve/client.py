@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from idle_export.data.inputs import eval_transform
 from idle_export.errors import BadInputError, MissingDependencyError
 from idle_export.model.config import IMAGENET_MEAN, IMAGENET_STD
 from idle_export.serve.config import SERVE_PIP, metadata_from_parameters
+
+MAX_WAIT_S = 3600
+WAIT_POLL_S = 0.5
 
 
 # ============================================================================ client
@@ -40,13 +44,16 @@ def _server_error(e) -> str:
 
 def load_images(paths: list[str | Path]):
     """PIL RGB images, decoded the way `check --images` and `calibrate` decode them
-    (data.images.open_rgb: 16/32-bit grayscale scaled, not clipped); one-line errors for
-    missing files and bytes that are not an image."""
+    (data.images.open_rgb: 16/32-bit grayscale scaled, not clipped; images over its pixel limit
+    refused); one-line errors for folders, missing files and bytes that are not an image."""
     from PIL import UnidentifiedImageError
 
     images = []
     for p in paths:
         p = Path(p)
+        if p.is_dir():
+            raise BadInputError(f"{p} is a folder, not an image",
+                                f"pass image files, e.g. {shlex.quote(str(p))}/*.jpg")
         if not p.is_file():
             raise BadInputError(f"image not found: {p}", "check the path")
         try:
@@ -72,8 +79,9 @@ def _spec_from_parameters(params: dict[str, str], dims: list[int]):
 
 
 def query(url: str, images: list[str | Path], *, model: str | None = None, top: int = 5, repeat: int = 1,
-          timeout_s: float = 60.0) -> dict:
-    """Top-k classes of each image and request latency from a Triton server (KServe v2 HTTP)."""
+          timeout_s: float = 60.0, wait_s: float = 0.0) -> dict:
+    """Top-k classes of each image and request latency from a Triton server (KServe v2 HTTP);
+    `wait_s`: how long to wait for a server that is still starting to be ready."""
     if top < 1:
         raise BadInputError(f"--top {top} must be at least 1", "e.g. --top 5")
     if repeat < 1:
@@ -81,6 +89,9 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise BadInputError(f"--timeout {timeout_s:g} must be a number of seconds above 0",
                             "e.g. --timeout 60")
+    if not (math.isfinite(wait_s) and 0 <= wait_s <= MAX_WAIT_S):
+        raise BadInputError(f"--wait {wait_s:g} must be a number of seconds from 0 to {MAX_WAIT_S}",
+                            "e.g. --wait 60")
     if not images:
         raise BadInputError("no image given", "pass one or more image files")
     pil = load_images(images)
@@ -88,17 +99,7 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
     from tritonclient.utils import InferenceServerException
 
     try:
-        try:
-            live = client.is_server_live()
-        except InferenceServerException as e:
-            live, why = False, _server_error(e)
-        except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeouts
-            live, why = False, f"{type(e).__name__}"
-        else:
-            why = "not live"
-        if not live:
-            raise BadInputError(f"no Triton server answers at {url} ({why})",
-                                "start one with `idle-export serve run model_repository/ --port 8000`")
+        _wait_ready(client, url, wait_s)
         name = model or _only_model(client, url)
         try:
             cfg = client.get_model_config(name)
@@ -138,6 +139,33 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
             "results": topk_report(logits, classes, top, [str(p) for p in images]),
             "latency_ms": _latency(latencies), "requests": len(latencies),
             "warnings": [warning] if warning else []}
+
+
+def _wait_ready(client, url: str, wait_s: float) -> None:
+    """Return once the server says it is ready (/v2/health/ready), asking every half second for
+    up to `wait_s` seconds (0: once); else the one-line error."""
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ready, why = client.is_server_ready(), ""
+        except InferenceServerException as e:
+            ready, why = False, _server_error(e)
+        except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeouts
+            ready, why = False, type(e).__name__
+        left = deadline - time.monotonic()
+        if ready or left <= 0:
+            break
+        time.sleep(min(WAIT_POLL_S, left))
+    if not ready:
+        waited = f" after waiting {wait_s:g} s" if wait_s else ""
+        what = f"no Triton server answers at {url} ({why})" if why else \
+            f"the Triton server at {url} is not ready"
+        hint = "start one with `idle-export serve run model_repository/ --port 8000`; " + (
+            "one still loading its models: pass a longer --wait" if wait_s else
+            "one that is starting: pass --wait 60 to wait until it is ready")
+        raise BadInputError(what + waited, hint)
 
 
 def _only_model(client, url: str) -> str:

@@ -279,6 +279,7 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
             if not triton.is_alive():
                 raise IdleExportError(f"Triton stopped unexpectedly: {_why_stopped(triton, log_file)}",
                                       f"restart `serve run`; tritonserver's log: {log_file}")
+        stopping = time.perf_counter()
         tree.update(process_tree())
         drain([m.name for m in served], tree, exit_timeout_s)
     finally:
@@ -293,7 +294,8 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
         if own_log and not sys.exc_info()[0]:
             Path(log_file).unlink(missing_ok=True)
     return {"url": url, "models": [m.name for m in served], "skipped": skipped, "max_input_bytes": limit,
-            "uptime_s": round(time.perf_counter() - started, 2), "signal": received[0] if received else None}
+            "uptime_s": round(stopping - started, 2), "shutdown_s": round(time.perf_counter() - stopping, 2),
+            "signal": received[0] if received else None}
 
 
 def _quiet_stdout(triton) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import pickle
+import shlex
 import shutil
 
 import numpy as np
@@ -15,9 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 from idle_export.cli import app
-from tests.conftest import error_lines, save_code_running_pickle
+from tests.conftest import error_lines, save_code_running_pickle, write_huge_png
 
 runner = CliRunner()
+# a warning that leaked would be printed raw: here it fails the command, and so its case
+pytestmark = [pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning"),
+              pytest.mark.filterwarnings("error:Detected pickle protocol:UserWarning")]
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 
 
@@ -42,7 +47,35 @@ def work(tiny_ckpt, tiny_folded_onnx, tiny_dense_onnx, tmp_path_factory):
     (d / "noimgs" / "a.txt").write_text("no image here\n")
 
     save_code_running_pickle(d / "evil.pth")
+    with open(d / "evil_plain.pth", "wb") as f:  # a plain pickle (protocol 5), not torch.save's zip
+        pickle.dump({"model": _Evil(d)}, f, protocol=5)
+    _save_distilled(tiny_ckpt, d / "distilled.pth")
+    write_huge_png(d / "big.png", 10_000, 10_000)  # over Pillow's limit: it only warns
+    write_huge_png(d / "bomb.png", 14_000, 14_000)  # over twice the limit: Pillow raises
     return d
+
+
+class _Evil:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.folder / 'pwned'}",))
+
+
+def _save_distilled(ckpt_path, path):
+    """The tiny checkpoint with DeiT's distillation token and second head added."""
+    import torch
+
+    obj = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    sd = obj["model"]
+    width = sd["cls_token"].shape[-1]
+    sd["dist_token"] = torch.zeros(1, 1, width)
+    sd["head_dist.weight"] = torch.zeros_like(sd["head.weight"])
+    sd["head_dist.bias"] = torch.zeros_like(sd["head.bias"])
+    torch.save(obj, path)
 
 
 # (command line, exit code, words of the error line)
@@ -54,6 +87,8 @@ CASES = {
     "onnx wrong kind": ("onnx idle.onnx", 2, "not a PyTorch checkpoint"),
     "onnx text": ("onnx text.pth", 2, "not a PyTorch checkpoint"),
     "onnx pickle": ("onnx evil.pth", 2, "will not unpickle"),
+    "onnx plain pickle": ("onnx evil_plain.pth", 2, "posix.system, which idle-export will not unpickle"),
+    "onnx distilled": ("onnx distilled.pth", 2, "distilled DeiT (dist_token, head_dist.weight)"),
     "onnx keep nan": ("onnx ckpt.pth --keep nan", 2, "outside (0, 1]"),
     "onnx keep inf": ("onnx ckpt.pth --keep inf", 2, "outside (0, 1]"),
     "onnx keep 2": ("onnx ckpt.pth --keep 2", 2, "outside (0, 1]"),
@@ -63,6 +98,7 @@ CASES = {
     "onnx layer 99": ("onnx ckpt.pth --idle-layers 3,99", 2, "out of range"),
     "onnx unwritable": ("onnx ckpt.pth -o /proc/x.onnx", 2, "not writable"),
     "onnx no folder": ("onnx ckpt.pth -o nodir/x.onnx", 2, "does not exist"),
+    "onnx no folder quoted": ("onnx ckpt.pth -o 'no dir/x.onnx'", 2, "mkdir -p 'no dir')"),
     "onnx output is input": ("onnx ckpt.pth -o ckpt.pth", 2, "is the input"),
     "onnx json is output": ("onnx ckpt.pth -o k.onnx --json k.onnx", 2, "same file"),
     "onnx json is input": ("onnx ckpt.pth -o k.onnx --json ckpt.pth", 2, "is the input"),
@@ -79,6 +115,8 @@ CASES = {
     "check batch text": ("check idle.onnx --ckpt ckpt.pth --batch a,b", 2, "not a comma-separated"),
     "check threads 0": ("check idle.onnx --ckpt ckpt.pth --threads 0", 2, "--threads 0"),
     "check json is input": ("check idle.onnx --against dense.onnx --json idle.onnx", 2, "is the input"),
+    "check images big": ("check idle.onnx --against dense.onnx --images big.png", 2, "100 million pixels"),
+    "check images bomb": ("check idle.onnx --against dense.onnx --images bomb.png", 2, "196 million pixels"),
     # lint
     "lint missing": ("lint nope.onnx", 2, "not found"),
     "lint empty": ("lint empty.onnx", 2, "not an ONNX model"),
@@ -105,6 +143,15 @@ CASES = {
     "calibrate no images": ("calibrate idle.onnx --images noimgs", 2, "noimgs"),
     "calibrate images missing": ("calibrate idle.onnx --images nope", 2, "nope"),
     "calibrate json is output": ("calibrate idle.onnx -o q.onnx --json q.onnx", 2, "same file"),
+    "calibrate images big": ("calibrate idle.onnx -o q.onnx --images big.png --no-cache", 2,
+                             "100 million pixels"),
+    "calibrate images bomb": ("calibrate idle.onnx -o q.onnx --images bomb.png --no-cache", 2,
+                              "196 million pixels"),
+    # show / sweep
+    "show images big": ("show ckpt.pth big.png", 2, "100 million pixels"),
+    "show images bomb": ("show ckpt.pth img.png bomb.png", 2, "196 million pixels"),
+    "sweep images big": ("sweep ckpt.pth --images big.png", 2, "100 million pixels"),
+    "sweep images bomb": ("sweep ckpt.pth --images bomb.png", 2, "196 million pixels"),
     # bench
     "bench missing": ("bench nope.onnx dense.onnx", 2, "not found"),
     "bench empty": ("bench empty.onnx dense.onnx", 2, "not an ONNX model"),
@@ -135,6 +182,12 @@ CASES = {
     "query missing image": ("serve query http://127.0.0.1:9 nope.png", 2, "not found"),
     "query top 0": ("serve query http://127.0.0.1:9 img.png --top 0", 2, "--top 0"),
     "query json is image": ("serve query http://127.0.0.1:9 img.png --json img.png", 2, "is the input"),
+    "query folder": ("serve query http://127.0.0.1:9 imgs", 2, "imgs is a folder, not an image"),
+    "query images big": ("serve query http://127.0.0.1:9 img.png big.png", 2,
+                         "100 million pixels (10000×10000)"),
+    "query images bomb": ("serve query http://127.0.0.1:9 bomb.png", 2,
+                          "196 million pixels, over the limit of 89.5"),
+    "query wait nan": ("serve query http://127.0.0.1:9 img.png --wait nan", 2, "--wait nan"),
     "run no repository": ("serve run nope", 2, "nope"),
     "run input size text": ("serve run nope --http-max-input-size lots", 2, "is not a size in bytes"),
     "run input size tiny": ("serve run nope --http-max-input-size 1k", 2, "must lie in 4096..2147483648"),
@@ -154,7 +207,7 @@ def test_bad_input(case, work, monkeypatch):
         pytest.skip("tensorrt_rtx is not installed: trt stops earlier, at the missing TensorRT (exit 3)")
     monkeypatch.chdir(work)
     before = _snapshot(work)
-    result = runner.invoke(app, line.split())
+    result = runner.invoke(app, shlex.split(line))
     lines = error_lines(result.stderr)
     assert result.exit_code == code, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -163,3 +163,28 @@ def test_preprocessed_array_passthrough(spec):
         load_images(x, 8, spec)
     with pytest.raises(BadInputError, match="shape"):
         load_images(np.zeros((2, 3, 32, 32), np.float32), 0, spec)
+
+
+def test_images_over_the_pixel_limit_are_an_error_not_a_skip_nor_a_warning(tmp_path, spec):
+    """One limit for every command (open_rgb): over it, Pillow only warns, over twice it, Pillow
+    raises; both are the same one-line error naming the file, before any decoding, and a folder
+    with one such image among good ones fails too (it is not silently left out)."""
+    from idle_export.data.images import MAX_PIXELS, open_rgb
+    from tests.conftest import write_huge_png
+
+    assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS  # Pillow's default, the limit we chose
+    d = _folder(tmp_path, n_rgb=1)
+    big = write_huge_png(d / "big.png", 10_000, 10_000)
+    bomb = write_huge_png(tmp_path / "bomb.png", 14_000, 14_000)
+    small = write_huge_png(tmp_path / "small.png", 300, 200)  # the same kind of file, decodable
+    assert open_rgb(small)[0].size == (300, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning may escape
+        for path, words in ((big, "has 100 million pixels (10000×10000), over the limit of 89.5 million"),
+                            (bomb, "has 196 million pixels, over the limit of 89.5 million")):
+            with pytest.raises(BadInputError) as e:
+                open_rgb(path)
+            assert words in e.value.message and str(path) in e.value.message
+            assert "downscale it" in e.value.hint
+        with pytest.raises(BadInputError, match="100 million pixels"):
+            load_images(d, 0, spec, cache_dir=False)

@@ -1,6 +1,7 @@
 import argparse
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,12 +36,13 @@ def test_training_checkpoint_with_ema_and_args(tmp_path, tiny_sd):
     assert ckpt.spec(keep_rate=0.7).keep_k[0] == 137  # --keep overrides args.base_rate
 
 
-@pytest.mark.parametrize("form", ["model", "state_dict", "bare", "module_prefix", "safetensors"])
+@pytest.mark.parametrize("form", ["model", "state_dict", "bare", "module_prefix", "safetensors",
+                                  "safetensors.SAFETENSORS", "safetensors.pth"])
 def test_weight_forms(tmp_path, tiny_sd, form):
-    if form == "safetensors":
+    if form.startswith("safetensors"):  # told by its content, whatever the name
         from safetensors.torch import save_file
 
-        path = tmp_path / "w.safetensors"
+        path = tmp_path / f"w.{form.partition('.')[2] or 'safetensors'}"
         save_file({k: v.contiguous() for k, v in tiny_sd.items()}, str(path))
     else:
         obj = {"model": tiny_sd, "state_dict": {"state_dict": tiny_sd}, "bare": tiny_sd,
@@ -148,7 +150,6 @@ class _Evil:
         return (os.system, ("touch pwned_marker",))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
@@ -156,11 +157,26 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="will not unpickle"):
         load_checkpoint(path)
     assert not (tmp_path / "pwned_marker").exists()
-    raw = tmp_path / "evil.pkl"
-    raw.write_bytes(pickle.dumps(_Evil()))
-    with pytest.raises(CheckpointError):
-        load_checkpoint(raw)
+    # the old (non-zip) torch.save format and plain pickles of every protocol: the same refusal,
+    # naming the object, and no warning from torch about the pickle protocol
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": _Evil()}, legacy, _use_new_zipfile_serialization=False)
+    raws = [legacy]
+    for protocol in (2, 4, 5):
+        raws.append(tmp_path / f"evil{protocol}.pkl")
+        raws[-1].write_bytes(pickle.dumps({"model": _Evil()}, protocol=protocol))
+    for raw in raws:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(CheckpointError, match=r"refers to the Python object posix\.system, which "
+                               "idle-export will not unpickle"):
+                load_checkpoint(raw)
     assert not (tmp_path / "pwned_marker").exists()
+    ints = tmp_path / "ints.pkl"  # a plain pickle with no object in it: torch's reason, not its preamble
+    ints.write_bytes(pickle.dumps({"a": 1}, protocol=5))
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint \(the unpickler stopped at: "
+                       r"Unsupported operand 149\)$"):
+        load_checkpoint(ints)
 
 
 def test_bad_files(tmp_path, tiny_sd):
@@ -194,6 +210,18 @@ def test_wrong_architecture_names_the_keys(tmp_path, tiny_sd):
         build_model(ckpt.spec(), ckpt.state_dict)
     assert "pass --arch deit_tiny" in e.value.one_line()
     partial = {k: v for k, v in tiny_sd.items() if not k.startswith("blocks.11.")}
-    partial["head_dist.weight"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.11\..*unexpected keys: head_dist"):
+    partial["head_extra.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.11\..*unexpected keys: head_extra"):
         build_model(ModelSpec.create("deit_tiny", 0.7), partial)
+
+
+def test_distilled_deit_is_refused_by_name(tmp_path, tiny_sd):
+    """dist_token / head_dist: DeiT's distilled variant, a different model: one line saying so."""
+    for extra in ({"dist_token": torch.zeros(1, 1, 192)}, {"head_dist.weight": torch.zeros(1000, 192),
+                                                           "head_dist.bias": torch.zeros(1000)}):
+        torch.save({"model": {**tiny_sd, **extra}}, tmp_path / "d.pth")
+        ckpt = load_checkpoint(tmp_path / "d.pth")
+        with pytest.raises(CheckpointError, match=r"the weights are a distilled DeiT \((dist_token|"
+                           r"head_dist\.weight)\), which idle-export does not support") as e:
+            build_model(ckpt.spec(keep_rate=0.7), ckpt.state_dict)
+        assert "non-distilled checkpoint" in e.value.hint
