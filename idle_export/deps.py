@@ -17,7 +17,7 @@ EXTRAS = {
     "cpu": "onnxruntime",
     "gpu": "onnxruntime-gpu",
     "trt": "tensorrt-rtx-cu13 polygraphy",
-    "serve": "nvidia-pytriton tritonclient[http]",
+    "serve": "nvidia-pytriton tritonclient[http,grpc] aiohttp uvloop",
     "plot": "matplotlib",
     "openvino": "openvino nncf",
 }

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=8190)
-    ap.add_argument("--window", default="3")
+    ap.add_argument("--window", default="2")
     ap.add_argument("--out", default="served_vs_bare.json")
     args = ap.parse_args()
     exe = str(Path(sys.executable).with_name("idle-export"))
@@ -40,7 +40,7 @@ def main() -> None:
     repo = work / "repo"
     for name, path in (("idle", args.idle), ("dense", args.dense)):
         subprocess.run([exe, "serve", "repo", path, "-o", str(repo), "--name", name, "--max-batch", "16",
-                        "--preferred", "8,16"], check=True, capture_output=True)
+                        "--tune", "--threads", str(args.threads)], check=True, capture_output=True)
     server = subprocess.Popen([exe, "serve", "run", str(repo), "--port", str(args.port), "--threads",
                                str(args.threads)], stderr=open(work / "serve_run.err", "w"))
     result = {"batch": args.batch, "concurrency": args.concurrency, "threads": args.threads}
@@ -57,11 +57,12 @@ def main() -> None:
                 pass
             time.sleep(0.5)
         inner = tritonserver_port(server.pid)
-        for label, port in (("guard", args.port), ("direct", inner)):
+        top = args.concurrency.split(",")[-1]  # the guard's cost: at the highest concurrency only
+        for label, port, levels in (("guard", args.port, args.concurrency), ("direct", inner, top)):
             out = work / f"{label}.json"
             subprocess.run([exe, "--quiet", "serve", "bench", f"http://127.0.0.1:{port}",
                             "--models", "idle,dense", "--batch", args.batch, "--concurrency",
-                            args.concurrency, "--window", args.window, "--json", str(out)],
+                            levels, "--window", args.window, "--json", str(out)],
                            check=True, capture_output=True)
             result[label] = json.loads(out.read_text())
     finally:

@@ -16,11 +16,13 @@ from idle_export.cli.options import (
     echo_err,
     int_list,
     report_console,
+    status,
     write_json,
 )
 from idle_export.serve.client import query
 from idle_export.serve.repository import write_repository
 from idle_export.serve.server import serve_repository
+from idle_export.serve.tune import tune_batching
 
 serve_app = typer.Typer(name="serve", no_args_is_help=True, add_completion=False,
                         help="Triton Inference Server: write a model repository, serve it locally "
@@ -44,9 +46,16 @@ def repo_cmd(
     preferred: Annotated[str | None, typer.Option("--preferred", help="Preferred batch sizes of the "
                                                      "dynamic batcher (default: MAX/2,MAX or the "
                                                      "engine's opt,max).")] = None,
-    queue_delay_us: Annotated[int, typer.Option("--queue-delay-us", help="Dynamic batcher: longest "
-                                                "wait for a fuller batch, microseconds.")] = 100,
-    instances: Annotated[int, typer.Option("--instances", help="instance_group count.")] = 1,
+    queue_delay_us: Annotated[int | None, typer.Option("--queue-delay-us", help="Dynamic batcher: "
+                                                       "longest wait for a fuller batch, microseconds "
+                                                       "(default 100).")] = None,
+    instances: Annotated[int | None, typer.Option("--instances", help="instance_group count (default "
+                                                     "1).")] = None,
+    tune: Annotated[bool, typer.Option("--tune", help="Time the ONNX model on ONNX Runtime here at batch "
+                                       "1, 2, 4, … and choose preferred sizes (90 %/97 % of the best "
+                                       "images/s), queue delay (a quarter of batch-1 latency) and "
+                                       "instances for this CPU; given options still win.")] = False,
+    threads: Threads = None,
     kind: Annotated[str | None, typer.Option("--kind", help="instance_group kind: auto|cpu|gpu "
                                                 "(default auto; gpu for engines).")] = None,
     version: Annotated[int, typer.Option("--version", help="Version folder number; a model folder that "
@@ -65,6 +74,19 @@ def repo_cmd(
     """Write a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx|model.plan, labels."""
 
     sizes = int_list(preferred, "--preferred")
+    tuned = None
+    if tune:
+        with status(f"tuning {model.name}") as progress:
+            tuned = tune_batching(model, max_batch or 64, threads=check_threads(threads),
+                                  progress=progress.update)
+        sizes = sizes or tuned["preferred"]
+        queue_delay_us = tuned["queue_delay_us"] if queue_delay_us is None else queue_delay_us
+        instances = tuned["instances"] if instances is None else instances
+        rates = ", ".join(f"{b}: {r:.1f}" for b, r in tuned["images_per_second"].items())
+        echo_err(f"tuned on this CPU ({tuned['cores']} cores, {tuned['threads']} threads): images/s by batch "
+                 f"{rates}; batch-1 latency {tuned['latency_ms']['1']:.1f} ms")
+    queue_delay_us = 100 if queue_delay_us is None else queue_delay_us
+    instances = 1 if instances is None else instances
     report = write_repository(model, output, name=name, max_batch=max_batch, preferred=sizes,
                               queue_delay_us=queue_delay_us, instances=instances, kind=kind,
                               version=version, onnx=onnx, force=force, accelerator=accelerator,
@@ -79,7 +101,7 @@ def repo_cmd(
              f"preferred {report['preferred_batch_sizes']}, {report['labels'] or 'no'} labels; "
              f"config.pbtxt {check})")
     if json_out:
-        write_json(report, json_out)
+        write_json({**report, "tuned": tuned}, json_out)
 
 
 @_serve_command("run")
@@ -105,6 +127,10 @@ def run_cmd(
                                                   "its body (e.g. 64MiB; default 64MiB or the largest "
                                                   "full batch of a served model). Larger requests get "
                                                   "413/400 and the server keeps serving.")] = None,
+    in_flight: Annotated[str | None, typer.Option("--max-in-flight", metavar="BYTES", help="Most bytes of "
+                                                  "request bodies held at once (default: 16 full-size "
+                                                  "requests, at most a quarter of the free memory); a "
+                                                  "request over it gets 503 with Retry-After.")] = None,
 ):
     """Serve a repository's ONNX models locally: Triton core via pytriton, ONNX Runtime on CPU."""
 
@@ -119,6 +145,7 @@ def run_cmd(
                                threads=check_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
                                exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready,
                                max_input_bytes=byte_size(max_input, "--http-max-input-size"),
+                               in_flight_bytes=byte_size(in_flight, "--max-in-flight"),
                                on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
     if summary["skipped"]:
         echo_err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")

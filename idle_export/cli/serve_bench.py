@@ -21,6 +21,7 @@ from idle_export.cli.serve import serve_app
 from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
 from idle_export.serve.load import bench_server
+from idle_export.serve.load_plot import plot_load
 
 MAX_CONCURRENCY = 256
 
@@ -73,8 +74,6 @@ def bench_cmd(
                               stability=stability, timeout_s=timeout, progress=progress.update)
     print_load(report, report_console(json_out))
     if plot is not None:
-        from idle_export.serve.load_plot import plot_load
-
         plot_load(report, plot)
         echo_err(f"wrote {plot}")
     if json_out:

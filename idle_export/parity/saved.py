@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from idle_export import __version__
+from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, MissingDependencyError
 from idle_export.fileio import atomic_write_text
 from idle_export.hardware import cpu_model, gpu_info
@@ -42,7 +43,7 @@ def _polygraphy():
         from polygraphy.comparator import IterationResult, RunResults
     except ImportError:
         raise MissingDependencyError("--save-outputs / --load-outputs write Polygraphy's RunResults "
-                                     "JSON: polygraphy is not installed", "pip install polygraphy") from None
+                                     "JSON: polygraphy is not installed", pip_extra("trt")) from None
     return IterationResult, RunResults
 
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 import zlib
 from dataclasses import dataclass
 
 from idle_export.errors import BadInputError, IdleExportError
+from idle_export.hardware import memory_available
 
 DEFAULT_MAX_INPUT = 64 * 2**20  # Triton 2.59's --http-max-input-size default
 HEADER_SLACK = 64 * 2**10  # the JSON header of a binary request on top of its tensors
@@ -122,8 +124,6 @@ def default_budget(limit: int) -> int:
     """Bytes of request bodies the guard holds at once by default: 16 full-size requests (1 GiB at
     the 64 MiB default), at most a quarter of the memory available at start (a JSON body costs
     ~4x its size while parsed), never less than one full-size request."""
-    from idle_export.hardware import memory_available
-
     available = memory_available() or 8 * 2**30
     return max(limit + HEADER_SLACK, min(16 * (limit + HEADER_SLACK), available // 4))
 
@@ -169,7 +169,15 @@ class Guard:
         import asyncio
 
         try:
-            asyncio.run(self._main())
+            run = asyncio.run
+            if os.environ.get("IDLE_EXPORT_GUARD_LOOP", "uvloop") == "uvloop":
+                try:  # libuv's loop: less Python per request than asyncio's own (`serve` extra)
+                    import uvloop
+
+                    run = uvloop.run
+                except ImportError:
+                    pass
+            run(self._main())
         except BaseException as e:  # noqa: BLE001 - reported by start() or ends the thread
             self._error = e
             self._ready.set()

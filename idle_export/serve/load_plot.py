@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from idle_export.bench.plot import require_matplotlib
-from idle_export.fileio import atomic_write_bytes
+from idle_export.bench.plot import require_matplotlib, save_png
 
 
 def plot_load(report: dict, path: Path) -> Path:
@@ -31,9 +29,4 @@ def plot_load(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"closed-loop load, {report['url']} ({report['protocol']})")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return save_png(fig, path)

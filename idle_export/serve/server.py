@@ -165,7 +165,8 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
                      models: list[str] | None = None, threads: int | None = None,
                      grpc_port: int | None = None, metrics_port: int | None = None,
                      exit_timeout_s: int = 10, log_file: str | Path | None = None,
-                     max_input_bytes: int | None = None, stop_event: threading.Event | None = None,
+                     max_input_bytes: int | None = None, in_flight_bytes: int | None = None,
+                     stop_event: threading.Event | None = None,
                      on_start: Callable[[], None] | None = None,
                      on_ready: Callable[[ServerHandle], None] | None = None,
                      handle_signals: bool = True) -> dict:
@@ -266,7 +267,7 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
         _quiet_stdout(triton)
         tree = process_tree()
         drain = Drain(f"http://127.0.0.1:{inner_port}", exit_timeout_s)
-        guard = Guard(host, port, inner_port, limit)
+        guard = Guard(host, port, inner_port, limit, in_flight_bytes)
         guard.start()
         if on_ready:
             on_ready(ServerHandle(url, [m.name for m in served], None if own_log else str(log_file),

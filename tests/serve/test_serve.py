@@ -649,3 +649,31 @@ def test_accelerator_warnings_for_int8_files():
     assert accelerator_warnings(meta(precision="int8", quantization={"target": "trt"}), "tensorrt", "x") == []
     assert accelerator_warnings(for_ort, None, "x") == []
     assert "calibrate --target openvino" in accelerator_warnings(for_ort, "openvino", "x")[0]
+
+
+def test_repo_tune_measures_batching_for_this_machine(tiny_idle_onnx, tmp_path):
+    """--tune times the model here and writes what it chose; options given by hand still win."""
+    from idle_export.serve.config import parse_config
+
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(tmp_path / "repo"),
+                                      "--name", "t", "--max-batch", "8", "--tune", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    tuned = json.loads(out.read_text())["tuned"]
+    rates = {int(b): r for b, r in tuned["images_per_second"].items()}
+    assert sorted(rates) == [1, 2, 4, 8] and all(r > 0 for r in rates.values())
+    best = max(rates.values())
+    assert all(rates[b] >= 0.9 * best for b in tuned["preferred"])
+    assert all(rates[b] < 0.9 * best for b in rates if b < min(tuned["preferred"]))
+    assert 100 <= tuned["queue_delay_us"] <= 20_000
+    cfg = parse_config((tmp_path / "repo" / "t" / "config.pbtxt").read_text(), "config.pbtxt")
+    assert list(cfg.dynamic_batching.preferred_batch_size) == tuned["preferred"]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == tuned["queue_delay_us"]
+    assert cfg.instance_group[0].count == tuned["instances"]
+    result = CliRunner().invoke(app, ["serve", "repo", str(tiny_idle_onnx), "-o", str(tmp_path / "repo2"),
+                                      "--max-batch", "8", "--tune", "--preferred", "2,8",
+                                      "--queue-delay-us", "0"])
+    assert result.exit_code == 0, result.output
+    cfg = parse_config(next((tmp_path / "repo2").glob("*/config.pbtxt")).read_text(), "config.pbtxt")
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 8]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
