@@ -156,3 +156,39 @@ def test_the_layout_checker_sees_circles_and_inner_imports(tmp_path):
     found = _imports("idle_export.x", a)
     assert ("idle_export.errors", 1, "top") in found
     assert ("idle_export.fileio", 4, "inner") in found
+
+
+def _stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _documented_order() -> list[str]:
+    """The top-level entries of docs/design.md's layout tree, in the order the doc lists them."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text[text.index("## Layout"):].split("```")[1]
+    top = [line.split()[0] for line in block.splitlines() if line.startswith("  ") and line[2] != " "]
+    return [name.removesuffix("/").removesuffix(".py") for name in top if name.endswith(("/", ".py"))]
+
+
+def test_imports_follow_the_documented_stage_order():
+    """docs/design.md's promise: a module imports only its own stage and the entries above it."""
+    order = _documented_order()
+    rank = {name: i for i, name in enumerate(order)}
+    rank["plugins"], rank["__main__"] = -1, len(order)
+    missing = sorted({_stage(m) for m in MODULES} - set(rank))
+    assert not missing, f"docs/design.md's layout does not list {missing}"
+    upward = [f"{MODULES[m].relative_to(ROOT)}:{line} imports {t} ({_stage(t)} is listed below {_stage(m)})"
+              for m, imps in GRAPH.items() for t, line, _ in imps
+              if _stage(t) != _stage(m) and rank[_stage(t)] > rank[_stage(m)]]
+    assert not upward, "imports against the stage order of docs/design.md:\n" + "\n".join(upward)
+
+
+def test_the_stage_order_check_reads_the_doc_and_sees_an_upward_import(tmp_path):
+    order = _documented_order()
+    assert order[:2] == ["__init__", "errors"] and order[-1] == "cli"
+    assert order.index("trt") < order.index("runtime") < order.index("parity") < order.index("serve")
+    planted = tmp_path / "x.py"
+    planted.write_text("from idle_export.runtime import base\n")
+    (target, _, _), = _imports("idle_export.trt.x", planted)
+    assert _stage(target) == "runtime" and order.index("runtime") > order.index("trt")
