@@ -12,6 +12,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from idle_export.errors import BadInputError
 
-TEMP_PREFIX = ".idle-export-"  # + pid + "-": every temporary file or folder a command makes
+TEMP_PREFIX = ".idle-export-"  # + PID.HOSTTAG + "-": every temporary file or folder a command makes
 _FD_PATHS = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/self/fd/")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -139,11 +140,23 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def _host_tag() -> str:
+    """A short tag of this host's name: a temp name made on another host (a container sharing
+    the folder, whose pids this one cannot see) is never judged here."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """The part of a temp name after TEMP_PREFIX that names its maker: PID.HOSTTAG."""
+    return f"{os.getpid() if pid is None else pid}.{_host_tag()}"
+
+
 def _owner_alive(name: str, made: float) -> bool:
-    """Is the process named in a temp name (TEMP_PREFIX + pid + "-") still the one that made it?"""
-    pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
-    if not pid.isdigit():
-        return True  # not ours to judge
+    """Is the process named in a temp name (TEMP_PREFIX + PID.HOSTTAG + "-") still the one that
+    made it? Names of other hosts, and names not of this form, count as alive (not ours to judge)."""
+    pid, _, host = name[len(TEMP_PREFIX):].split("-", 1)[0].partition(".")
+    if not pid.isdigit() or host != _host_tag():
+        return True
     if int(pid) == os.getpid():
         return True
     started = _process_start(int(pid))
@@ -180,7 +193,8 @@ def clean_stale(folder: Path) -> list[str]:
 
 
 def temp_name(tag: str) -> str:
-    return f"{TEMP_PREFIX}{os.getpid()}-{tag}."
+    """The prefix of a temporary file or folder of this process: clean_stale can tell its owner."""
+    return f"{TEMP_PREFIX}{owner_tag()}-{tag}."
 
 
 @contextlib.contextmanager

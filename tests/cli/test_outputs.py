@@ -255,12 +255,16 @@ def test_a_held_repository_lock_names_its_holder(tmp_path):
 def test_leftovers_of_a_killed_run_are_removed_by_the_next(work):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = work / f".idle-export-{dead.pid}-onnx.x1y2"
+    from idle_export.fileio import TEMP_PREFIX, owner_tag
+
+    stale = work / f"{TEMP_PREFIX}{owner_tag(dead.pid)}-onnx.x1y2"
     stale.mkdir()
     (stale / "raw.onnx").write_bytes(np.zeros(1000, np.uint8).tobytes())
-    live = work / ".idle-export-1-onnx.keep"  # pid 1 started before it: its owner still runs
+    live = work / f"{TEMP_PREFIX}{owner_tag(1)}-onnx.keep"  # pid 1 started before it: still running
     live.mkdir()
+    elsewhere = work / f"{TEMP_PREFIX}{dead.pid}.abcdef-onnx.host"  # another host's: not ours to judge
+    elsewhere.mkdir()
     result = runner.invoke(app, ["lint", "idle.onnx", "--json", "r.json"])
     assert result.exit_code == 0, result.output
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and elsewhere.exists()
     assert f"removed {stale.name}" in result.stderr and "interrupted run" in result.stderr
