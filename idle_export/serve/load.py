@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from idle_export.errors import BadInputError, MissingDependencyError
+from idle_export.onnx.io import INPUT_NAME
 from idle_export.serve.config import SERVE_PIP
 
 PROTOCOLS = ("http", "grpc")
@@ -132,7 +133,10 @@ def model_inputs(http_url: str, model: str, timeout_s: float) -> list[tuple[str,
         raise BadInputError(f"the server at {http_url} does not serve a model {model!r} (HTTP {resp.status})",
                             "name a served model with --models (GET /v2/models/NAME answers 200)")
     meta = json.loads(body)
-    return [(t["name"], t["datatype"], [int(d) for d in t["shape"][1:]]) for t in meta["inputs"]]
+    inputs = [(t["name"], t["datatype"], [int(d) for d in t["shape"][1:]]) for t in meta["inputs"]]
+    # an idle-export model's images alone: its other inputs (an elastic file's keep_rate) are
+    # optional and keep their defaults
+    return [t for t in inputs if t[0] == INPUT_NAME] or inputs
 
 
 def model_stats(http_url: str, model: str, timeout_s: float = 10.0) -> dict:
