@@ -195,7 +195,11 @@ class Guard:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"))
         app = web.Application()  # the body limit is _read_body's
-        app.router.add_route("*", "/{tail:.*}", lambda request: self._handle(request, session, web))
+
+        async def handle(request):
+            return await self._handle(request, session, web)
+
+        app.router.add_route("*", "/{tail:.*}", handle)
         runner = web.AppRunner(app, access_log=None, auto_decompress=False, shutdown_timeout=5)
         try:
             await runner.setup()
@@ -210,22 +214,22 @@ class Guard:
         def answer(status: int, message: str):
             return web.Response(status=status, body=error_body(message), content_type="application/json")
 
-        held = [0]  # bytes of this request counted in self.in_flight
+        held = [0]  # bytes of this request counted in self.in_flight, released however it ends
         try:
-            body = await self._read_body(request, held)
-            if request.method == "POST" and INFER_PATH.match(request.path):
-                if len(body) > self.JSON_IN_THREAD:
-                    await self._loop.run_in_executor(None, self._check, body, request.headers)
-                else:
-                    self._check(body, request.headers)
-        except Refused as r:
-            self.in_flight -= held[0]
-            if r.status == 503:
-                self.busy_refused += 1
-                return web.Response(status=503, body=error_body(r.message), content_type="application/json",
-                                    headers={"Retry-After": "1", "Connection": "close"})
-            return answer(r.status, r.message)
-        try:
+            try:
+                body = await self._read_body(request, held)
+                if request.method == "POST" and INFER_PATH.match(request.path):
+                    if len(body) > self.JSON_IN_THREAD:
+                        await self._loop.run_in_executor(None, self._check, body, request.headers)
+                    else:
+                        self._check(body, request.headers)
+            except Refused as r:
+                if r.status == 503:
+                    self.busy_refused += 1
+                    return web.Response(status=503, body=error_body(r.message),
+                                        content_type="application/json",
+                                        headers={"Retry-After": "1", "Connection": "close"})
+                return answer(r.status, r.message)
             return await self._forward(request, body, session, web, answer)
         finally:
             self.in_flight -= held[0]
