@@ -14,6 +14,9 @@
 # --trt), then the `onnx --plugin` export built with `trt --plugin` (FP32 with selection outputs,
 # FP16), checked against ONNX Runtime on the standard export, timed against the standard idle
 # engines, and benched in a fresh process (the kernels are embedded: no plugin registration).
+# Every engine check also saves both runs (OUT_DIR/work/ENGINE.run.json, Polygraphy RunResults):
+# `idle-export check X.onnx --load-outputs ENGINE.run.json --batch 1,8,32 --inputs noise,photos`
+# compares them on any machine later.
 # Every step is recorded with its outcome; a failing step does not stop the others.
 # Exit code: 0 all checks passed, 1 a check failed, 3 no GPU / no TensorRT.
 # Environment: PYTHON (interpreter), DEADLINE_S (default 540), SKIP_INSTALL=1.
@@ -214,7 +217,7 @@ for precision in ("fp32", "fp16", "int8"):
         if env["gpu"] is None:
             continue
         rep = step(f"check {variant} {precision}", lambda e=engine, v=variant: check_engine_against(
-            e, onnx[v], batch_sizes=[1, 8, 32]), budget=20)
+            e, onnx[v], batch_sizes=[1, 8, 32], save_outputs=e.with_suffix(".run.json")), budget=20)
         if rep:
             case["check"] = {"passed": rep["passed"], "warnings": rep["warnings"],
                              "cases": [{k: c.get(k) for k in ("inputs", "batch", "max_abs", "top1", "top5",
@@ -297,7 +300,8 @@ else:
             case["build"] = {k: side.get(k) for k in ("flavour", "trt_version", "build_seconds",
                                                        "engine_bytes", "strongly_typed", "plugin")}
             rep = step(f"check idle-plugin {precision}", lambda e=engine: check_engine_against(
-                e, onnx["idle"], batch_sizes=[1, 8, 32]), budget=20)
+                e, onnx["idle"], batch_sizes=[1, 8, 32], save_outputs=e.with_suffix(".run.json")),
+                budget=20)
             case["check"] = {"passed": bool(rep and rep["passed"]), "cases": [
                 {k: c.get(k) for k in ("inputs", "batch", "max_abs", "top1", "selection",
                                        "selection_per_layer", "failures")}
