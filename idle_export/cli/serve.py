@@ -53,7 +53,7 @@ def repo_cmd(
                                                      "1).")] = None,
     tune: Annotated[bool, typer.Option("--tune", help="Time the ONNX model on ONNX Runtime here at batch "
                                        "1, 2, 4, … and choose preferred sizes (90 %/97 % of the best "
-                                       "images/s), queue delay (a quarter of batch-1 latency) and "
+                                       "images/s), queue delay (5 % of batch-1 latency, ≤ 2 ms) and "
                                        "instances for this CPU; given options still win.")] = False,
     threads: Threads = None,
     kind: Annotated[str | None, typer.Option("--kind", help="instance_group kind: auto|cpu|gpu "

@@ -4,9 +4,9 @@ The model runs on ONNX Runtime (CPU, the runtime `serve run` uses) at batch 1, 2
 max_batch, timed by bench's loop. From images/s per batch:
 - preferred batch sizes: the smallest batch that reaches 90 % of the best images/s (past it,
   bigger batches add latency and little throughput) and the smallest that reaches 97 %;
-- queue delay: a quarter of the batch-1 latency (a request waits at most that long for company,
-  so a lone request costs ≤ 25 % more; under load full batches form without waiting), 100 µs
-  to 20 ms;
+- queue delay: 5 % of the batch-1 latency, 100 µs to 2 ms. Under load the queue fills while
+  the model runs and batches form without waiting; the delay only gathers requests that arrive
+  together at an idle model, and a lone request pays it in full, so it stays small;
 - instances: enough ONNX Runtime sessions to use the cores (`cores // threads`: one session
   with intra-op threads = cores, the default, is one instance).
 """
@@ -54,7 +54,7 @@ def tune_batching(model: str | Path, max_batch: int, *, threads: int | None = No
     best = max(rates.values())
     knee = next(b for b in sizes if rates[b] >= 0.9 * best)
     full = next(b for b in sizes if rates[b] >= 0.97 * best)
-    delay_us = int(min(20_000, max(100, round(latency_ms[1] * 1e3 / 4, -2))))
+    delay_us = int(min(2_000, max(100, round(latency_ms[1] * 1e3 * 0.05, -2))))
     return {"preferred": sorted({knee, full}), "queue_delay_us": delay_us,
             "instances": max(1, cores // threads), "threads": threads, "cores": cores,
             "images_per_second": {str(b): round(r, 2) for b, r in rates.items()},
