@@ -20,6 +20,7 @@ from idle_export.cli.options import (
     write_json,
 )
 from idle_export.errors import BadInputError, CheckFailedError
+from idle_export.model.config import check_keep_rate
 from idle_export.parity.check import check_engine_against, check_onnx
 
 
@@ -51,6 +52,10 @@ def check_cmd(
                                          "ONNX file being checked: ort (ONNX Runtime CPU) or "
                                          "openvino (OpenVINO CPU). The reference runs on torch "
                                          "(--ckpt) or ONNX Runtime (--against).")] = "ort",
+    keep_rate: Annotated[float | None, typer.Option("--keep-rate", help="Run an elastic file "
+                                                     "(`onnx --elastic`) at this keep rate, against "
+                                                     "torch (or --against) at the same rate. Default: "
+                                                     "the file's rate.")] = None,
     json_out: JsonOut = None,
 ):
     """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
@@ -66,6 +71,8 @@ def check_cmd(
     if unknown or (not sets and images is None):
         raise BadInputError(f"--inputs {inputs!r}: unknown set {', '.join(unknown) or '(none)'}",
                             "use noise, photos or noise,photos (or --images DIR)")
+    if keep_rate is not None:
+        check_keep_rate(keep_rate)
     if model.suffix in (".engine", ".plan"):
 
         if backend != "ort":
@@ -81,7 +88,7 @@ def check_cmd(
         with status(f"checking {model.name}"):
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                                 input_sets=sets, seed=seed, threads=check_threads(threads), images=images,
-                                num=num, max_abs=max_abs, backend=backend)
+                                num=num, max_abs=max_abs, backend=backend, keep_rate=keep_rate)
     console = report_console(json_out)
     print_check(report, console)
     print_check_details(report, console)

@@ -16,6 +16,7 @@ from idle_export.hardware import check_batch_fits
 from idle_export.lazy import lazy_module
 from idle_export.model.checkpoint import Checkpoint, load_checkpoint
 from idle_export.model.config import TOLERANCES, Tolerances
+from idle_export.onnx.elastic import elastic_feed
 from idle_export.onnx.io import load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.compare import compare_on_images, compare_runners, labels_from_folders
@@ -43,7 +44,7 @@ def tolerance_for(meta: OnnxMetadata) -> Tolerances:
 def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
                seed: int = 0, threads: int | None = None, images=None, num: int = 0,
-               max_abs: float | None = None, backend: str = "ort") -> dict:
+               max_abs: float | None = None, backend: str = "ort", keep_rate: float | None = None) -> dict:
     """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
     path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
     which model and preprocessing to use.
@@ -54,7 +55,8 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     size running over the whole set; with an ImageFolder layout whose folder names are the
     model's classes, accuracy is reported too. `backend` runs the candidate: ort (ONNX Runtime
     CPU) or openvino (OpenVINO CPU, FP32 unless the file is INT8); the reference always runs
-    on torch or ONNX Runtime."""
+    on torch or ONNX Runtime. `keep_rate` runs an elastic file (`onnx --elastic`) at that rate,
+    against torch built at that rate (or the reference file at that rate)."""
     if backend not in CHECK_BACKENDS:
         raise BadInputError(f"--backend {backend!r} is not one of {', '.join(CHECK_BACKENDS)}",
                             "use --backend ort (ONNX Runtime) or --backend openvino")
@@ -64,6 +66,9 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     meta = OnnxMetadata.of(load_onnx(onnx_path))
     spec = meta.spec
     dense = meta.dense
+    elastic_feed(meta, keep_rate, Path(onnx_path).name)  # a fixed-K file runs at its own rate only
+    if keep_rate is not None and meta.elastic:
+        spec = spec.at_rate(keep_rate)  # the torch reference's K (BadInputError below min_rate)
     check_batch_fits(spec, max(batch_sizes))
     warnings = []
     if (ckpt_path is None) == (against is None):
@@ -89,13 +94,16 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                                 selection=not dense,
                                 threads=threads)
     else:
-        if OnnxMetadata.of(load_onnx(against)).precision != "fp32":
+        ref_meta = OnnxMetadata.of(load_onnx(against))
+        if ref_meta.precision != "fp32":
             warnings.append(f"the reference {Path(against).name} is not FP32")
-        reference = OrtRunner(against, selection=not dense, threads=threads)
+        ref_rate = None if ref_meta.dense else keep_rate  # a dense reference has no rate to set
+        reference = OrtRunner(against, selection=not (dense or ref_meta.dense), threads=threads,
+                              keep_rate=ref_rate)
     if backend == "openvino":
-        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads)
+        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
     else:
-        candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
+        candidate = OrtRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
     n = max(batch_sizes)
     inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
     if inputs or images is None:
@@ -117,7 +125,8 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     report["precision"] = precision
     report["backend"] = backend
     report["model"] = spec.describe() + (" (dense)" if dense else "") + (
-        f" [{precision}]" if precision != "fp32" else "")
+        f" [{precision}]" if precision != "fp32" else "") + (" (elastic file)" if meta.elastic else "")
+    report["keep_rate"] = spec.keep_rate
     report["warnings"] = warnings
     return report
 
