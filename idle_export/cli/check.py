@@ -83,7 +83,7 @@ def check_cmd(
                                 "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
         with status(f"checking {model.name} against {against.name}"):
             report = check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
-                                          seed=seed, threads=check_threads(threads))
+                                          seed=seed, threads=check_threads(threads), keep_rate=keep_rate)
     else:
         with status(f"checking {model.name}"):
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,

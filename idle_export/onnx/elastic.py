@@ -29,6 +29,7 @@ from idle_export.onnx.io import SELECTION_PREFIX
 from idle_export.onnx.metadata import OnnxMetadata
 
 KEEP_RATE_INPUT = "keep_rate"
+ELASTIC_K_PREFIX = "elastic_k_p"  # the K subgraph's node names: elastic_k_p{p}[_ge|_count|_sum]
 CLAMP_RULE = ("K per idle layer = int(N * rate**p) at the shortest decimal of the float32 rate, "
               "clamped to [1, N]")
 
@@ -66,7 +67,7 @@ def k_subgraph(num_patches: int, exponents, *, source: str = KEEP_RATE_INPUT, ta
 
     nodes, inits, k_of = [], [_int64("elastic_one", [1])], {}
     for p in sorted(set(exponents)):
-        t, k = f"elastic_thresholds_p{p}", f"elastic_k_p{p}"
+        t, k = f"elastic_thresholds_p{p}", f"{ELASTIC_K_PREFIX}{p}"
         table = thresholds(num_patches, p) if tables is None else tables[p]
         inits.append(numpy_helper.from_array(table, t))
         nodes += [
@@ -94,7 +95,10 @@ def elastic_feed(meta: OnnxMetadata, keep_rate: float | None, what: str) -> dict
             return {}  # the rate the fixed-K file was exported at
         raise BadInputError(f"{what} is a fixed-K export (keep {k}); it runs at no other keep rate",
                             "export it with `idle-export onnx CKPT --elastic`, or drop the keep rate")
-    return {info.get("input", KEEP_RATE_INPUT): keep_rate_feed(rate)}
+    name = info.get("input", KEEP_RATE_INPUT)
+    if name == KEEP_PERMILLE_INPUT:
+        return {name: np.asarray(permille(rate), dtype=np.int64)}
+    return {name: keep_rate_feed(rate)}
 
 
 def _int64(name: str, values) -> object:
@@ -203,7 +207,7 @@ def k_model(proto):
     from onnx import helper
 
     graph = proto.graph
-    nodes = [n for n in graph.node if n.name.startswith("elastic_k_p")]
+    nodes = [n for n in graph.node if n.name.startswith(ELASTIC_K_PREFIX)]
     used = {i for n in nodes for i in n.input}
     inits = [t for t in graph.initializer if t.name in used and t.name != KEEP_RATE_INPUT]
     outs = [n.output[0] for n in nodes if n.op_type == "Add"]
@@ -212,3 +216,59 @@ def k_model(proto):
                             [helper.make_tensor_value_info(o, onnx.TensorProto.INT64, [1]) for o in outs],
                             initializer=inits)
     return helper.make_model(sub, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+
+
+KEEP_PERMILLE_INPUT = "keep_permille"  # the TensorRT form's shape input: the rate in thousandths
+PERMILLE = 1000
+
+
+def permille_thresholds(num_patches: int, exponent: int) -> np.ndarray:
+    """int64 [N-1]: the smallest m (0..1000) whose rate m/1000 keeps at least k, k = 2..N; so the
+    integer form's K is the schedule's at every rate of the 0.001 grid, exactly."""
+    ks = [elastic_k(num_patches, m / PERMILLE, exponent) for m in range(PERMILLE + 1)]
+    out, m = [], 0
+    for k in range(2, num_patches + 1):
+        while ks[m] < k:
+            m += 1
+        out.append(m)
+    return np.asarray(out, dtype=np.int64)
+
+
+def to_integer_form(proto):
+    """An elastic file for TensorRT, whose shape tensors must be integers: the float keep_rate
+    (and its default) becomes an int64 scalar input keep_permille (the rate in thousandths, a
+    shape input with a profile range), compared with integer thresholds. K stays exact; it is
+    computed in int64, so FP16 and INT8 builds leave it alone."""
+    import onnx
+    from onnx import helper
+
+    meta = OnnxMetadata.of(proto)
+    info = meta.elastic
+    if info is None:
+        raise BadInputError("--elastic builds an elastic file; this one has a fixed K",
+                            "export it with `idle-export onnx CKPT --elastic`, or drop --elastic")
+    if info.get("input") == KEEP_PERMILLE_INPUT:
+        return proto
+    spec = meta.spec
+    proto = copy_model(proto)
+    graph = proto.graph
+    tables = {p: permille_thresholds(spec.num_patches, p) for p in set(spec.exponents)}
+    nodes, inits, _ = k_subgraph(spec.num_patches, spec.exponents, source=KEEP_PERMILLE_INPUT, tables=tables)
+    replaced = {t.name for t in inits} | {KEEP_RATE_INPUT}
+    keep = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend([*keep, *inits])
+    body = [n for n in graph.node if not n.name.startswith(ELASTIC_K_PREFIX)]
+    del graph.node[:]
+    graph.node.extend([*nodes, *body])
+    inputs = [i for i in graph.input if i.name != KEEP_RATE_INPUT]
+    del graph.input[:]
+    graph.input.extend([*inputs, helper.make_tensor_value_info(KEEP_PERMILLE_INPUT, onnx.TensorProto.INT64,
+                                                               [])])
+    meta.updated(elastic={**info, "input": KEEP_PERMILLE_INPUT, "scale": PERMILLE}).write(proto)
+    return proto
+
+
+def permille(rate: float) -> int:
+    """The TensorRT form's keep_permille for a rate (rounded to the 0.001 grid)."""
+    return int(round(check_keep_rate(rate) * PERMILLE))

@@ -133,9 +133,10 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
 
 def check_engine_against(engine: str | Path, onnx_path: str | Path, *, batch_sizes=(1, 7, 32),
                          input_sets=("noise", "photos"), tol=None, seed: int = 0,
-                         threads: int | None = None) -> dict:
+                         threads: int | None = None, keep_rate: float | None = None) -> dict:
     """`idle-export check X.engine --against Y.onnx`: TensorRT on the GPU against ONNX Runtime
-    (FP32, CPU) on the same inputs, with the tolerance of the engine's precision."""
+    (FP32, CPU) on the same inputs, with the tolerance of the engine's precision; keep_rate: an
+    elastic engine and file at that rate."""
 
     info = inspect_engine(engine)  # sidecar problems surface before the GPU question
     spec = OnnxMetadata.of(load_onnx(onnx_path)).spec
@@ -148,7 +149,8 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path, *, batch_siz
     inputs = {name: input_set(name, max(sizes), spec, seed=seed) for name in input_sets}
     tol = tol or TOLERANCES[info["precision"]]
     selection = bool(info.get("selection_outputs"))
-    report = compare_runners(TrtRunner(engine), OrtRunner(onnx_path, selection=selection, threads=threads),
+    report = compare_runners(TrtRunner(engine, keep_rate=keep_rate),
+                             OrtRunner(onnx_path, selection=selection, threads=threads, keep_rate=keep_rate),
                              inputs, sizes, tol)
     report["model"] = spec.describe()
     report["engine"] = {k: info[k] for k in ("flavour", "trt_version", "precision", "compute_capability")}

@@ -149,3 +149,24 @@ def test_spec_at_rate_uses_the_schedule():
     spec = ModelSpec.create("lvvit_m", 0.7)
     assert spec.at_rate(0.5).keep_k == schedule_k(196, 0.5, LVVIT_ARCHS["lvvit_m"]["exponents"])
     assert ModelSpec.create("deit_small", 0.7, keep_k=[1] * 9).follows_schedule is False
+
+
+def test_elastic_target_file_runs_at_any_rate_on_both_runtimes(tiny_ckpt, tiny_elastic_onnx, tmp_path):
+    """--elastic --target openvino (row gathers on the elastic graph): OpenVINO and ONNX Runtime
+    at two rates agree with the portable elastic file."""
+    from idle_export.data.inputs import input_set
+    from idle_export.runtime.onnxruntime import OrtRunner
+    from idle_export.runtime.openvino import OpenVinoRunner
+    from tests.conftest import _export
+
+    path = _export(tiny_ckpt, tmp_path / "e.openvino.onnx", elastic=True, target="openvino")
+    assert OnnxMetadata.read(path).elastic is not None
+    x = input_set("photos", 3, OnnxMetadata.read(path).spec)
+    for rate in (0.35, 0.8):
+        with OrtRunner(tiny_elastic_onnx, keep_rate=rate, selection=True) as ref:
+            want = ref.infer({"images": x})
+        for cls in (OrtRunner, OpenVinoRunner):
+            with cls(path, keep_rate=rate, selection=True) as run:
+                got = run.infer({"images": x})
+            assert np.abs(got["logits"] - want["logits"]).max() <= 1e-4, (cls, rate)
+            assert np.array_equal(np.sort(got["selection_layer11"], 1), np.sort(want["selection_layer11"], 1))
