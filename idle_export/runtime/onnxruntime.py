@@ -117,14 +117,17 @@ class OrtRunner(Runner):
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=self.providers)
         self.input_name = self.session.get_inputs()[0].name
         self._extra = elastic_feed(meta, self.keep_rate, self.path.name)
+        self._meta = meta
 
     def deactivate(self) -> None:
         self.session = None
 
     def infer(self, feed):
         names = ["logits", *self._topk, *self._scores]
+        extra = self._extra if feed.get("keep_rate") is None else \
+            elastic_feed(self._meta, feed["keep_rate"], self.path.name)  # a rate for this call only
         values = self.session.run(names, {self.input_name: feed["images"].astype(np.float32, copy=False),
-                                          **self._extra})
+                                          **extra})
         result = {"logits": values[0]}
         n = len(self._topk)
         for layer, idx in zip(self.idle_layers, values[1:1 + n], strict=False):

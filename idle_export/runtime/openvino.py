@@ -85,6 +85,7 @@ class OpenVinoRunner(Runner):
         # OpenVINO reads an input with a default as a constant: an elastic file's keep_rate loses
         # its default (without_default) and is always fed, the file's default when none is asked
         self._extra = elastic_feed(meta, self.keep_rate, self.path.name)
+        self._meta = meta
         if meta.elastic and not self._extra:
             self._extra = elastic_feed(meta, meta.elastic["default"], self.path.name)
         core = ov.Core()
@@ -131,7 +132,9 @@ class OpenVinoRunner(Runner):
 
     def infer(self, feed):
         images = np.ascontiguousarray(feed["images"], dtype=np.float32)
-        out = self.request.infer({"images": images, **self._extra})
+        extra = self._extra if feed.get("keep_rate") is None else \
+            elastic_feed(self._meta, feed["keep_rate"], self.path.name)  # a rate for this call only
+        out = self.request.infer({"images": images, **extra})
         # copies (np.array): the request reuses its output buffers on the next call
         result = {"logits": np.array(out[self.compiled.output("logits")])}
         for key, name in self._selection:

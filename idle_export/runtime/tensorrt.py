@@ -116,5 +116,7 @@ class TrtRunner(Runner):
             raise BadInputError(f"batch {x.shape[0]} is outside the engine's profile "
                                 f"{self.min_batch}..{self.max_batch}",
                                 "rebuild with a wider --batch MIN:OPT:MAX")
-        out = self._runner.infer({self.input_name: x, **self._extra})
+        extra = self._extra if feed.get("keep_rate") is None else \
+            engine_keep_feed(self.sidecar, feed["keep_rate"], self.path.name)  # this call only
+        out = self._runner.infer({self.input_name: x, **extra})
         return {name: np.array(value) for name, value in out.items()}
