@@ -135,11 +135,14 @@ def query_cmd(
     repeat: Annotated[int, typer.Option("--repeat", help="Send the request N times (latency "
                                         "percentiles).")] = 1,
     timeout: Annotated[float, typer.Option("--timeout", help="Network timeout, seconds.")] = 60.0,
+    keep_rate: Annotated[float | None, typer.Option("--keep-rate", help="Keep rate of an elastic model "
+                                                     "(`onnx --elastic`), sent with each request "
+                                                     "(default: the model's own).")] = None,
     json_out: JsonOut = None,
 ):
     """Top-k classes and latency from a Triton server; preprocessing identical to `check`."""
 
-    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout)
+    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout, keep_rate=keep_rate)
     print_query(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)
