@@ -28,19 +28,25 @@ from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
 from idle_export.model.checkpoint import Checkpoint
 from idle_export.model.checkpoint import load_checkpoint as _load_checkpoint
-from idle_export.model.config import SCORE_MODES, ModelSpec
+from idle_export.model.config import SCORE_MODES, ModelSpec, check_keep_rate
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import DEFAULT_OPSET
 from idle_export.onnx.lint import lint_file
+from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.check import check_engine_against, check_onnx
 from idle_export.quantize.qdq import default_int8_path, quantize_onnx
+from idle_export.runtime.base import Runner
+from idle_export.runtime.onnxruntime import OrtRunner
+from idle_export.runtime.openvino import OpenVinoRunner
+from idle_export.runtime.tensorrt import TrtRunner
 from idle_export.trt.build import build_engine as _build_engine
+from idle_export.trt.inputs import parse_keep_range
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["Checkpoint", "ModelSpec", "bench", "build_engine", "check", "demo", "export_onnx", "lint",
-           "load_checkpoint", "model_spec", "quantize", "torch_model"]
+           "load_checkpoint", "model_spec", "open_model", "quantize", "torch_model"]
 
 PathLike = str | Path
 CheckpointLike = str | Path | Checkpoint
@@ -102,7 +108,7 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
                 idle_layers: Sequence[int] | None = None, keep_k: Sequence[int] | None = None,
                 spec: ModelSpec | None = None, ema: bool = False, scores: str = "folded",
                 emit_selection: bool = False, plugin: bool = False, opset: int = DEFAULT_OPSET,
-                external_data: bool = False, target: str = "portable") -> Path:
+                external_data: bool = False, target: str = "portable", elastic: bool = False) -> Path:
     """Export a checkpoint to ONNX (`idle-export onnx`); returns the path written.
 
     The idle graph (TopK + GatherElements + ScatterElements, dynamic batch) by default, the
@@ -113,6 +119,8 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
     plugin form (fused idle-select kernels); `external_data` puts the weights in OUTPUT.data.
     `target`: where the file runs, its graph passes written into it: "portable" (none, the
     default), "ort" (+ com.microsoft.BiasGelu), "openvino" or "tensorrt" (onnx.targets).
+    `elastic`: one file for every keep rate, K computed in the graph from an optional input
+    keep_rate (default the spec's rate; docs/export.md#elastic-keep-rate).
     The file is written atomically, with the metadata that `check`, `bench` and `trt` read.
     """
     _check_scores(scores)
@@ -122,14 +130,14 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
                           keep_k=keep_k)
     return export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                              score_mode=scores, opset=opset, external_data=external_data, plugin=plugin,
-                             target=target)
+                             target=target, elastic=elastic)
 
 
 def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathLike | None = None,
           ema: bool = False, batch_sizes: Sequence[int] = (1, 7, 32),
           inputs: Sequence[str] | None = None, images: PathLike | None = None, num: int = 0,
           max_abs: float | None = None, seed: int = 0, threads: int | None = None,
-          backend: str = "ort") -> dict:
+          backend: str = "ort", keep_rate: float | None = None) -> dict:
     """Parity of an ONNX file (or a TensorRT engine) against a reference (`idle-export check`).
 
     The reference is the PyTorch model of `ckpt` (a path or a loaded Checkpoint) or another ONNX
@@ -137,7 +145,8 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
     input sets, "noise" and/or "photos" (default both; none when `images` is given); `images` is
     a folder, a .txt list or one image. The tolerance follows the model's precision (fp32 1e-4,
     fp16 5e-2, int8 top-1 agreement) unless `max_abs` sets the logit tolerance. `backend`
-    runs the ONNX file: "ort" (ONNX Runtime) or "openvino" (OpenVINO CPU).
+    runs the ONNX file: "ort" (ONNX Runtime) or "openvino" (OpenVINO CPU). `keep_rate` runs an
+    elastic file (or engine) at that rate, against the reference at the same rate.
 
     Returns the report: `report["passed"]` is the verdict, `report["cases"]` one entry per input
     set and batch size. A failed comparison is not an exception; a bad file or option is.
@@ -160,13 +169,13 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
             raise BadInputError(f"{Path(model).name} is a TensorRT engine: it is checked against the "
                                 "ONNX it was built from", "pass against='MODEL.onnx'")
         return check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
-                                    seed=seed, threads=threads)
+                                    seed=seed, threads=threads, keep_rate=keep_rate)
     if isinstance(ckpt, Checkpoint) and ema:
         raise BadInputError("ema=True picks the weights when a checkpoint is read; this one is already "
                             "loaded", "load it with load_checkpoint(path, ema=True)")
     return check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                       input_sets=sets, seed=seed, threads=threads, images=images, num=num,
-                      max_abs=max_abs, backend=backend)
+                      max_abs=max_abs, backend=backend, keep_rate=keep_rate)
 
 
 def lint(onnx: PathLike, *, expect_idle: bool = False) -> dict:
@@ -181,7 +190,7 @@ def build_engine(onnx: PathLike, output: PathLike | None = None, *, precision: s
                  batch: tuple[int, int, int] = (1, 32, 64), target: str | None = None,
                  flavour: str | None = None, timing_cache: PathLike | None = None,
                  workspace: int | None = None, selection: bool = False, plugin: bool = False,
-                 verbose: bool = False) -> dict:
+                 verbose: bool = False, keep_range: tuple[float, float, float] | None = None) -> dict:
     """Build a TensorRT engine and its ENGINE.json sidecar (`idle-export trt`); needs the `trt`
     extra (TensorRT-RTX, which builds without a GPU) or TensorRT 10/11 on an NVIDIA GPU.
 
@@ -189,12 +198,18 @@ def build_engine(onnx: PathLike, output: PathLike | None = None, *, precision: s
     Q/DQ ONNX from `quantize(..., target="trt")`); `batch`: the profile (min, opt, max);
     `target`: a compute capability to cross-build for with TensorRT-RTX ("sm89"); `flavour`:
     "tensorrt" or "tensorrt_rtx" (default: tensorrt when installed). `output` defaults to
-    ONNX_STEM.PRECISION.engine. Returns the sidecar dict (versions, profile, build time, the
+    ONNX_STEM.PRECISION.engine. `keep_range` (min, opt, max rates): an elastic file built with its
+    rate variable (`trt --elastic --keep-range`; the int64 shape input keep_permille). Returns the
+    sidecar dict (versions, profile, build time, the
     equivalent trtexec command line).
     """
+    profile = None
+    if keep_range is not None:
+        profile = parse_keep_range(":".join(f"{float(r):g}" for r in keep_range), OnnxMetadata.read(onnx))
     return _build_engine(onnx, precision=precision, batch=batch, target=target,
                          timing_cache=timing_cache, workspace=workspace, verbose=verbose,
-                         output=output, flavour=flavour, selection=selection, plugin=plugin)
+                         output=output, flavour=flavour, selection=selection, plugin=plugin,
+                         keep_range=profile)
 
 
 def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike | None = None,
@@ -218,7 +233,8 @@ def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
           batches: Sequence[int] = (1, 8, 64), threads: int | None = None, runs: int = 5,
           warmup: int = 3, min_time: float = 1.0, inputs: str = "noise",
           scores: Sequence[str] = ("official", "folded"), optimize: bool = False,
-          independent: bool = False, seed: int = 0, plot: PathLike | None = None) -> dict:
+          independent: bool = False, seed: int = 0, plot: PathLike | None = None,
+          keep_rates: Sequence[float] | None = None) -> dict:
     """Images/s of idle vs dense, side by side, against the FLOP ideal (`idle-export bench`).
 
     `targets`: idle and dense ONNX files (paired by their metadata), engines, or one checkpoint
@@ -227,7 +243,8 @@ def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
     `optimize` applies in memory the backend target's passes a file lacks. Each variant runs
     `runs` timed runs of at least `min_time` seconds, interleaved with the others;
     `independent` also times every ONNX file with timeit in a separate process.
-    `plot` writes a PNG (the `plot` extra). Returns the report (`report["results"]`: images/s,
+    `plot` writes a PNG (the `plot` extra). `keep_rates` times each elastic file or engine once
+    per rate (`bench --keep-rate`). Returns the report (`report["results"]`: images/s,
     latency percentiles and achieved/ideal per variant and batch).
     """
     modes = list(scores)
@@ -238,10 +255,32 @@ def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
         require_matplotlib()
     report = run_bench([Path(t) for t in targets], backends=list(backends), batches=[int(b) for b in batches],
                        threads=threads, runs=runs, warmup=warmup, min_time=min_time, inputs=inputs,
-                       score_modes=modes, optimize=optimize, independent=independent, seed=seed)
+                       score_modes=modes, optimize=optimize, independent=independent, seed=seed,
+                       keep_rates=[check_keep_rate(r) for r in keep_rates] if keep_rates else None)
     if plot is not None:
         plot_report(report, Path(plot))
     return report
+
+
+def open_model(model: PathLike, *, backend: str = "ort", threads: int | None = None,
+               keep_rate: float | None = None) -> Runner:
+    """A loaded model to run many times: an ONNX file on "ort" (ONNX Runtime CPU) or "openvino",
+    or a TensorRT engine (a GPU). Use it as a context manager; `infer({"images": x})` returns
+    {"logits": …}. An elastic file takes a keep rate per call, `infer({"images": x,
+    "keep_rate": 0.5})`, else `keep_rate` (default: the file's own rate).
+
+        with api.open_model("deit_s_idle_elastic.onnx") as m:
+            fast = m.infer({"images": x, "keep_rate": 0.5})["logits"]
+            full = m.infer({"images": x, "keep_rate": 1.0})["logits"]
+    """
+    path = Path(model)
+    if path.suffix in ENGINE_SUFFIXES:
+        return TrtRunner(path, keep_rate=keep_rate)
+    if backend == "openvino":
+        return OpenVinoRunner(path, threads=threads, keep_rate=keep_rate)
+    if backend != "ort":
+        raise BadInputError(f"backend={backend!r} is not ort or openvino", "use backend='ort'")
+    return OrtRunner(path, threads=threads, keep_rate=keep_rate)
 
 
 def demo(folder: PathLike = "demo_out", *, arch: str = "deit_small", keep: float = 0.7,

@@ -9,6 +9,8 @@
 # shared/models has it, else the seeded demo model), makes a symmetric INT8 Q/DQ ONNX, builds
 # FP32/FP16/INT8 engines for both, runs `check` (TensorRT on the GPU vs ONNX Runtime FP32) and
 # `idle-export bench --backend trt` (tolerating its absence), and writes OUT_DIR/report.json.
+# The elastic keep rate (docs/tensorrt.md#elastic-engines): the `onnx --elastic` file built with
+# `trt --elastic` (FP16, keep_permille 300:700:1000), checked and timed at rates 0.5, 0.7 and 1.0.
 # The fused-kernel plugin path (docs/plugins.md): the Triton kernels on torch CUDA against the
 # numpy reference plus a unit engine with both TensorRT AOT plugins (idle_export.plugins.gpu_check
 # --trt), then the `onnx --plugin` export built with `trt --plugin` (FP32 with selection outputs,
@@ -181,9 +183,9 @@ import numpy as np
 from idle_export.data.inputs import builtin_photos
 from idle_export.runtime.tensorrt import TrtRunner
 
-def time_engine(e, b=32, iters=50):
+def time_engine(e, b=32, iters=50, keep_rate=None):
     x = builtin_photos(b, spec, seed=0)
-    with TrtRunner(e) as r:
+    with TrtRunner(e, keep_rate=keep_rate) as r:
         for _ in range(10):
             r.infer({"images": x})
         walls = []
@@ -242,6 +244,32 @@ if onnx.get("idle") and env["tensorrt"] is not None and env["gpu"] is not None:
                                                                 "selection_per_layer", "top1", "max_abs")}
                                         for c in rep["cases"]]
     save()
+
+# ---------------------------------------------------------------- elastic keep rate (onnx/trt --elastic)
+# one elastic file, one FP16 engine with keep_permille as a shape input, checked and timed at
+# three rates against ONNX Runtime FP32 on the same file at the same rate
+if env["tensorrt"] is not None:
+    elastic = report["elastic"] = {"cases": []}
+    el_onnx = step("export idle elastic", lambda: export_checkpoint(
+        ckpt, spec, work / "idle_elastic.onnx", elastic=True), budget=30)
+    el_engine = work / "idle_elastic.fp16.engine"
+    if el_onnx and step("build idle elastic fp16", lambda: build_engine(
+            el_onnx, precision="fp16", batch=BATCH, output=el_engine, keep_range=(300, 700, 1000),
+            echo=lambda m: print("   ", m, flush=True)), budget=60) and env["gpu"] is not None:
+        for rate in (0.5, 0.7, 1.0):
+            case = {"variant": f"idle-elastic@{rate}", "precision": "fp16", "onnx": el_onnx.name}
+            report["cases"].append(case)
+            rep = step(f"check idle elastic fp16 @{rate}", lambda r=rate: check_engine_against(
+                el_engine, el_onnx, batch_sizes=[1, 8, 32], keep_rate=r), budget=20)
+            case["check"] = {"passed": bool(rep and rep["passed"]), "cases": [
+                {k: c.get(k) for k in ("inputs", "batch", "max_abs", "top1", "failures")}
+                for c in (rep["cases"] if rep else [])]}
+            t = step(f"time idle elastic fp16 @{rate}", lambda r=rate: time_engine(el_engine, keep_rate=r),
+                     budget=15)
+            if t:
+                case["timing"] = t
+            elastic["cases"].append(case)
+            save()
 
 # ---------------------------------------------------------------- fused-kernel plugin path
 plugin = report["plugin"] = {}

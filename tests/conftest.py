@@ -51,6 +51,12 @@ def tiny_dense_onnx(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_elastic_onnx(tiny_ckpt, tmp_path_factory) -> Path:
+    """The elastic form (`onnx --elastic`): a keep_rate input, default the checkpoint's 0.7."""
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "tiny_elastic.onnx", elastic=True)
+
+
+@pytest.fixture(scope="session")
 def photos10_ckpt() -> Path:
     """The really trained deit_tiny (10 classes) from ../shared/models."""
     if not PHOTOS10.is_file():

@@ -38,12 +38,14 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
               runs: int = 5, warmup: int = 3, min_time: float = 1.0, inputs: str = "noise",
               score_modes: list[str] | None = None, optimize: bool = False,
               official_repo: Path | None = None, independent: bool = False, ema: bool = False,
-              seed: int = 0, status=None, workdir: Path | None = None) -> dict:
+              seed: int = 0, status=None, workdir: Path | None = None,
+              keep_rates: list[float] | None = None) -> dict:
     """Benchmark idle vs dense (and the official code) on every backend; the JSON report.
 
     ONNX files are timed as written (their export target's passes, `report["results"][i]
     ["passes_in_file"]`); optimize=True applies, in memory, the backend's target passes that a
-    file lacks (`passes_at_load`). A checkpoint is exported with each backend's target."""
+    file lacks (`passes_at_load`). A checkpoint is exported with each backend's target.
+    keep_rates: an elastic file (`onnx --elastic`) is timed once per rate, in the same interleaving."""
     import shutil
     import tempfile
 
@@ -73,7 +75,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
         if targets.engines and "trt" not in backends:
             backends = [*backends, "trt"]  # engines run only there: never measure nothing
         variants = make_variants(targets, backends, threads=threads, score_modes=score_modes,
-                                 optimize=optimize, official_repo=official_repo)
+                                 optimize=optimize, official_repo=official_repo, keep_rates=keep_rates)
         if not variants:
             raise BadInputError(f"nothing to measure: no target runs on {', '.join(backends)}",
                                 "pass idle and dense ONNX files (or a checkpoint) for --backend ort")
@@ -101,7 +103,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
                                             passes={b: list(TARGET_PASSES[BACKEND_TARGET[b]])
                                                     for b in backends if b in BACKEND_TARGET
                                                     and b != "trt"} if optimize else {},
-                                            score_modes=score_modes))
+                                            score_modes=score_modes, keep_rates=keep_rates or []))
         report["notes"] = graph_notes(variants, optimize)
         if independent:
             report["independent"] = independent_checks(variants, batches, threads, optimize, min_time,

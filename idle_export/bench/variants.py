@@ -3,7 +3,7 @@ model that gives each idle variant its ideal speed-up over dense."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from idle_export.bench.targets import ONNX_BACKENDS, Targets, variant_label
@@ -35,6 +35,8 @@ def flop_model(spec) -> dict:
 
 
 def ideal_for(variant: Variant, flops: dict) -> float | None:
+    if variant.keep_rate is not None and not variant.dense:  # an elastic file at one of its rates
+        flops = flop_model(variant.spec)
     if variant.dense or variant.official_code:
         return None if variant.dense else flops["ideal"]["official"]
     return flops["ideal"]["folded" if variant.score_mode == "folded" else "official"]
@@ -56,6 +58,8 @@ class Variant:
     precision: str = "fp32"
     target: str | None = None  # the export target the ONNX file was written for
     file_passes: list[str] = field(default_factory=list)  # graph passes in the file as written
+    keep_rate: float | None = None  # an elastic file (or engine) run at this rate (bench --keep-rate)
+    spec: object = None  # the ModelSpec at keep_rate (its FLOP ideal)
 
     @property
     def passes_at_load(self) -> list[str]:
@@ -73,8 +77,47 @@ class Variant:
 
 
 def make_variants(targets: Targets, backends: list[str], *, threads: int | None,
-                  score_modes: list[str], optimize: bool, official_repo: Path | None) -> list[Variant]:
-    """One Variant per (backend, model); runners are created lazily (activate happens later)."""
+                  score_modes: list[str], optimize: bool, official_repo: Path | None,
+                  keep_rates: list[float] | None = None) -> list[Variant]:
+    """One Variant per (backend, model); runners are created lazily (activate happens later).
+    keep_rates: each elastic file (and engine) once per rate, labelled LABEL-elastic@RATE."""
+    variants = _make_variants(targets, backends, threads=threads, score_modes=score_modes,
+                              optimize=optimize, official_repo=official_repo)
+    if not keep_rates:
+        return variants
+    out = []
+    for v in variants:
+        if v.file is None or v.dense or not _is_elastic(targets, Path(v.file)):
+            out.append(v)
+            continue
+        for rate in keep_rates:
+            out.append(replace(v, label=f"{v.label}-elastic@{rate:g}", keep_rate=rate,
+                               spec=targets.spec.at_rate(rate), make_runner=_at_rate(v.make_runner, rate),
+                               results={}))
+    if not any(v.keep_rate is not None for v in out):
+        raise BadInputError("--keep-rate times an elastic file at several rates; no target is elastic",
+                            "export one with `idle-export onnx CKPT --elastic` and pass it")
+    return out
+
+
+def _is_elastic(targets: Targets, path: Path) -> bool:
+    if path in targets.meta:
+        return targets.meta[path].elastic is not None
+    return bool(read_sidecar(path).get("elastic"))  # an engine built with `trt --elastic`
+
+
+def _at_rate(factory, rate: float):
+    """The factory's runner, set to run at `rate` (every runner takes keep_rate)."""
+    def make():
+        runner = factory()
+        runner.keep_rate = rate
+        return runner
+
+    return make
+
+
+def _make_variants(targets: Targets, backends: list[str], *, threads: int | None,
+                   score_modes: list[str], optimize: bool, official_repo: Path | None) -> list[Variant]:
     variants: list[Variant] = []
     for backend in backends:
         if backend in ONNX_BACKENDS:

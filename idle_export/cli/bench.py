@@ -24,6 +24,7 @@ from idle_export.cli.options import (
     write_json,
 )
 from idle_export.errors import BadInputError
+from idle_export.explore.choose import parse_ratios
 from idle_export.fileio import check_output_path
 from idle_export.model.config import SCORE_MODES
 
@@ -61,6 +62,10 @@ def bench_cmd(
                                               "with timeit in a separate process (a check on the "
                                               "bench's own figures).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the noise inputs and of the photo crops.")] = 0,
+    keep_rate: Annotated[str | None, typer.Option("--keep-rate", metavar="R1,R2,…", help="Time each "
+                                                     "elastic file (`onnx --elastic`) or engine at these "
+                                                     "keep rates, e.g. 0.5,0.7,1.0 (one file, no export "
+                                                     "per rate); each rate gets its FLOP ideal.")] = None,
     json_out: JsonOut = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: images/s vs batch, "
                                                  "idle vs dense, ideal line.")] = None,
@@ -90,7 +95,8 @@ def bench_cmd(
     report = run_bench(targets, backends=backends, batches=sizes, threads=check_threads(threads), runs=runs,
                        warmup=warmup, min_time=min_time, inputs=inputs, score_modes=modes,
                        optimize=optimize, official_repo=official_repo, independent=independent,
-                       seed=seed, status=status)
+                       seed=seed, status=status,
+                       keep_rates=None if keep_rate is None else parse_ratios(keep_rate, "--keep-rate"))
     print_report(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)

@@ -21,6 +21,7 @@ from idle_export.cli.options import (
 )
 from idle_export.errors import BadInputError, CheckFailedError
 from idle_export.fileio import check_output_path
+from idle_export.model.config import check_keep_rate
 from idle_export.parity.check import check_engine_against, check_onnx
 
 
@@ -60,6 +61,10 @@ def check_cmd(
                                                          "engine on a GPU machine against the ONNX run on "
                                                          "the build machine; same --inputs/--batch/--seed.")
                             ] = None,
+    keep_rate: Annotated[float | None, typer.Option("--keep-rate", help="Run an elastic file "
+                                                     "(`onnx --elastic`) at this keep rate, against "
+                                                     "torch (or --against) at the same rate. Default: "
+                                                     "the file's rate.")] = None,
     json_out: JsonOut = None,
 ):
     """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
@@ -77,6 +82,8 @@ def check_cmd(
     if unknown or (not sets and images is None):
         raise BadInputError(f"--inputs {inputs!r}: unknown set {', '.join(unknown) or '(none)'}",
                             "use noise, photos or noise,photos (or --images DIR)")
+    if keep_rate is not None:
+        check_keep_rate(keep_rate)
     if model.suffix in (".engine", ".plan"):
 
         if backend != "ort":
@@ -87,14 +94,14 @@ def check_cmd(
                                 "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
         with status(f"checking {model.name} against {(against or load_outputs).name}"):
             report = check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
-                                          seed=seed, threads=check_threads(threads),
+                                          seed=seed, threads=check_threads(threads), keep_rate=keep_rate,
                                           save_outputs=save_outputs, load_outputs=load_outputs)
     else:
         with status(f"checking {model.name}"):
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                                 input_sets=sets, seed=seed, threads=check_threads(threads), images=images,
-                                num=num, max_abs=max_abs, backend=backend, save_outputs=save_outputs,
-                                load_outputs=load_outputs)
+                                num=num, max_abs=max_abs, backend=backend, keep_rate=keep_rate,
+                                save_outputs=save_outputs, load_outputs=load_outputs)
     console = report_console(json_out)
     print_check(report, console)
     print_check_details(report, console)

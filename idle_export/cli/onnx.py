@@ -35,7 +35,7 @@ def onnx_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="IdleViT checkpoint (.pth or .safetensors).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="ONNX file to write "
                                                    "(default: CHECKPOINT_idle.onnx / _dense.onnx / "
-                                                   "_idle_plugin.onnx).")] = None,
+                                                   "_idle_plugin.onnx / _idle_elastic.onnx).")] = None,
     arch: Arch = None,
     keep: Keep = None,
     schedule: Schedule = "eval",
@@ -63,6 +63,11 @@ def onnx_cmd(
                                         "weight slices; openvino: row gathers, folded weight "
                                         "slices (standard ops); tensorrt: the plain export."
                                         )] = "portable",
+    elastic: Annotated[bool, typer.Option("--elastic", help="One file for every keep rate: an "
+                                          "optional float input keep_rate (default the --keep rate) "
+                                          "from which the graph computes each idle layer's K by the "
+                                          "schedule, clamped to [1, N] (docs/export.md#elastic-keep-rate)."
+                                          )] = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (≥17).")] = 18,
     external_data: Annotated[bool, typer.Option("--external-data", help="Write weights to "
                                                 "OUTPUT.data instead of embedding them.")] = False,
@@ -77,7 +82,7 @@ def onnx_cmd(
                             "use --scores official or --scores folded")
     check_target(target)
     if output is None:
-        kind = "dense" if dense else "idle_plugin" if plugin else "idle"
+        kind = "dense" if dense else "idle_plugin" if plugin else "idle_elastic" if elastic else "idle"
         suffix = "" if target == "portable" else f".{target}"
         output = checkpoint.with_name(f"{checkpoint.stem}_{kind}{suffix}.onnx")
     check_output_path(output, stream_ok=not external_data)
@@ -88,17 +93,19 @@ def onnx_cmd(
     with status(f"exporting {spec.describe()}{' dense' if dense else ''} to {output}"):
         export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                           score_mode=scores, opset=opset, external_data=external_data,
-                          plugin=plugin, target=target, allow_nonfinite=allow_nonfinite)
+                          plugin=plugin, target=target, elastic=elastic, allow_nonfinite=allow_nonfinite)
     summary = onnx_summary(output)
     what = (f"dense baseline of {spec.arch}" if dense else
             f"{spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")
     if plugin:
         what = (f"{spec.describe()}; plugin form, {summary['ops'].get('IdleSelect', 0)} IdleSelect "
                 f"+ {summary['ops'].get('IdleScatter', 0)} IdleScatter")
+    if elastic:
+        what += "; elastic: keep_rate input (any rate, K computed in the graph)"
     passes = TARGET_PASSES[target]
     what += f"; target {target}" + (f" ({', '.join(passes)})" if passes else "")
     echo_err(f"wrote {output} ({what}; opset {summary['opset']}"
              f"{'; weights in ' + output.name + '.data' if external_data else ''})")
     if json_out:
-        write_json({"spec": spec.describe(), "dense": dense, "target": target, "passes": list(passes),
-                    **summary}, json_out)
+        write_json({"spec": spec.describe(), "dense": dense, "elastic": elastic, "target": target,
+                    "passes": list(passes), **summary}, json_out)

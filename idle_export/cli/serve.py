@@ -166,11 +166,15 @@ def query_cmd(
     wait: Annotated[float, typer.Option("--wait", metavar="SECONDS", help="Wait up to this long for "
                                         "a server that is still starting to be ready (0: ask once).")
                     ] = 0.0,
+    keep_rate: Annotated[float | None, typer.Option("--keep-rate", help="Keep rate of an elastic model "
+                                                     "(`onnx --elastic`), sent with each request "
+                                                     "(default: the model's own).")] = None,
     json_out: JsonOut = None,
 ):
     """Top-k classes and latency from a Triton server; preprocessing identical to `check`."""
 
-    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout, wait_s=wait)
+    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout, wait_s=wait,
+                   keep_rate=keep_rate)
     print_query(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)

@@ -29,9 +29,10 @@ from idle_export.cli.options import (
 from idle_export.errors import BadInputError, CheckFailedError
 from idle_export.explore.choose import DEFAULT_RATIOS, check_choice_options, choose_ratio, parse_ratios
 from idle_export.explore.pareto import import_matplotlib, mark_front, plot_sweep, print_sweep
-from idle_export.explore.sweep import check_backend, copy_onnx, run_sweep, sweep_images
+from idle_export.explore.sweep import check_backend, run_sweep, sweep_images
 from idle_export.fileio import check_output_path, mkdir_hint
 from idle_export.model.checkpoint import load_checkpoint
+from idle_export.onnx.export import export_checkpoint
 
 
 @command("sweep")
@@ -68,8 +69,9 @@ def sweep_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where the picked ratio's "
                                                 "ONNX goes (default: CHECKPOINT_idle_rR.onnx).")] = None,
     onnx_dir: Annotated[Path | None, typer.Option("--onnx-dir", help="Keep every exported ONNX "
-                                                  "(each ratio and dense) in this folder; the same "
-                                                  "exports already there are reused.")] = None,
+                                                  "(the elastic file every ratio runs, and dense) in "
+                                                  "this folder; the same exports already there are "
+                                                  "reused.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the built-in photo crops and of a "
                                       "folder's sample.")] = 0,
     json_out: JsonOut = None,
@@ -153,7 +155,8 @@ def _run(ckpt, spec_for, ratios, sizes, imgs, labels, note, backend, threads, ru
             if choice.met:
                 r = choice.row["keep_rate"]
                 target = output or checkpoint.with_name(f"{checkpoint.stem}_idle_r{r:g}.onnx")
-                copy_onnx(workdir / choice.row["file"], target)
+                with status(f"exporting keep {r:g} to {target}"):  # the fixed-K file of the pick
+                    export_checkpoint(ckpt, spec_for(r), target)
                 report["choice"]["file"] = str(target)
         return report
     finally:

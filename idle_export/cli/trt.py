@@ -17,7 +17,7 @@ from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.quantize.qdq import default_int8_path, quantize_onnx
 from idle_export.quantize.selection import is_quantized
 from idle_export.trt.build import build_engine
-from idle_export.trt.inputs import default_engine_path, parse_profile
+from idle_export.trt.inputs import default_engine_path, parse_keep_range, parse_profile
 
 
 @command("trt")
@@ -68,6 +68,14 @@ def trt_cmd(
                                          "plugins (tensorrt >= 10.12 and a GPU; TensorRT-RTX has no "
                                          "plugins). Without it TensorRT builds their function "
                                          "bodies.")] = False,
+    elastic: Annotated[bool, typer.Option("--elastic", help="For an `onnx --elastic` file: keep the "
+                                          "rate variable, as the int64 shape input keep_permille (rate "
+                                          "in thousandths) with the --keep-range profile. Without it "
+                                          "the engine is fixed at the file's default rate.")] = False,
+    keep_range: Annotated[str | None, typer.Option("--keep-range", metavar="MIN:OPT:MAX", help="With "
+                                                      "--elastic: the keep rates the engine takes, tuned "
+                                                      "for OPT (default: the file's smallest valid rate, "
+                                                      "its default rate, 1).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show the TensorRT builder log.")] = False,
     batch: Annotated[str | None, typer.Option("--batch", hidden=True)] = None,
     json_out: JsonOut = None,
@@ -98,6 +106,12 @@ def trt_cmd(
     size = meta.spec.img_size if meta.has_spec else None
     batch_range = parse_profile(profile, shapes=shapes if all(shapes) else None,
                                 chw=(3, size, size) if size else None)
+    if keep_range is not None and not elastic:
+        raise BadInputError("--keep-range is the profile of an elastic engine", "add --elastic")
+    keep_profile = parse_keep_range(keep_range, meta) if elastic else None
+    if elastic and plugin:
+        raise BadInputError("--elastic builds the standard form; --plugin the plugin form",
+                            "drop one of them")
     output = output or default_engine_path(onnx, precision)
     source = onnx
     if precision == "int8" and not plugin and not is_quantized(load_onnx(onnx)):
@@ -108,7 +122,7 @@ def trt_cmd(
             info = build_engine(source, precision=precision, batch=batch_range, target=target,
                                 timing_cache=timing_cache, workspace=workspace, verbose=verbose,
                                 output=output, flavour=flavour, selection=emit_selection,
-                                plugin=plugin, echo=echo_err)
+                                plugin=plugin, echo=echo_err, keep_range=keep_profile)
     except BaseException:
         if source != onnx:  # the INT8 graph calibrated for this build: nothing stays behind
             source.unlink(missing_ok=True)
@@ -120,8 +134,9 @@ def trt_cmd(
     dims = {k: "x".join(map(str, p[k])) for k in ("min", "opt", "max")}
     echo_err(f"wrote {output} ({info['engine_bytes'] / 1e6:.1f} MB, {precision}, {info['flavour']} "
              f"{info['trt_version']}, {info['compute_capability']}, profile {p['input']} min {dims['min']} "
-             f"opt {dims['opt']} max {dims['max']}, built in {info['build_seconds']:.1f} s) and "
-             f"{output.name}.json")
+             f"opt {dims['opt']} max {dims['max']}"
+             + (", keep_permille {min}:{opt}:{max}".format(**info["elastic"]) if info.get("elastic") else "")
+             + f", built in {info['build_seconds']:.1f} s) and {output.name}.json")
     if info["flavour"] == "tensorrt_rtx":
         echo_err("note: Triton's tensorrt_plan backend cannot load TensorRT-RTX engines; to serve with "
                  f"TensorRT on Triton: idle-export serve repo {onnx.name} --accelerator tensorrt "

@@ -21,10 +21,10 @@ from idle_export.errors import BadInputError
 DEFAULT_RATIOS = "0.5:1:0.1"
 
 
-def parse_ratios(text: str) -> list[float]:
+def parse_ratios(text: str, what: str = "--ratios") -> list[float]:
     """Sorted, distinct keep ratios from "start:stop:step" or a comma list; (0, 1] each."""
     text = (text or "").replace(" ", "")
-    hint = "e.g. --ratios 0.5:0.9:0.1 or --ratios 0.5,0.6,0.7"
+    hint = f"e.g. {what} 0.5:0.9:0.1 or {what} 0.5,0.6,0.7"
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
@@ -32,19 +32,19 @@ def parse_ratios(text: str) -> list[float]:
                 raise ValueError
             start, stop, step = parts
             if not step > 0 or stop < start:
-                raise BadInputError(f"--ratios {text!r}: the step must be > 0 and stop ≥ start", hint)
+                raise BadInputError(f"{what} {text!r}: the step must be > 0 and stop ≥ start", hint)
             count = int(math.floor((stop - start) / step + 1e-9)) + 1
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(p) for p in text.split(",") if p != ""]
     except ValueError:
-        raise BadInputError(f"--ratios {text!r} is not start:stop:step or a comma-separated list",
+        raise BadInputError(f"{what} {text!r} is not start:stop:step or a comma-separated list",
                             hint) from None
     if not values:
-        raise BadInputError("--ratios names no ratio", hint)
+        raise BadInputError(f"{what} names no ratio", hint)
     for v in values:
         if math.isnan(v) or not 0.0 < v <= 1.0:
-            raise BadInputError(f"--ratios: keep ratio {v:g} is outside (0, 1]",
+            raise BadInputError(f"{what}: keep ratio {v:g} is outside (0, 1]",
                                 "keep ratios are fractions of the patch tokens, e.g. 0.5 to 1")
     return sorted(set(values))
 

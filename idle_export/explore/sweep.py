@@ -1,7 +1,8 @@
 """`idle-export sweep`: one checkpoint at many keep ratios, measured on the user's images.
 
-For each ratio the idle ONNX is exported (the checkpoint's schedule, K recomputed from the ratio),
-then run on the images: top-1 agreement with the dense model (the same weights exported dense, on
+One elastic ONNX (`onnx --elastic`: K computed in the graph from a keep_rate input, the
+checkpoint's schedule) is exported once, with the dense twin; each ratio runs that one file at
+its rate, on the images: top-1 agreement with the dense model (the same weights exported dense, on
 the same runtime), accuracy where the images carry labels, the FLOP model's GMACs (folded scores,
 as exported), and images/s per batch size. Timing is bench's loop (bench.timing.bench_batch):
 each ratio is timed interleaved with the dense model, so drift of a shared machine hits both; the
@@ -84,30 +85,34 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def make_runner(backend: str, path: Path, *, threads: int | None, optimize: bool):
-    """A Runner for an ONNX file on the sweep's backend."""
+def make_runner(backend: str, path: Path, *, threads: int | None, optimize: bool,
+                keep_rate: float | None = None):
+    """A Runner for an ONNX file on the sweep's backend (an elastic file at `keep_rate`)."""
     if backend == "ort":
-        return OrtRunner(path, name=f"ort:{path.name}", threads=threads, optimize=optimize)
+        return OrtRunner(path, name=f"ort:{path.name}", threads=threads, optimize=optimize,
+                         keep_rate=keep_rate)
     if backend == "openvino":
-        return OpenVinoRunner(path, name=f"openvino:{path.name}", threads=threads)
+        return OpenVinoRunner(path, name=f"openvino:{path.name}", threads=threads, keep_rate=keep_rate)
     raise BadInputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
 
 
-def export_or_reuse(ckpt, spec, path: Path, *, dense: bool = False) -> Path:
+def export_or_reuse(ckpt, spec, path: Path, *, dense: bool = False, elastic: bool = False) -> Path:
     """Export the checkpoint at `spec` to `path`, unless `path` already holds that very export
-    (an earlier sweep's --onnx-dir): same checkpoint weights, spec, dense flag, score mode, FP32."""
+    (an earlier sweep's --onnx-dir): same checkpoint weights, spec, dense flag, score mode, FP32,
+    and form (elastic or fixed K)."""
     if path.is_file():
         try:
             meta = OnnxMetadata.read(path)
             same = (meta.has_spec and meta.spec == spec and meta.dense == dense
                     and meta.get("checkpoint_sha256") == ckpt.sha256
                     and meta.get("checkpoint_weights") == ckpt.source
-                    and meta.score_mode == ("official" if dense else "folded") and meta.precision == "fp32")
+                    and meta.score_mode == ("official" if dense else "folded") and meta.precision == "fp32"
+                    and (meta.elastic is not None) == elastic)
         except BadInputError:  # not an ONNX file, or unreadable metadata: export over it
             same = False
         if same:
             return path
-    return export_checkpoint(ckpt, spec, path, dense=dense)
+    return export_checkpoint(ckpt, spec, path, dense=dense, elastic=elastic)
 
 
 def predict(runner, images: np.ndarray) -> np.ndarray:
@@ -127,9 +132,9 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
               min_time: float = 0.5, optimize: bool = True, label_note: str = "",
               progress: Callable[[float, str], None] | None = None,
               on_row: Callable[[dict], None] | None = None) -> dict:
-    """Export, run and time the checkpoint at every ratio; the report (see the module docstring).
-    `spec_for(r)` is the ModelSpec at keep ratio r; every ONNX file goes to `workdir`, where an
-    identical export from an earlier sweep is reused (export_or_reuse).
+    """Run and time the checkpoint at every ratio; the report (see the module docstring).
+    `spec_for(r)` is the ModelSpec at keep ratio r; the two ONNX files (elastic, dense) go to
+    `workdir`, where identical exports from an earlier sweep are reused (export_or_reuse).
     `progress(done, message)`: `done` ratios finished (fractions within one), message "" when a
     ratio has just finished; `on_row(row)` gets each ratio's figures when they are known."""
     if not batches or min(batches) < 1:
@@ -152,11 +157,13 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
         dense_top1 = dense_logits.argmax(1)
         dense_runs: dict[int, list[dict]] = {b: [] for b in batches}
         rows = []
+        default = ckpt.keep_rate if ckpt.keep_rate is not None and 0 < ckpt.keep_rate <= 1 else max(ratios)
+        step(0, "exporting the elastic model (every ratio runs it)")
+        path = export_or_reuse(ckpt, spec_for(default), workdir / f"{stem}_idle_elastic.onnx", elastic=True)
         for i, r in enumerate(ratios):
             spec = spec_for(r)
-            step(i, f"keep {r:g}: exporting K {','.join(map(str, spec.keep_k))}")
-            path = export_or_reuse(ckpt, spec, workdir / f"{stem}_idle_r{r:g}.onnx")
-            with make_runner(backend, path, threads=threads, optimize=optimize) as runner:
+            step(i, f"keep {r:g}: K {','.join(map(str, spec.keep_k))}")
+            with make_runner(backend, path, threads=threads, optimize=optimize, keep_rate=r) as runner:
                 step(i + 0.3, f"keep {r:g}: {len(x)} images")
                 logits = predict(runner, x)
                 row = {
@@ -214,7 +221,8 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
         "settings": {"ratios": ratios, "batch": batches, "runs": runs, "warmup": max(warmup, 1),
                      "min_time_s": min_time, "threads": threads,
                      "optimize": optimize if backend == "ort" else None,
-                     "score_mode": "folded", "timing": "bench.timing.bench_batch, interleaved with dense"},
+                     "score_mode": "folded", "timing": "bench.timing.bench_batch, interleaved with dense",
+                     "elastic": path.name},
         "environment": env,
         "results": rows,
         "dense": dense,

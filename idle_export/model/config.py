@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from idle_export.errors import BadInputError
 
@@ -77,6 +77,20 @@ def check_keep_rate(rate: float) -> float:
             f"keep rate {rate} is outside (0, 1]", "pass a fraction such as --keep 0.7"
         )
     return rate
+
+
+def schedule_exponents(arch: str, num_idle: int) -> tuple[int, ...]:
+    """The exponent p of keep_rate**p of each of `num_idle` idle layers: the i-th keeps
+    r**(i//G + 1) as in the official scripts (groups of G: three for DeiT, four for LV-ViT-S, five
+    for LV-ViT-M). Every preset schedule (SCHEDULES, LVVIT_ARCHS) follows this rule."""
+    group = len(LVVIT_ARCHS[arch]["idle_layers"]) // 3 if arch in LVVIT_ARCHS else 3
+    return tuple(i // group + 1 for i in range(num_idle))
+
+
+def schedule_k(num_patches: int, keep_rate: float, exponents) -> tuple[int, ...]:
+    """The official K rule, K = int(N * keep_rate ** p) in Python floats, per exponent: the one
+    place it is written (the elastic graph's threshold tables, onnx.elastic, are derived from it)."""
+    return tuple(int(num_patches * keep_rate**p) for p in exponents)
 
 
 @dataclass(frozen=True)
@@ -151,10 +165,8 @@ class ModelSpec:
         if schedule not in SCHEDULES:
             raise BadInputError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         preset_layers, preset_pows = SCHEDULES[schedule]
-        group = 3  # the official groups: idle layers per power of r
         if arch in LVVIT_ARCHS:
             preset_layers, preset_pows = LVVIT_ARCHS[arch]["idle_layers"], LVVIT_ARCHS[arch]["exponents"]
-            group = len(preset_layers) // 3
         layers = tuple(preset_layers if idle_layers is None else idle_layers)
         if keep_k is not None:
             if keep_rate is not None:
@@ -167,10 +179,8 @@ class ModelSpec:
                     "pass --keep 0.7 (the rate the model was trained with) or --keep-k",
                 )
             keep_rate = check_keep_rate(keep_rate)
-            # p-th idle layer keeps r**(p//G + 1) as in the official scripts (groups of G: three for
-            # DeiT, four for LV-ViT-S, five for LV-ViT-M)
-            pows = preset_pows if idle_layers is None else tuple(i // group + 1 for i in range(len(layers)))
-            ks = tuple(int(n * keep_rate**p) for p in pows)
+            pows = preset_pows if idle_layers is None else schedule_exponents(arch, len(layers))
+            ks = schedule_k(n, keep_rate, pows)
         return cls(arch=arch, keep_rate=keep_rate, idle_layers=layers, keep_k=ks,
                    num_classes=num_classes, img_size=img_size, **(dims or {}))
 
@@ -191,6 +201,22 @@ class ModelSpec:
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def exponents(self) -> tuple[int, ...]:
+        """The exponent p of keep_rate**p of each idle layer (schedule_exponents)."""
+        return schedule_exponents(self.arch, len(self.idle_layers))
+
+    @property
+    def follows_schedule(self) -> bool:
+        """Whether K per layer is the schedule's at keep_rate (not explicit --keep-k)."""
+        return (self.keep_rate is not None
+                and self.keep_k == schedule_k(self.num_patches, self.keep_rate, self.exponents))
+
+    def at_rate(self, keep_rate: float) -> ModelSpec:
+        """The same model at another keep rate: K per idle layer recomputed by the schedule."""
+        rate = check_keep_rate(keep_rate)
+        return replace(self, keep_rate=rate, keep_k=schedule_k(self.num_patches, rate, self.exponents))
 
     @property
     def k_by_layer(self) -> dict[int, int]:

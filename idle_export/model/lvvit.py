@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # LVVIT_ARCHS (official short names → dims, idle layers, exponents) lives in the light config
-from idle_export.model.config import LVVIT_ARCHS, SCORE_MODES, ModelSpec
+from idle_export.model.config import LVVIT_ARCHS, SCORE_MODES, ModelSpec, schedule_k
 
 PATCH_SIZE = 16  # the stem's total stride: 2 (conv1) × 8 (proj)
 SKIP_LAM = 2.0  # residual branches are divided by this (Token Labeling's skip_lam)
@@ -45,8 +45,7 @@ def lvvit_num_patches(img_size: int = 224) -> int:
 def lvvit_keep_k(arch: str, keep_rate: float, img_size: int = 224) -> tuple[int, ...]:
     """K per idle layer of `arch`: int(N * keep_rate**p) in Python floats, as the official
     `int(init_n * keep_ratios[i])` with keep_ratios[i] = base_rate**(i // G + 1)."""
-    n = lvvit_num_patches(img_size)
-    return tuple(int(n * keep_rate**p) for p in _arch(arch)["exponents"])
+    return schedule_k(lvvit_num_patches(img_size), keep_rate, _arch(arch)["exponents"])
 
 
 def lvvit_k_by_layer(arch: str, keep_rate: float, img_size: int = 224) -> dict[int, int]:

@@ -9,6 +9,7 @@ from idle_export.errors import BadInputError
 from idle_export.fileio import check_free_space, check_output_path, mapped_disk_full, output_folder, work_dir
 from idle_export.lazy import lazy_module
 from idle_export.numerics import describe_nonfinite
+from idle_export.onnx.elastic import check_elastic_spec, to_elastic
 from idle_export.onnx.io import (
     DEFAULT_OPSET,
     INPUT_NAME,
@@ -27,11 +28,12 @@ build = lazy_module("idle_export.model.build")  # torch
 
 def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                 external_data: bool = False, metadata: dict[str, str] | None = None,
-                plugin: bool = False, target: str = DEFAULT_TARGET) -> Path:
+                plugin: bool = False, target: str = DEFAULT_TARGET, elastic: bool = False) -> Path:
     """Export an IdleViT or LV-ViT (or its dense twin; a model of model.build.build_model) and
     write `path` (+ `path.data`) atomically. plugin: rewrite each idle layer's selection into
     IdleSelect/IdleScatter nodes that are also model-local functions (onnx.plugin_form).
-    target: the graph passes of where the file runs (onnx.targets; portable writes none)."""
+    target: the graph passes of where the file runs (onnx.targets; portable writes none).
+    elastic: K computed in the graph from a keep_rate input (onnx.elastic)."""
     import onnx
     import torch
 
@@ -65,21 +67,22 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
         proto.doc_string = f"IdleViT {spec.describe()}{' (dense baseline)' if model.dense else ''}"
         if plugin:
             proto = to_plugin_form(proto)
+        if elastic:
+            proto = to_elastic(proto)
         proto = apply_target(proto, target)
         install_onnx(proto, tmpdir, path, external_data=external_data, check=True)
     return path
 
 
-
-
 def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
                       emit_selection: bool = False, score_mode: str = "folded",
                       opset: int = DEFAULT_OPSET, external_data: bool = False,
-                      plugin: bool = False, target: str = DEFAULT_TARGET,
+                      plugin: bool = False, target: str = DEFAULT_TARGET, elastic: bool = False,
                       allow_nonfinite: bool = False) -> Path:
     """Checkpoint (already loaded) → ONNX with the full idle-export metadata; plugin: the
-    plugin form (IdleSelect/IdleScatter, folded scores only). Weights with NaN or inf are
-    refused unless `allow_nonfinite`."""
+    plugin form (IdleSelect/IdleScatter, folded scores only); elastic: one file for every keep
+    rate (a keep_rate input, onnx.elastic). Weights with NaN or inf are refused unless
+    `allow_nonfinite`."""
     import json
 
     output = check_output_path(Path(output), stream_ok=not external_data)
@@ -94,6 +97,8 @@ def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
         raise BadInputError(f"{ckpt.path.name} has non-finite weights: {describe_nonfinite(bad)}",
                             "fix the checkpoint (a diverged run?), or export it as it is with "
                             "--allow-nonfinite")
+    if elastic:
+        check_elastic_spec(spec, dense=dense, plugin=plugin)
     if dense:
         score_mode = "official"  # a dense layer computes every key: there is nothing to fold
     # LV-ViT: the stem's BatchNorms folded into its convs (no BatchNormalization in the graph)
@@ -109,6 +114,6 @@ def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
     if ckpt.classes:
         metadata["idle_export.classes"] = json.dumps(ckpt.classes)
     return export_onnx(model, output, opset=opset, external_data=external_data, metadata=metadata,
-                       plugin=plugin, target=target)
+                       plugin=plugin, target=target, elastic=elastic)
 
 

@@ -12,6 +12,10 @@ TensorRT-RTX parse the same set) and from what we saw fail in practice:
   layernorm-outputs    LayerNormalization: only output Y is supported
   opset                opset < 17 splits LayerNormalization (FP16 overflow); > 20 may be too new
   idle-ops             with expect_idle: TopK + GatherElements + ScatterElements per idle layer
+  elastic              an elastic file (`onnx --elastic`): each TopK's K is computed from the
+                       keep rate by the elastic K subgraph (allowed: TensorRT ≥ 8.6 takes a K
+                       shape tensor ≤ 3840); the float keep_rate input is a constant to TensorRT
+                       unless built with `trt --elastic` (integer form, keep_permille)
   plugin-ops           IdleSelect/IdleScatter (domain idle_export) of a declared plugin form
                        (`onnx --plugin`): allowed, since they are model-local functions whose
                        bodies TensorRT parses without the plugin; the bodies are linted like the
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from idle_export.numerics import describe_nonfinite
+from idle_export.onnx.elastic import ELASTIC_K_PREFIX
 from idle_export.onnx.graph import constant_tensors, mixed_float_inputs, producers, tensor_types
 from idle_export.onnx.io import MIN_OPSET, load_onnx, nonfinite_initializers
 from idle_export.onnx.metadata import OnnxMetadata
@@ -77,11 +82,13 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
     """Findings for a loaded ModelProto, most serious first (severity 'error' or 'warning')."""
     from onnx import TensorProto
 
-    findings: list[dict] = _plugin_findings(model)
+    findings: list[dict] = _plugin_findings(model) + _elastic_findings(model)
     bad = nonfinite_initializers(model)
     if bad:  # every runtime takes them; the outputs would be NaN
         findings.append(_finding("nonfinite-weights", f"{len(bad)} weight tensor(s) hold NaN or inf: "
                                  f"{describe_nonfinite(bad)}; re-export from a finite checkpoint"))
+    elastic_k = ({n.output[0] for n in model.graph.node if n.name.startswith(ELASTIC_K_PREFIX)}
+                 if OnnxMetadata.of(model).elastic else set())
     if model.functions:
         model = inline(model)  # what TensorRT without the plugin parses: the function bodies
     g = model.graph
@@ -123,7 +130,9 @@ def lint_model(model, *, expect_idle: bool = False) -> list[dict]:
         if op == "TopK":
             k_name = node.input[1] if len(node.input) > 1 else ""
             k = _constant_k(k_name, made_by, inits, constants)
-            if k is None and k_name not in const:
+            if k_name in elastic_k:
+                pass  # the elastic form's K (checked once in _elastic_findings)
+            elif k is None and k_name not in const:
                 findings.append(_finding("topk-k", "TopK's K is computed at run time; TensorRT needs a "
                                          "constant K (export K as a Python int)", node, i))
             elif k is None:
@@ -196,6 +205,33 @@ def _constant_k(name: str, made_by: dict, inits: dict, constants: dict):
             return value
         name = node.input[0]
     return None
+
+
+def _elastic_findings(model) -> list[dict]:
+    """An elastic file: every TopK's K from the elastic K subgraph, its input declared, N ≤ 3840;
+    a warning that TensorRT reads the float form's keep_rate (an input with a default) as a
+    constant unless built with `trt --elastic`."""
+    info = OnnxMetadata.of(model).elastic
+    if info is None:
+        return []
+    g = model.graph
+    k_names = {n.output[0] for n in g.node if n.name.startswith(ELASTIC_K_PREFIX) and n.op_type == "Add"}
+    out = []
+    for i, node in enumerate(g.node):
+        if node.op_type == "TopK" and (len(node.input) < 2 or node.input[1] not in k_names):
+            out.append(_finding("elastic", "an elastic file's TopK whose K is not the elastic K "
+                                "(elastic_k_p*): re-export with `idle-export onnx --elastic`", node, i))
+    name = info.get("input")
+    if name not in {i.name for i in g.input}:
+        out.append(_finding("elastic", f"the elastic input {name!r} is not a graph input"))
+    elif name in {t.name for t in g.initializer}:
+        out.append(_finding("elastic", f"{name!r} is a float input with a default: TensorRT builds it as "
+                            "a constant (an engine fixed at that rate); `idle-export trt --elastic` keeps "
+                            "the rate variable (int64 shape input keep_permille)", severity="warning"))
+    n = OnnxMetadata.of(model).spec.num_patches
+    if n > TOPK_MAX:
+        out.append(_finding("elastic", f"K can reach {n}, above TensorRT's TopK limit of {TOPK_MAX}"))
+    return out
 
 
 def _plugin_findings(model) -> list[dict]:

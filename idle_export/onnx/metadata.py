@@ -83,6 +83,13 @@ class OnnxMetadata:
         return self.get("form", "standard")
 
     @property
+    def elastic(self) -> dict | None:
+        """The elastic form's record (`idle-export onnx --elastic`: input, default rate,
+        exponents, min_rate, clamp rule; onnx.elastic), or None for a fixed-K file."""
+        value = self.get("elastic")
+        return value if isinstance(value, dict) else None
+
+    @property
     def precision(self) -> str:
         return self.get("precision", "fp32")
 

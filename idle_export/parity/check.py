@@ -17,6 +17,7 @@ from idle_export.lazy import lazy_module
 from idle_export.model.checkpoint import Checkpoint, load_checkpoint
 from idle_export.model.config import TOLERANCES, Tolerances
 from idle_export.numerics import describe_nonfinite
+from idle_export.onnx.elastic import elastic_feed
 from idle_export.onnx.io import load_onnx, nonfinite_initializers
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.compare import compare_on_images, compare_runners, labels_from_folders
@@ -47,8 +48,8 @@ def tolerance_for(meta: OnnxMetadata) -> Tolerances:
 def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
                seed: int = 0, threads: int | None = None, images=None, num: int = 0,
-               max_abs: float | None = None, backend: str = "ort", save_outputs=None,
-               load_outputs=None) -> dict:
+               max_abs: float | None = None, backend: str = "ort", keep_rate: float | None = None,
+               save_outputs=None, load_outputs=None) -> dict:
     """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
     path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
     which model and preprocessing to use.
@@ -60,7 +61,9 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     model's classes, accuracy is reported too. `backend` runs the candidate: ort (ONNX Runtime
     CPU) or openvino (OpenVINO CPU, FP32 unless the file is INT8); the reference always runs
     on torch or ONNX Runtime, or is a run saved earlier (`load_outputs`, parity.saved);
-    `save_outputs` keeps both runs' outputs for a later comparison elsewhere."""
+    `save_outputs` keeps both runs' outputs for a later comparison elsewhere. `keep_rate` runs an
+    elastic file (`onnx --elastic`) at that rate, against torch built at that rate (or the
+    reference file at that rate)."""
     if backend not in CHECK_BACKENDS:
         raise BadInputError(f"--backend {backend!r} is not one of {', '.join(CHECK_BACKENDS)}",
                             "use --backend ort (ONNX Runtime) or --backend openvino")
@@ -71,6 +74,9 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     meta = OnnxMetadata.of(proto)
     spec = meta.spec
     dense = meta.dense
+    elastic_feed(meta, keep_rate, Path(onnx_path).name)  # a fixed-K file runs at its own rate only
+    if keep_rate is not None and meta.elastic:
+        spec = spec.at_rate(keep_rate)  # the torch reference's K (BadInputError below min_rate)
     check_batch_fits(spec, max(batch_sizes))
     warnings = []
     if sum(x is not None for x in (ckpt_path, against, load_outputs)) != 1:
@@ -101,13 +107,16 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     elif load_outputs is not None:
         reference = load_outputs_file(load_outputs)
     else:
-        if OnnxMetadata.of(load_onnx(against)).precision != "fp32":
+        ref_meta = OnnxMetadata.of(load_onnx(against))
+        if ref_meta.precision != "fp32":
             warnings.append(f"the reference {Path(against).name} is not FP32")
-        reference = OrtRunner(against, selection=not dense, threads=threads)
+        ref_rate = None if ref_meta.dense else keep_rate  # a dense reference has no rate to set
+        reference = OrtRunner(against, selection=not (dense or ref_meta.dense), threads=threads,
+                              keep_rate=ref_rate)
     if backend == "openvino":
-        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads)
+        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
     else:
-        candidate = OrtRunner(onnx_path, selection=not dense, threads=threads)
+        candidate = OrtRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
     if save_outputs is not None:
         candidate, reference = Recorder(candidate), Recorder(reference)
     n = max(batch_sizes)
@@ -136,7 +145,8 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     report["precision"] = precision
     report["backend"] = backend
     report["model"] = spec.describe() + (" (dense)" if dense else "") + (
-        f" [{precision}]" if precision != "fp32" else "")
+        f" [{precision}]" if precision != "fp32" else "") + (" (elastic file)" if meta.elastic else "")
+    report["keep_rate"] = spec.keep_rate
     report["warnings"] = warnings
     return report
 
@@ -150,10 +160,12 @@ def save_outputs_of(path, recorders, inputs: dict, batch_sizes, seed: int, image
 
 def check_engine_against(engine: str | Path, onnx_path: str | Path | None, *, batch_sizes=(1, 7, 32),
                          input_sets=("noise", "photos"), tol=None, seed: int = 0,
-                         threads: int | None = None, save_outputs=None, load_outputs=None) -> dict:
+                         threads: int | None = None, keep_rate: float | None = None, save_outputs=None,
+                         load_outputs=None) -> dict:
     """`idle-export check X.engine --against Y.onnx`: TensorRT on the GPU against ONNX Runtime
     (FP32, CPU) on the same inputs, with the tolerance of the engine's precision; or against a
-    run saved on another machine (`load_outputs`, e.g. Y.onnx checked with --save-outputs)."""
+    run saved on another machine (`load_outputs`, e.g. Y.onnx checked with --save-outputs);
+    keep_rate: an elastic engine and file at that rate."""
 
     info = inspect_engine(engine)  # sidecar problems surface before the GPU question
     if (onnx_path is None) == (load_outputs is None):
@@ -171,9 +183,9 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path | None, *, ba
     inputs = {name: input_set(name, max(sizes), spec, seed=seed) for name in input_sets}
     tol = tol or TOLERANCES[info["precision"]]
     selection = bool(info.get("selection_outputs"))
-    candidate = TrtRunner(engine)
+    candidate = TrtRunner(engine, keep_rate=keep_rate)
     if reference is None:
-        reference = OrtRunner(onnx_path, selection=selection, threads=threads)
+        reference = OrtRunner(onnx_path, selection=selection, threads=threads, keep_rate=keep_rate)
     if save_outputs is not None:
         candidate, reference = Recorder(candidate), Recorder(reference)
     report = compare_runners(candidate, reference, inputs, sizes, tol)

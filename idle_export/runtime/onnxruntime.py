@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from idle_export.deps import import_onnxruntime as _import_ort
+from idle_export.onnx.elastic import elastic_feed
 from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import optimize_model_proto
@@ -76,8 +77,10 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
                  providers: list[str] | None = None, threads: int | None = None,
-                 optimize: bool = False):
+                 optimize: bool = False, keep_rate: float | None = None):
         self.path = Path(path)
+        self.keep_rate = keep_rate  # an elastic file's keep_rate input (None: the file's default)
+        self._extra: dict = {}
         self.name = name or f"onnxruntime:{self.path.name}"
         self.selection = selection
         self.providers = providers or ["CPUExecutionProvider"]
@@ -113,13 +116,18 @@ class OrtRunner(Runner):
         opts = session_options(ort, threads=self.threads)
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=self.providers)
         self.input_name = self.session.get_inputs()[0].name
+        self._extra = elastic_feed(meta, self.keep_rate, self.path.name)
+        self._meta = meta
 
     def deactivate(self) -> None:
         self.session = None
 
     def infer(self, feed):
         names = ["logits", *self._topk, *self._scores]
-        values = self.session.run(names, {self.input_name: feed["images"].astype(np.float32, copy=False)})
+        extra = self._extra if feed.get("keep_rate") is None else \
+            elastic_feed(self._meta, feed["keep_rate"], self.path.name)  # a rate for this call only
+        values = self.session.run(names, {self.input_name: feed["images"].astype(np.float32, copy=False),
+                                          **extra})
         result = {"logits": values[0]}
         n = len(self._topk)
         for layer, idx in zip(self.idle_layers, values[1:1 + n], strict=False):

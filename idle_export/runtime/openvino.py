@@ -22,6 +22,7 @@ import numpy as np
 
 from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, MissingDependencyError
+from idle_export.onnx.elastic import elastic_feed, without_default
 from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import optimize_model_proto
@@ -54,8 +55,10 @@ class OpenVinoRunner(Runner):
     """An ONNX file compiled by OpenVINO for the CPU, FP32 (INT8 where the file is quantized)."""
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
-                 threads: int | None = None, optimize: bool = False):
+                 threads: int | None = None, optimize: bool = False, keep_rate: float | None = None):
         self.path = Path(path)
+        self.keep_rate = keep_rate  # an elastic file's keep_rate input (None: the file's default)
+        self._extra: dict = {}
         self.name = name or f"openvino:{self.path.name}"
         self.selection = selection
         self.threads = threads
@@ -79,9 +82,15 @@ class OpenVinoRunner(Runner):
         self.score_mode = meta.score_mode if meta.has_spec else None
         todo = missing_passes(meta, "openvino") if self.optimize else ()
         self.passes_at_load = list(todo)
+        # OpenVINO reads an input with a default as a constant: an elastic file's keep_rate loses
+        # its default (without_default) and is always fed, the file's default when none is asked
+        self._extra = elastic_feed(meta, self.keep_rate, self.path.name)
+        self._meta = meta
+        if meta.elastic and not self._extra:
+            self._extra = elastic_feed(meta, meta.elastic["default"], self.path.name)
         core = ov.Core()
         try:
-            if self.selection or todo:
+            if self.selection or todo or meta.elastic:
                 model = core.read_model(self._edited(meta, todo).SerializeToString())
             else:
                 model = core.read_model(str(self.path))
@@ -115,7 +124,7 @@ class OpenVinoRunner(Runner):
             expose_outputs(proto, [name for _, name in self._selection], self._scores)
         if passes:
             proto = optimize_model_proto(inline(proto) if plugin else proto, passes)
-        return proto
+        return without_default(proto) if meta.elastic else proto
 
     def deactivate(self) -> None:
         self.request = None
@@ -123,7 +132,9 @@ class OpenVinoRunner(Runner):
 
     def infer(self, feed):
         images = np.ascontiguousarray(feed["images"], dtype=np.float32)
-        out = self.request.infer({"images": images})
+        extra = self._extra if feed.get("keep_rate") is None else \
+            elastic_feed(self._meta, feed["keep_rate"], self.path.name)  # a rate for this call only
+        out = self.request.infer({"images": images, **extra})
         # copies (np.array): the request reuses its output buffers on the next call
         result = {"logits": np.array(out[self.compiled.output("logits")])}
         for key, name in self._selection:

@@ -6,6 +6,7 @@ Our own code only checks, before any GPU work, that the engine's sidecar matches
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
 from idle_export.hardware import gpu_info
+from idle_export.onnx.elastic import permille
 from idle_export.runtime.base import Runner
 from idle_export.trt.flavour import FLAVOUR_NAMES, import_trt
 from idle_export.trt.sidecar import compatibility_problems, inspect_engine
@@ -39,6 +41,24 @@ def import_polygraphy_trt(flavour: str):
     return pg_trt
 
 
+def engine_keep_feed(sidecar: dict, keep_rate: float | None, what: str) -> dict:
+    """The keep_permille feed of an elastic engine (its default when keep_rate is None); {} for
+    a fixed-K engine asked for no rate. A rate outside the engine's profile range is refused."""
+    info = sidecar.get("elastic")
+    if not info:
+        own = sidecar.get("model", {}).get("idle_export.keep_rate")
+        if keep_rate is not None and (own is None or np.float32(json.loads(own)) != np.float32(keep_rate)):
+            raise BadInputError(f"{what} is a fixed-K engine; it runs at no other keep rate",
+                                "build it from an elastic file: idle-export trt MODEL.onnx --elastic")
+        return {}
+    value = info["default"] if keep_rate is None else permille(keep_rate)
+    if not info["min"] <= value <= info["max"]:
+        raise BadInputError(f"keep rate {value / info['scale']:g} is outside {what}'s range "
+                            f"{info['min'] / info['scale']:g}..{info['max'] / info['scale']:g}",
+                            "rebuild with a wider --keep-range MIN:OPT:MAX")
+    return {info["input"]: np.asarray(value, dtype=np.int64)}
+
+
 class TrtRunner(Runner):
     """A TensorRT engine on GPU 0 (`with r: out = r.infer({"images": x})`).
 
@@ -46,8 +66,10 @@ class TrtRunner(Runner):
     (flavour/version, compute capability) and, without a GPU, raises MissingDependencyError.
     """
 
-    def __init__(self, engine: str | Path, *, name: str | None = None):
+    def __init__(self, engine: str | Path, *, name: str | None = None, keep_rate: float | None = None):
         self.path = Path(engine)
+        self.keep_rate = keep_rate  # an elastic engine's rate (`trt --elastic`; None: the default)
+        self._extra: dict = {}
         self.name = name or f"tensorrt:{self.path.name}"
         self.sidecar: dict = {}
         self._runner = None
@@ -75,6 +97,7 @@ class TrtRunner(Runner):
         if problems:
             raise BadInputError(f"{self.path.name}: {problems[0]}",
                                 "rebuild it on this machine (or with --target for this GPU)")
+        self._extra = engine_keep_feed(self.sidecar, self.keep_rate, self.path.name)
         pg_trt = import_polygraphy_trt(flavour)
         profile = self.sidecar["profiles"][0]
         self.input_name = profile["input"]
@@ -93,5 +116,7 @@ class TrtRunner(Runner):
             raise BadInputError(f"batch {x.shape[0]} is outside the engine's profile "
                                 f"{self.min_batch}..{self.max_batch}",
                                 "rebuild with a wider --batch MIN:OPT:MAX")
-        out = self._runner.infer({self.input_name: x})
+        extra = self._extra if feed.get("keep_rate") is None else \
+            engine_keep_feed(self.sidecar, feed["keep_rate"], self.path.name)  # this call only
+        out = self._runner.infer({self.input_name: x, **extra})
         return {name: np.array(value) for name, value in out.items()}

@@ -14,7 +14,8 @@ import numpy as np
 from idle_export.data.images import open_rgb
 from idle_export.data.inputs import eval_transform
 from idle_export.errors import BadInputError, MissingDependencyError
-from idle_export.model.config import IMAGENET_MEAN, IMAGENET_STD
+from idle_export.model.config import IMAGENET_MEAN, IMAGENET_STD, check_keep_rate
+from idle_export.onnx.elastic import KEEP_RATE_INPUT
 from idle_export.serve.config import SERVE_PIP, metadata_from_parameters
 
 MAX_WAIT_S = 3600
@@ -79,9 +80,10 @@ def _spec_from_parameters(params: dict[str, str], dims: list[int]):
 
 
 def query(url: str, images: list[str | Path], *, model: str | None = None, top: int = 5, repeat: int = 1,
-          timeout_s: float = 60.0, wait_s: float = 0.0) -> dict:
+          timeout_s: float = 60.0, wait_s: float = 0.0, keep_rate: float | None = None) -> dict:
     """Top-k classes of each image and request latency from a Triton server (KServe v2 HTTP);
-    `wait_s`: how long to wait for a server that is still starting to be ready."""
+    `wait_s`: how long to wait for a server that is still starting to be ready; keep_rate: sent
+    as the elastic model's keep_rate input (serve.elastic)."""
     if top < 1:
         raise BadInputError(f"--top {top} must be at least 1", "e.g. --top 5")
     if repeat < 1:
@@ -94,6 +96,8 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
                             "e.g. --wait 60")
     if not images:
         raise BadInputError("no image given", "pass one or more image files")
+    if keep_rate is not None:
+        keep_rate = check_keep_rate(keep_rate)
     pil = load_images(images)
     client = _client(url, timeout_s)  # exit 3 naming the serve extra when tritonclient is missing
     from tritonclient.utils import InferenceServerException
@@ -106,6 +110,9 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
         except InferenceServerException as e:
             raise BadInputError(f"model {name!r}: {_server_error(e)}", "check --model") from None
         inp, out = cfg["input"][0], cfg["output"][0]
+        if keep_rate is not None and KEEP_RATE_INPUT not in [t["name"] for t in cfg["input"]]:
+            raise BadInputError(f"model {name} has no keep_rate input: it is not an elastic export",
+                                "serve a file written by `idle-export onnx --elastic`, or drop --keep-rate")
         if inp.get("data_type") != "TYPE_FP32":
             raise BadInputError(f"model {name} takes {inp.get('data_type')}, not an FP32 image",
                                 "query a model written by `idle-export serve repo`")
@@ -124,9 +131,14 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
                 part = x[start:start + max_batch]
                 tensor = httpclient.InferInput(inp["name"], list(part.shape), "FP32")
                 tensor.set_data_from_numpy(part)
+                sent = [tensor]
+                if keep_rate is not None:  # one rate per request (serve.elastic)
+                    rate = httpclient.InferInput(KEEP_RATE_INPUT, [1], "FP32")
+                    rate.set_data_from_numpy(np.asarray([keep_rate], dtype=np.float32))
+                    sent.append(rate)
                 t0 = time.perf_counter()
                 try:
-                    res = client.infer(name, [tensor], outputs=[httpclient.InferRequestedOutput(out["name"])])
+                    res = client.infer(name, sent, outputs=[httpclient.InferRequestedOutput(out["name"])])
                 except InferenceServerException as e:
                     raise BadInputError(f"the server refused the request: {_server_error(e)}",
                                         "check the model's input shape") from None
@@ -137,7 +149,7 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
         client.close()
     return {"url": url, "model": name, "images": [str(p) for p in images],
             "results": topk_report(logits, classes, top, [str(p) for p in images]),
-            "latency_ms": _latency(latencies), "requests": len(latencies),
+            "latency_ms": _latency(latencies), "requests": len(latencies), "keep_rate": keep_rate,
             "warnings": [warning] if warning else []}
 
 

@@ -60,8 +60,10 @@ TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64"
 class TensorConfig:
     name: str
     data_type: str  # Triton TYPE_*
-    dims: list[int]  # without the batch dimension
+    dims: list[int]  # without the batch dimension (with it, -1, when max_batch_size is 0)
     label_filename: str | None = None
+    optional: bool = False  # a request may leave it out (an elastic file's keep_rate)
+    reshape: list[int] | None = None  # what the model sees ([] : a scalar)
 
 
 @dataclass
@@ -112,15 +114,20 @@ def render_config(cfg: RepoConfig) -> str:
                           f"    dims: [ {', '.join(str(d) for d in t.dims)} ]"])
             if t.label_filename:
                 lines.append(f"    label_filename: {_pb_string(t.label_filename)}")
+            if t.reshape is not None:
+                lines.append(f"    reshape: {{ shape: [ {', '.join(str(d) for d in t.reshape)} ] }}")
+            if t.optional:
+                lines.append("    optional: true")
             lines.append("  }," if i + 1 < len(items) else "  }")
         lines.append("]")
 
     tensors("input", cfg.inputs)
     tensors("output", cfg.outputs)
-    lines += ["dynamic_batching {",
-              f"  preferred_batch_size: [ {', '.join(str(b) for b in cfg.preferred_batch_sizes)} ]",
-              f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}", "}",
-              f"instance_group [ {{ count: {cfg.instance_count}, kind: {cfg.instance_kind} }} ]"]
+    if cfg.max_batch_size > 0:  # (an elastic model is served unbatched: serve.elastic)
+        lines += ["dynamic_batching {",
+                  f"  preferred_batch_size: [ {', '.join(str(b) for b in cfg.preferred_batch_sizes)} ]",
+                  f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}", "}"]
+    lines += [f"instance_group [ {{ count: {cfg.instance_count}, kind: {cfg.instance_kind} }} ]"]
     if cfg.accelerator:
         where = "gpu" if cfg.accelerator == "tensorrt" else "cpu"
         params = "".join(f" parameters {{ key: {_pb_string(k)} value: {_pb_string(v)} }}"
@@ -193,7 +200,8 @@ def validate_config(text: str, cfg: RepoConfig) -> bool:
     parsed = {
         "name": pb.name, "platform": pb.platform, "max_batch_size": pb.max_batch_size,
         "num_versions": pb.version_policy.latest.num_versions,
-        "inputs": [(t.name, dtype_name(t.data_type), list(t.dims), "") for t in pb.input],
+        "inputs": [(t.name, dtype_name(t.data_type), list(t.dims), "", t.optional,
+                    list(t.reshape.shape) if t.HasField("reshape") else None) for t in pb.input],
         "outputs": [(t.name, dtype_name(t.data_type), list(t.dims), t.label_filename) for t in pb.output],
         "preferred": list(pb.dynamic_batching.preferred_batch_size),
         "delay": pb.dynamic_batching.max_queue_delay_microseconds,
@@ -204,7 +212,8 @@ def validate_config(text: str, cfg: RepoConfig) -> bool:
     wanted = {
         "name": cfg.name, "platform": cfg.platform, "max_batch_size": cfg.max_batch_size,
         "num_versions": cfg.num_versions,
-        "inputs": [(t.name, t.data_type, t.dims, t.label_filename or "") for t in cfg.inputs],
+        "inputs": [(t.name, t.data_type, t.dims, t.label_filename or "", t.optional, t.reshape)
+                   for t in cfg.inputs],
         "outputs": [(t.name, t.data_type, t.dims, t.label_filename or "") for t in cfg.outputs],
         "preferred": cfg.preferred_batch_sizes, "delay": cfg.max_queue_delay_us,
         "instances": [(cfg.instance_count, cfg.instance_kind)], "parameters": cfg.parameters,

@@ -50,6 +50,7 @@ from idle_export.serve.config import (
     sanitize_name,
     validate_config,
 )
+from idle_export.serve.elastic import serve_elastic
 from idle_export.trt.sidecar import inspect_engine
 
 
@@ -209,6 +210,8 @@ def _write_repository(model: str | Path, output: Path, *, name: str | None = Non
                      instance_count=instances, instance_kind=KINDS[kind], parameters=params,
                      comment=f"written by idle-export {__version__}", accelerator=accelerator,
                      accelerator_parameters=accel_params)
+    if serve_elastic(cfg, meta, engine_info, warnings):  # keep_rate per request, never batched together
+        max_batch, preferred, queue_delay_us = 0, [], 0
     if taken:
         _check_same_io(final, cfg, version)
     text = render_config(cfg)

@@ -23,6 +23,7 @@ from idle_export.errors import BadInputError, IdleExportError, MissingDependency
 from idle_export.fileio import check_output_path
 from idle_export.runtime.onnxruntime import OrtRunner
 from idle_export.serve.config import ONNX_PLATFORM, SERVE_PIP, TRITON_TO_NUMPY, model_config_pb2
+from idle_export.serve.elastic import is_unbatched_elastic, rate_feed, run_requests
 from idle_export.serve.guard import DEFAULT_MAX_INPUT, ELEMENT_BYTES, Guard
 from idle_export.serve.process import LOG_NOISE, Drain, crash_cause, process_tree, stop_leftovers
 from idle_export.serve.reader import RepoModel, read_repository
@@ -98,8 +99,8 @@ def input_limit(models: list[RepoModel], requested: int | None) -> tuple[int, li
     pb2 = model_config_pb2()
     full = {}
     for m in models:
-        per_item = sum(math.prod(t.dims) * ELEMENT_BYTES.get(pb2.DataType.Name(t.data_type)[5:], 4)
-                       for t in m.config.input)
+        per_item = sum(math.prod(d for d in t.dims if d > 0)  # (-1: an unbatched model's batch dim)
+                       * ELEMENT_BYTES.get(pb2.DataType.Name(t.data_type)[5:], 4) for t in m.config.input)
         full[m.name] = (per_item, max(1, m.config.max_batch_size))
     if requested is None:
         return max([DEFAULT_MAX_INPUT] + [p * b for p, b in full.values()]), []
@@ -124,6 +125,7 @@ class _OrtModel:
         runner.activate()
         self.session = runner.session
         have_in = {i.name for i in self.session.get_inputs()}
+        have_in |= {i.name for i in self.session.get_overridable_initializers()}  # inputs with a default
         have_out = {o.name for o in self.session.get_outputs()}
         self.inputs = [t.name for t in rm.config.input]
         self.outputs = [t.name for t in rm.config.output]
@@ -139,8 +141,9 @@ class _OrtModel:
         self.lock = threading.Lock()
 
     def __call__(self, **inputs):
+        feed = rate_feed({k: inputs[k] for k in self.inputs if k in inputs})  # (optional keep_rate)
         with self.lock:
-            values = self.session.run(self.outputs, {k: inputs[k] for k in self.inputs})
+            values = self.session.run(self.outputs, feed)
         return {name: _as_dtype(v, dt) for name, v, dt in zip(self.outputs, values, self.dtypes, strict=True)}
 
 
@@ -245,15 +248,18 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
     drain = guard = None
     try:
         for m in served:
-            funcs = [batch(rt) for rt in runtimes[m.name]]
-            inputs = [Tensor(name=t.name, dtype=_numpy_dtype(pb2, t.data_type), shape=tuple(t.dims))
-                      for t in m.config.input]
+            unbatched = is_unbatched_elastic(m.config)  # each request alone, at its own keep rate
+            funcs = [(lambda requests, rt=rt: run_requests(rt, requests)) if unbatched else batch(rt)
+                     for rt in runtimes[m.name]]
+            inputs = [Tensor(name=t.name, dtype=_numpy_dtype(pb2, t.data_type), shape=tuple(t.dims),
+                             optional=t.optional) for t in m.config.input]
             outputs = [Tensor(name=t.name, dtype=_numpy_dtype(pb2, t.data_type), shape=tuple(t.dims))
                        for t in m.config.output]
             db = m.config.dynamic_batching
             batcher = DynamicBatcher(preferred_batch_size=list(db.preferred_batch_size) or None,
                                      max_queue_delay_microseconds=db.max_queue_delay_microseconds)
-            mc = ModelConfig(max_batch_size=max(1, m.config.max_batch_size), batcher=batcher)
+            mc = (ModelConfig(batching=False) if unbatched else
+                  ModelConfig(max_batch_size=max(1, m.config.max_batch_size), batcher=batcher))
             triton.bind(model_name=m.name, infer_func=funcs if len(funcs) > 1 else funcs[0],
                         inputs=inputs, outputs=outputs, config=mc, model_version=m.version, strict=True)
             _add_parameters(triton, m)

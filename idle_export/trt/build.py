@@ -31,6 +31,7 @@ from idle_export.fileio import (
     sha256_file,
 )
 from idle_export.hardware import gpu_info
+from idle_export.onnx.elastic import PERMILLE, permille, to_integer_form
 from idle_export.onnx.fp16 import fp16_onnx, score_path_nodes
 from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
 from idle_export.trt import plugin as trt_plugin
@@ -58,14 +59,17 @@ from idle_export.trt.sidecar import SIDECAR_FORMAT, sidecar_path, trtexec_comman
 def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64), target: str | None = None,
                  timing_cache: str | Path | None = None, workspace: int | None = None,
                  verbose: bool = False, output: str | Path | None = None, flavour: str | None = None,
-                 selection: bool = False, plugin: bool = False, echo: Callable[[str], None] | None = None
-                 ) -> dict:
+                 selection: bool = False, plugin: bool = False, echo: Callable[[str], None] | None = None,
+                 keep_range: tuple[int, int, int] | None = None) -> dict:
     """Build ENGINE (+ ENGINE.json) from an ONNX file; returns the sidecar dict (with timings).
 
     precision: fp32 | fp16 | int8 (int8 needs Q/DQ nodes in the ONNX); batch: (min, opt, max);
     target: compute capability for a TensorRT-RTX cross-build ('sm89'); workspace in MiB;
     selection: also output each TopK's indices as selection_layer{L} (for parity checks);
     plugin: a plugin-form ONNX with the fused kernels as TensorRT AOT plugins (trt/plugin.py).
+    keep_range: an elastic file (`onnx --elastic`) built with its rate as the int64 shape input
+    keep_permille, profile (min, opt, max) in thousandths (onnx.elastic.to_integer_form; the
+    graph the parser reads is written beside the engine as NAME.elastic.onnx).
 
     Polygraphy's loader chain (NetworkFromOnnxPath → CreateConfig → EngineBytesFromNetwork) has no
     compute-capability targets for TensorRT-RTX cross-builds and no FP32 pinning of the score path
@@ -86,16 +90,23 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
     if workspace is not None and workspace < 1:
         raise BadInputError(f"--workspace {workspace} MiB must be at least 1", "e.g. --workspace 4096")
     model, flavour, inlined = trt_plugin.prepare(onnx, load_onnx(onnx), plugin, precision, target, flavour)
+    source = onnx
+    if keep_range is not None:
+        model = to_integer_form(model)
+        source = output.with_name(f"{output.name.removesuffix('.engine')}.elastic.onnx")
     facts = onnx_facts(model)
     check_graph(onnx, model, facts, precision, batch)
     check_free_space(output_folder(output), _space_needed(onnx, precision, facts), output)
     trt, target, gpu = _choose_trt(flavour, target, echo)
     # a failed or interrupted build leaves nothing behind, not even the graph it wrote for the
-    # parser (FP16, inlined or plugin copy), nor an engine without its sidecar
+    # parser (FP16, inlined, plugin copy or elastic integer form), nor an engine without its sidecar
     written: list[Path] = []
     try:
         parsed, fp16_report, strongly_typed, plugin_info = trt_plugin.graph_to_parse(
-            _graph_to_parse, trt, model, facts, onnx, output, precision, selection, plugin, inlined, echo)
+            _graph_to_parse, trt, model, facts, source, output, precision, selection, plugin, inlined, echo)
+        if parsed == source != onnx:  # the elastic integer form, parsed as it is
+            echo(f"elastic: writing {source.name} (keep_permille, an int64 shape input)")
+            atomic_write_bytes(source, model.SerializeToString())
         fp32_layers = sorted(score_path_nodes(model)) if precision == "fp16" and not strongly_typed else []
 
         if parsed != onnx:
@@ -103,7 +114,7 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
         with Interruptible(trt) as interrupt:
             data, network, config, name, chw, seconds, cache_note, selection_outputs, _parser = _build(
                 trt, parsed, facts, batch, precision, strongly_typed, fp32_layers, target, workspace,
-                timing_cache, selection, verbose, echo, interrupt, plugin_info)
+                timing_cache, selection, verbose, echo, interrupt, plugin_info, keep_range)
         if timing_cache is not None and trt.flavour == "tensorrt":
             atomic_write_bytes(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
         io = [_tensor_desc(network.get_input(i)) for i in range(network.num_inputs)] + \
@@ -121,6 +132,9 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
             "precision": precision,
             "profiles": [{"input": name, "min": [batch[0], *chw], "opt": [batch[1], *chw],
                           "max": [batch[2], *chw]}],
+            "elastic": keep_range and {"input": facts["shape_input"], "scale": PERMILLE,
+                                       "min": keep_range[0], "opt": keep_range[1], "max": keep_range[2],
+                                       "default": permille(facts["metadata"].elastic["default"])},
             "io": io,
             "onnx": {"path": onnx.name, "sha256": sha256_file(onnx)},
             "built_from": {"path": parsed.name, "sha256": sha256_file(parsed)} if parsed != onnx else None,
@@ -147,7 +161,8 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
 
 def _build(trt: TrtInfo, parsed: Path, facts: dict, batch, precision: str, strongly_typed: bool,
            fp32_layers: list[str], target: str | None, workspace: int | None, timing_cache,
-           selection: bool, verbose: bool, echo, interrupt: Interruptible, plugin_info: dict | None):
+           selection: bool, verbose: bool, echo, interrupt: Interruptible, plugin_info: dict | None,
+           keep_range: tuple[int, int, int] | None = None):
     """Parse and build; returns the plan bytes and what the sidecar records about the build."""
     mod = trt.module
     logger = make_logger(trt, verbose, echo)
@@ -161,6 +176,8 @@ def _build(trt: TrtInfo, parsed: Path, facts: dict, batch, precision: str, stron
     name = network.get_input(0).name
     chw = tuple(facts["shape"][1:])
     profile.set_shape(name, (batch[0], *chw), (batch[1], *chw), (batch[2], *chw))
+    if keep_range is not None:  # a scalar shape input: one value each
+        profile.set_shape_input(facts["shape_input"], [keep_range[0]], [keep_range[1]], [keep_range[2]])
     config.add_optimization_profile(profile)
     _set_precision(trt, network, config, precision, strongly_typed, fp32_layers)
     if workspace is not None:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from idle_export.errors import BadInputError
+from idle_export.onnx.elastic import permille
 from idle_export.onnx.io import MAX_BATCH
 from idle_export.onnx.lint import lint_model
 from idle_export.onnx.metadata import OnnxMetadata
@@ -66,8 +67,10 @@ def onnx_facts(model) -> dict:
     from onnx import TensorProto
 
     g = model.graph
+    meta = OnnxMetadata.of(model)
     init_names = {i.name for i in g.initializer}
-    inputs = [i for i in g.input if i.name not in init_names]
+    shape_input = (meta.elastic or {}).get("input")  # the elastic TensorRT form's keep_permille
+    inputs = [i for i in g.input if i.name not in init_names and i.name != shape_input]
     if len(inputs) != 1:
         raise BadInputError(f"the ONNX graph has {len(inputs)} inputs; expected one image input",
                             "export with `idle-export onnx` (input 'images' [B,3,H,W])")
@@ -79,7 +82,6 @@ def onnx_facts(model) -> dict:
     ops = {n.op_type for n in g.node}
     types = {i.data_type for i in g.initializer} | {
         v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
-    meta = OnnxMetadata.of(model)
     return {
         "input": inputs[0].name,
         "shape": shape,
@@ -88,7 +90,28 @@ def onnx_facts(model) -> dict:
         "fp16": TensorProto.FLOAT16 in types,
         "topk": sum(n.op_type == "TopK" for n in g.node),
         "metadata": meta,
+        "shape_input": shape_input if shape_input in {i.name for i in g.input} - init_names else None,
     }
+
+
+def parse_keep_range(text: str | None, meta: OnnxMetadata) -> tuple[int, int, int]:
+    """`trt --elastic --keep-range MIN:OPT:MAX` (rates) → the keep_permille profile; default the
+    file's min_rate:default:1. A rate outside the range is refused at run time (TrtRunner)."""
+    info = meta.elastic
+    if info is None:
+        raise BadInputError("--elastic builds an elastic file; this one has a fixed K",
+                            "export it with `idle-export onnx CKPT --elastic`, or drop --elastic")
+    if text is None:
+        text = f"{info['min_rate']}:{info['default']}:1"
+    try:
+        rates = [float(p) for p in str(text).replace(" ", "").split(":")]
+    except ValueError:
+        rates = []
+    if len(rates) != 3 or not all(0 < r <= 1 for r in rates) or not rates[0] <= rates[1] <= rates[2]:
+        raise BadInputError(f"--keep-range {text!r} is not MIN:OPT:MAX with 0 < MIN ≤ OPT ≤ MAX ≤ 1",
+                            "e.g. --keep-range 0.3:0.7:1")
+    lo, opt, hi = (permille(r) for r in rates)
+    return lo, opt, hi
 
 
 def default_engine_path(onnx: str | Path, precision: str) -> Path:

@@ -27,9 +27,12 @@ def trtexec_command(sidecar: dict, parsed: Path, output: Path, trt: TrtInfo, tim
     p = sidecar["profiles"][0]
     shape = lambda s: "x".join(str(v) for v in s)  # noqa: E731
     tool = "tensorrt_rtx" if trt.flavour == "tensorrt_rtx" else "trtexec"
+    el = sidecar.get("elastic")  # the shape input's values (trtexec: NAME:VALUE for shape tensors)
+    extra = {k: f",{el['input']}:{el[k]}" if el else "" for k in ("min", "opt", "max")}
     args = [tool, f"--onnx={parsed}", f"--saveEngine={output}",
-            f"--minShapes={p['input']}:{shape(p['min'])}", f"--optShapes={p['input']}:{shape(p['opt'])}",
-            f"--maxShapes={p['input']}:{shape(p['max'])}"]
+            f"--minShapes={p['input']}:{shape(p['min'])}{extra['min']}",
+            f"--optShapes={p['input']}:{shape(p['opt'])}{extra['opt']}",
+            f"--maxShapes={p['input']}:{shape(p['max'])}{extra['max']}"]
     if trt.flavour == "tensorrt":
         if sidecar["strongly_typed"]:
             args.append("--stronglyTyped")

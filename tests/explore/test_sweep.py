@@ -1,11 +1,11 @@
 """`idle-export sweep` through the real CLI on the trained photos10 model: one row per ratio, K from
-the schedule rule, GMACs rising with the ratio, ratio 1.0 equal to the dense model (checked on the
-exported files with ONNX Runtime here), the picked file, exit 1 when nothing qualifies, and bad
-input. Speed figures are never asserted (they belong in benchmark JSON), only their shape."""
+the schedule rule, all from one elastic file (no export per ratio), GMACs rising with the ratio,
+ratio 1.0 equal to the dense model (checked on the exported files with ONNX Runtime here), the
+picked file, exit 1 when nothing qualifies, and bad input. Speed figures are never asserted (they
+belong in benchmark JSON), only their shape."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 
@@ -42,8 +42,8 @@ def test_one_row_per_ratio_with_the_schedules_k(swept, photos10_ckpt):
     for r in rows:
         spec = ckpt.spec(keep_rate=r["keep_rate"])  # the checkpoint's schedule, K from the ratio
         assert r["k_per_layer"] == {str(layer): k for layer, k in spec.k_by_layer.items()}
-        exported = OnnxMetadata.read(d / "onnx" / r["file"]).spec
-        assert exported.keep_k == spec.keep_k and exported.keep_rate == r["keep_rate"]
+        meta = OnnxMetadata.read(d / "onnx" / r["file"])  # the one elastic file, run at the ratio
+        assert meta.elastic is not None and meta.spec.at_rate(r["keep_rate"]).keep_k == spec.keep_k
         assert list(r["images_per_s"]) == ["1"] and r["images_per_s"]["1"] > 0
         assert r["latency_ms"]["1"] > 0
         assert 0.0 <= r["agreement"] <= 1.0 and r["accuracy"] is not None  # photos10's classes
@@ -52,6 +52,9 @@ def test_one_row_per_ratio_with_the_schedules_k(swept, photos10_ckpt):
     assert rows[1]["agreement"] == 1.0
     assert report["dense"]["gmacs"] > rows[0]["gmacs"] and list(report["dense"]["images_per_s"]) == ["1"]
     assert report["images"]["num"] == 20 and report["backend"] == "ort"
+    assert {r["file"] for r in rows} == {report["settings"]["elastic"]}
+    assert sorted(p.name for p in (d / "onnx").iterdir()) == sorted([report["settings"]["elastic"],
+                                                                    report["dense"]["file"]])
 
 
 def test_ratio_one_reproduces_the_dense_model(swept):
@@ -65,8 +68,9 @@ def test_ratio_one_reproduces_the_dense_model(swept):
     dense = d / "onnx" / report["dense"]["file"]
     assert OnnxMetadata.read(dense).dense and not OnnxMetadata.read(full).dense
     x = builtin_photos(16, OnnxMetadata.read(full).spec, seed=3)
-    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
-            for p in (full, dense))
+    a = ort.InferenceSession(str(full), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x, "keep_rate": np.asarray(1.0, np.float32)})[0]
+    b = ort.InferenceSession(str(dense), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     assert np.abs(a - b).max() <= 1e-5
 
 
@@ -76,9 +80,17 @@ def test_picked_file_plot_and_table(swept):
     assert choice["met"] and choice["keep_rate"] in (0.6, 1.0)
     picked = next(r for r in report["results"] if r["keep_rate"] == choice["keep_rate"])
     assert picked["agreement"] == 1.0  # --min-agreement 1.0
-    files = (d / "picked.onnx", d / "onnx" / picked["file"])
-    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
-    assert digest[0] == digest[1]
+    from idle_export.data.inputs import builtin_photos
+    from idle_export.onnx.metadata import OnnxMetadata
+    from idle_export.runtime.onnxruntime import OrtRunner
+
+    meta = OnnxMetadata.read(d / "picked.onnx")  # the fixed-K export of the pick, as before
+    assert meta.elastic is None and meta.spec.keep_rate == choice["keep_rate"]
+    x = builtin_photos(4, meta.spec, seed=1)
+    with OrtRunner(d / "picked.onnx") as fixed, OrtRunner(d / "onnx" / picked["file"],
+                                                          keep_rate=choice["keep_rate"]) as elastic:
+        diff = fixed.infer({"images": x})["logits"] - elastic.infer({"images": x})["logits"]
+        assert np.abs(diff).max() <= 1e-6
     assert f"picked: keep ratio {choice['keep_rate']:g} meets agreement ≥ 100.0%" in result.stderr
     png = Image.open(d / "pareto.png")
     assert png.format == "PNG" and png.size[0] > 300
@@ -177,7 +189,9 @@ def test_lvvit_sweep_ratio_one_is_dense(lvvit_ckpt, tmp_path):
     assert [r["keep_rate"] for r in rows] == [0.5, 1.0] and rows[0]["gmacs"] < rows[1]["gmacs"]
     assert rows[0]["k_per_layer"]["4"] == 98 and rows[1]["agreement"] == 1.0
     full, dense = tmp_path / "onnx" / rows[1]["file"], tmp_path / "onnx" / report["dense"]["file"]
+    assert OnnxMetadata.read(full).elastic["exponents"] == [1] * 4 + [2] * 4 + [3] * 4  # LV-ViT's own
     x = builtin_photos(8, OnnxMetadata.read(full).spec)
-    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
-            for p in (full, dense))
+    a = ort.InferenceSession(str(full), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x, "keep_rate": np.asarray(1.0, np.float32)})[0]
+    b = ort.InferenceSession(str(dense), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     assert np.abs(a - b).max() <= 1e-5
