@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,6 @@ from idle_export.bench.variants import Variant
 from idle_export.data.images import CalibrationImages, ImagesSkippedWarning, load_images
 from idle_export.data.inputs import PHOTO_NAMES
 from idle_export.errors import BadInputError
-from idle_export.fileio import atomic_open
 from idle_export.hardware import default_threads, environment
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.metadata import OnnxMetadata
@@ -229,9 +227,3 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
         "choice": None,
     }
 
-
-def copy_onnx(source: Path, target: Path) -> Path:
-    """Copy an exported (self-contained) ONNX file to `target` atomically."""
-    with open(source, "rb") as src, atomic_open(target) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    return Path(target)
