@@ -1,8 +1,9 @@
 """`serve bench`: a closed-loop load generator against any Triton server, what perf_analyzer's
 concurrency mode does: C clients, each sending its next request as soon as the last is answered.
 
-Per (model, batch, concurrency): a warm-up, then measurement windows until the last three agree
-within `stability` (perf_analyzer's rule: 3 windows within 10 %) or `max_windows` pass. Reported
+Per (model, batch, concurrency): a warm-up, then measurement windows (each at least 20 answers:
+a slow model's windows grow, up to ten times `window_s`) until the last three agree within
+`stability` (perf_analyzer's rule: 3 windows within 10 %) or `max_windows` pass. Reported
 in perf_analyzer's field names where they exist (`Inferences/Second`, `p50 latency` … in µs,
 `Server Queue`, `Server Compute Infer`: the server's own statistics over the measured windows,
 from /v2/models/NAME/stats), plus images/s, errors and the windows themselves.
@@ -28,6 +29,7 @@ from idle_export.onnx.io import INPUT_NAME
 from idle_export.serve.config import SERVE_PIP
 
 PROTOCOLS = ("http", "grpc")
+MIN_WINDOW_REQUESTS = 20
 
 
 @dataclass
@@ -225,6 +227,11 @@ def run_level(make_sender, concurrency: int, *, warmup_s: float, window_s: float
                 state["window"] = w
             t0 = time.perf_counter()
             time.sleep(window_s)
+            # a window counts at least MIN_WINDOW_REQUESTS answers (a slow model gets longer
+            # windows, up to ten times --window), so three of them agreeing means something
+            while (len(w.latencies_us) + w.errors < MIN_WINDOW_REQUESTS
+                   and time.perf_counter() - t0 < 10 * window_s):
+                time.sleep(window_s / 10)
             with lock:
                 state["window"] = None
                 w.seconds = time.perf_counter() - t0
