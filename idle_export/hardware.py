@@ -22,6 +22,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+MATRIX_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni",
+                "avx512f", "avx2", "fma")  # what the CPU runtimes' GEMMs use, fastest first
+
+
+def cpu_matrix_features() -> list[str]:
+    """The matrix-math features of this CPU (from /proc/cpuinfo), in MATRIX_FLAGS order: benchmarks
+    say which ones their figures ran on (AMX bf16/int8 makes bf16 and INT8 several times faster)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
+                  if line.startswith("flags")), set())
+    return [f for f in MATRIX_FLAGS if f in flags]
+
+
 def environment(threads: int | None) -> dict:
     import importlib.metadata as md
 
@@ -38,6 +54,7 @@ def environment(threads: int | None) -> dict:
         load = None
     return {
         "cpu": cpu_model(),
+        "cpu_matrix_features": cpu_matrix_features(),
         "cpu_count": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "threads": threads,

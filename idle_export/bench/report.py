@@ -8,6 +8,7 @@ from pathlib import Path
 from idle_export import __version__
 from idle_export.bench.timing import CPU_BACKENDS
 from idle_export.bench.variants import ideal_for
+from idle_export.hardware import MATRIX_FLAGS
 from idle_export.onnx.targets import file_passes, file_target
 
 
@@ -67,6 +68,7 @@ def build_report(spec, flops, env, variants, batches, targets, *, settings) -> d
         "results": results,
         "comparisons": comparisons,
         "vs_openvino_dense": vs_openvino_dense(variants, batches),
+        "vs_fastest_dense": vs_fastest_dense(variants, batches),
         "noise": {"spread_threshold": NOISY_SPREAD,
                   "noisy": [f"{r['backend']}:{r['variant']}@{r['batch']}" for r in noisy_results(results)]},
     }
@@ -92,6 +94,28 @@ def vs_openvino_dense(variants, batches) -> list[dict]:
                              "best": v is best, "best_by": "cpu_time" if by_cpu else "images_per_s",
                              "speedup": v.results[bs]["images_per_s"] / base.results[bs]["images_per_s"],
                              **_cpu_ratio(v.results[bs], base.results[bs], None)})
+    return rows
+
+
+EXACT_PRECISIONS = ("fp32", "int8")  # idle variants whose token selection runs in FP32
+
+
+def vs_fastest_dense(variants, batches) -> list[dict]:
+    """Per batch: the fastest idle whose selection is exact (FP32 or INT8 files: the score path
+    stays FP32) against the fastest dense of any CPU runtime at any precision it offers here
+    (OpenVINO's default bf16 on AMX included): the speed-up a user gets over the peer's best."""
+    rows = []
+    for bs in batches:
+        cpu = [v for v in variants if v.backend in CPU_BACKENDS and bs in v.results]
+        dense = [v for v in cpu if v.dense]
+        idle = [v for v in cpu if not v.dense and not v.official_code and v.precision in EXACT_PRECISIONS]
+        if not dense or not idle:
+            continue
+        fastest = max(dense, key=lambda v: v.results[bs]["images_per_s"])
+        best = max(idle, key=lambda v: v.results[bs]["images_per_s"])
+        rows.append({"batch": bs, "idle": best.key, "dense": fastest.key,
+                     "dense_precision": fastest.precision,
+                     "speedup": best.results[bs]["images_per_s"] / fastest.results[bs]["images_per_s"]})
     return rows
 
 
@@ -144,6 +168,12 @@ def print_report(report: dict, console=None) -> None:
             t.add_row(str(c["batch"]), c["variant"] + mark, c["precision"], f"{c['speedup']:.2f}x",
                       f"{c['cpu_speedup']:.2f}x" if "cpu_speedup" in c else "-")
         console.print(t)
+    for c in report.get("vs_fastest_dense") or []:
+        console.print(f"batch {c['batch']}: fastest exact idle {c['idle']} vs the fastest dense {c['dense']} "
+                      f"({c['dense_precision']}): {c['speedup']:.2f}x")
+    features = (report.get("environment") or {}).get("cpu_matrix_features")
+    if features is not None:
+        console.print(f"CPU matrix features: {', '.join(features) or 'none of ' + ', '.join(MATRIX_FLAGS)}")
     graphs = {(r["backend"], r["variant"]): r for r in report["results"] if r.get("file")}
     for (backend, variant), r in graphs.items():
         at_load = r.get("passes_at_load") or []

@@ -13,7 +13,7 @@ from idle_export.lazy import lazy_module
 from idle_export.onnx.targets import BACKEND_TARGET, file_passes, file_target
 from idle_export.runtime.official import OfficialRunner, build_official_model
 from idle_export.runtime.onnxruntime import OrtRunner, ort_available_providers
-from idle_export.runtime.openvino import OpenVinoRunner, import_openvino
+from idle_export.runtime.openvino import OpenVinoRunner, import_openvino, openvino_default_precision
 from idle_export.runtime.tensorrt import TrtRunner
 from idle_export.runtime.torch import TorchRunner
 from idle_export.trt.sidecar import read_sidecar
@@ -134,12 +134,20 @@ def _make_variants(targets: Targets, backends: list[str], *, threads: int | None
             metas = [targets.meta[p] for p, _, _ in files]
             labels = _unique_labels([(variant_label(d, m, p in targets.plugin, meta.precision), p)
                                      for (p, d, m), meta in zip(files, metas, strict=True)])
+            default = openvino_default_precision() if backend == "openvino" else "f32"
             for (path, dense, mode), label, meta in zip(files, labels, metas, strict=True):
                 factory = (_openvino_factory(path, threads, optimize) if backend == "openvino" else
                            _ort_factory(path, providers, threads, optimize, backend))
                 variants.append(Variant(
                     backend, label, dense, mode, file=str(path), make_runner=factory,
                     precision=meta.precision, target=file_target(meta), file_passes=file_passes(meta)))
+                if dense and meta.precision == "fp32" and default != "f32":
+                    # the peer's best: OpenVINO's dense at its own default precision (bf16 on
+                    # AMX / AVX-512 BF16), which it would run unless told f32
+                    variants.append(Variant(
+                        backend, f"{label}@{default}", dense, mode, file=str(path), precision=default,
+                        make_runner=_openvino_factory(path, threads, optimize, precision=None),
+                        target=file_target(meta), file_passes=file_passes(meta)))
         elif backend == "torch":
             ckpt = _need_ckpt(targets, backend)
             for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
@@ -195,9 +203,10 @@ def _ort_factory(path, providers, threads, optimize, backend):
     return factory
 
 
-def _openvino_factory(path, threads, optimize):
+def _openvino_factory(path, threads, optimize, precision: str | None = "f32"):
     def factory():
-        return OpenVinoRunner(path, name=f"openvino:{Path(path).name}", threads=threads, optimize=optimize)
+        return OpenVinoRunner(path, name=f"openvino:{Path(path).name}", threads=threads, optimize=optimize,
+                              inference_precision=precision)
 
     return factory
 

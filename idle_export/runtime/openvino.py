@@ -43,9 +43,18 @@ def import_openvino():
     return openvino
 
 
-def openvino_config(threads: int | None) -> dict:
-    """compile_model properties of every OpenVINO CPU model of the project (bench, check, sweep)."""
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+def openvino_default_precision() -> str:
+    """The floating-point precision OpenVINO's CPU plugin computes in unless told otherwise:
+    bf16 on CPUs with AMX or AVX-512 BF16, f32 elsewhere."""
+    return import_openvino().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def openvino_config(threads: int | None, precision: str | None = "f32") -> dict:
+    """compile_model properties of every OpenVINO CPU model of the project (bench, check, sweep);
+    precision None: OpenVINO's own default (openvino_default_precision)."""
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     return config
@@ -55,8 +64,10 @@ class OpenVinoRunner(Runner):
     """An ONNX file compiled by OpenVINO for the CPU, FP32 (INT8 where the file is quantized)."""
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
-                 threads: int | None = None, optimize: bool = False, keep_rate: float | None = None):
+                 threads: int | None = None, optimize: bool = False, keep_rate: float | None = None,
+                 inference_precision: str | None = "f32"):
         self.path = Path(path)
+        self.inference_precision = inference_precision  # None: OpenVINO's default for this CPU
         self.keep_rate = keep_rate  # an elastic file's keep_rate input (None: the file's default)
         self._extra: dict = {}
         self.name = name or f"openvino:{self.path.name}"
@@ -94,7 +105,8 @@ class OpenVinoRunner(Runner):
                 model = core.read_model(self._edited(meta, todo).SerializeToString())
             else:
                 model = core.read_model(str(self.path))
-            self.compiled = core.compile_model(model, "CPU", openvino_config(self.threads))
+            self.compiled = core.compile_model(model, "CPU", openvino_config(self.threads,
+                                                                             self.inference_precision))
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or ["?"])[0][:200]
             raise BadInputError(f"OpenVINO cannot compile {self.path.name} ({first})",

@@ -63,12 +63,17 @@ def test_bench_openvino_and_ort_side_by_side(tiny_folded_onnx, tiny_dense_onnx, 
 
     files = [tiny_folded_onnx, tiny_dense_onnx, ov_int8[0]]
     report = run_bench(files, backends=["ort", "openvino"], batches=[1, 2], threads=1, **FAST)
+    from idle_export.runtime.openvino import openvino_default_precision
+
     keys = {(r["backend"], r["variant"]) for r in report["results"]}
+    default = openvino_default_precision()  # bf16 on AMX: OpenVINO's own dense is timed too
     assert keys == {("ort", "idle-folded"), ("ort", "dense"), ("openvino", "idle-folded"),
-                    ("openvino", "dense"), ("openvino", "idle-folded-int8")}
+                    ("openvino", "dense"), ("openvino", "idle-folded-int8")} | (
+                        {("openvino", f"dense@{default}")} if default != "f32" else set())
     for r in report["results"]:  # timed as written: the files' own passes, none added
         assert r["passes_at_load"] == [] and "cpu_ms_per_image" in r
-        assert r["precision"] == ("int8" if r["variant"].endswith("int8") else "fp32")
+        assert r["precision"] == ("int8" if r["variant"].endswith("int8") else
+                                  default if r["variant"].startswith("dense@") else "fp32")
     assert any("not timed on ort" in s and "int8" in s for s in report["skipped"])
     assert any("without the openvino target's passes" in n for n in report["notes"])
     comps = {(c["backend"], c["variant"], c["batch"]): c for c in report["comparisons"]}
@@ -114,3 +119,28 @@ def test_missing_openvino_or_nncf_exit_3(tiny_folded_onnx, tiny_dense_onnx, tmp_
         assert res.exit_code == 3, (args, res.output)
         assert len(lines) == 1 and 'pip install "idle-export[openvino]"' in lines[0], lines
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_dense_at_openvinos_default_precision_and_the_fastest_dense(tiny_folded_onnx, tiny_dense_onnx,
+                                                                   monkeypatch):
+    """Where OpenVINO computes in bf16 by default (AMX), bench also times OpenVINO's dense at that
+    default (compiled without the f32 hint) and reports the fastest exact idle against the fastest
+    dense of any runtime and precision. Forced here, so the test does not depend on the CPU."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    from idle_export.bench import variants
+    from idle_export.bench.run import run_bench
+    from idle_export.hardware import MATRIX_FLAGS
+
+    monkeypatch.setattr(variants, "openvino_default_precision", lambda: "bf16")
+    report = run_bench([tiny_folded_onnx, tiny_dense_onnx], backends=["ort", "openvino"], batches=[1],
+                       threads=1, **FAST)
+    by_key = {(r["backend"], r["variant"]): r for r in report["results"]}
+    assert by_key[("openvino", "dense@bf16")]["precision"] == "bf16"
+    (row,) = report["vs_fastest_dense"]
+    dense = [r for r in report["results"] if r["variant"].startswith("dense")]
+    fastest = max(dense, key=lambda r: r["images_per_s"])
+    assert row["dense"] == f"{fastest['backend']}:{fastest['variant']}"
+    idle = max((r for r in report["results"] if r["variant"].startswith("idle")),
+               key=lambda r: r["images_per_s"])
+    assert row["speedup"] == pytest.approx(idle["images_per_s"] / fastest["images_per_s"])
+    assert set(report["environment"]["cpu_matrix_features"]) <= set(MATRIX_FLAGS)
