@@ -70,12 +70,12 @@ def import_evit(tmp: Path, monkeypatch):
 
 def import_dyvit(tmp: Path, monkeypatch):
     """The authors' models/dyvit.py, with `utils.batch_index_select` recording the token index
-    of every gather of [B, N, C] tokens into `module.gathers`."""
+    of every gather of the [B, N, C] tokens into `module.gathers`."""
     select = _function(_show("dynamicvit", "utils.py"), "batch_index_select").batch_index_select
     gathers: list = []
 
     def recording(x, idx):
-        if x.dim() == 3:
+        if x.dim() == 3 and x.shape[-1] > 1:  # the tokens, not prev_decision [B, N, 1]
             gathers.append(idx.clone())
         return select(x, idx)
 
