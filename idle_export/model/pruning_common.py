@@ -80,6 +80,8 @@ def seeded_spread(state_dict: dict, seed: int, *, qk_std: float = 0.12, std: flo
             c = v.shape[1]
             w[: 2 * c] = qk_std * torch.randn((2 * c, c), generator=g)
             out[k] = w
+        elif k == "head.weight":  # logits of order 1: FP32 keeps ~1e-6 of them
+            out[k] = 0.4 * std * torch.randn(v.shape, generator=g)
         else:
             out[k] = std * torch.randn(v.shape, generator=g)
     return out
