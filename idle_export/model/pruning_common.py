@@ -1,0 +1,105 @@
+"""What EViT (model/evit.py) and DynamicViT (model/dynamicvit.py) share: the DeiT backbone by
+arch name, strict weight loading with named keys, the MAC count of one ViT block, seeded weights
+and the argparse.Namespace the authors' main.py scripts save as `args`.
+
+Torch module (torch and timm imported at the top): named lazily by others."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from idle_export.errors import BadInputError
+from idle_export.model.config import ARCHS, EMBED_DIM_TO_ARCH, canonical_arch
+
+
+def deit_dims(arch: str) -> tuple[str, dict]:
+    """Canonical DeiT arch name and its timm settings (LV-ViT is not a backbone here)."""
+    arch = canonical_arch(arch)
+    if arch not in ARCHS:
+        raise BadInputError(f"{arch} is not a DeiT", f"use one of {', '.join(ARCHS)}")
+    return arch, ARCHS[arch]
+
+
+def arch_from_width(state_dict: dict) -> str | None:
+    """deit_tiny/small/base from the width of cls_token, None if it is not a DeiT width."""
+    cls = state_dict.get("cls_token")
+    return None if cls is None else EMBED_DIM_TO_ARCH.get(int(cls.shape[-1]))
+
+
+def create_deit(arch: str, num_classes: int = 1000, img_size: int = 224) -> nn.Module:
+    """timm's DeiT VisionTransformer, random weights (no hub access)."""
+    import timm
+
+    return timm.create_model(deit_dims(arch)[1]["timm_name"], pretrained=False,
+                             num_classes=num_classes, img_size=img_size)
+
+
+def load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
+    """load_state_dict(strict) with the missing, unexpected and misshapen keys named."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {list(state_dict[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:4])}{' …' if len(items) > 4 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("size mismatch", shapes)) if items]
+        raise BadInputError(f"weights do not fit {what}: {'; '.join(parts)}",
+                            "pass the checkpoint's own architecture and format")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def block_macs(n: int, c: int, hidden: int) -> int:
+    """One ViT block over n tokens: qkv, q·kᵀ, attn·v, proj, MLP (ModelSpec.macs' conventions:
+    LayerNorm, softmax, GELU and adds are not counted)."""
+    return n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * hidden
+
+
+def attention_macs(n: int, c: int) -> int:
+    """The attention half of a block over n tokens (qkv, two matmuls, proj)."""
+    return n * c * 3 * c + 2 * n * n * c + n * c * c
+
+
+def seeded_spread(state_dict: dict, seed: int, *, qk_std: float = 0.12, std: float = 0.05) -> dict:
+    """Seeded weights with a real spread (timm's init makes attention nearly uniform, so every
+    token ranks alike): LayerNorm gains around 1, q/k projections wide enough for peaked
+    attention, the rest small enough that FP32 logits stay within 1e-5 of float64."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("norm1.weight") or k.endswith("norm2.weight") or k.endswith("norm.weight") \
+                or k.endswith("in_conv.0.weight"):
+            out[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g)
+        elif k.endswith("attn.qkv.weight"):
+            w = std * torch.randn(v.shape, generator=g)
+            c = v.shape[1]
+            w[: 2 * c] = qk_std * torch.randn((2 * c, c), generator=g)
+            out[k] = w
+        elif k == "head.weight":  # logits of order 1: FP32 keeps ~1e-6 of them
+            out[k] = 0.4 * std * torch.randn(v.shape, generator=g)
+        else:
+            out[k] = std * torch.randn(v.shape, generator=g)
+    return out
+
+
+def save_authors_checkpoint(path: Path, state_dict: dict, args: dict, **extra) -> Path:
+    """{'model': sd, 'args': argparse.Namespace, ...} as the authors' main.py scripts save
+    (idle_export.model.checkpoint.load_checkpoint allowlists Namespace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state_dict, "args": argparse.Namespace(**args), **extra}, path)
+    return path
+
+
+def args_dict(args) -> dict:
+    """An args Namespace or dict (or None) as a dict."""
+    if args is None:
+        return {}
+    if isinstance(args, dict):
+        return dict(args)
+    return dict(vars(args))
