@@ -22,7 +22,8 @@ import numpy as np
 
 from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, MissingDependencyError
-from idle_export.onnx.elastic import elastic_feed, without_default
+from idle_export.model.config import check_keep_rate
+from idle_export.onnx.elastic import elastic_feed, pin_rate
 from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import optimize_model_proto
@@ -68,8 +69,9 @@ class OpenVinoRunner(Runner):
                  inference_precision: str | None = "f32"):
         self.path = Path(path)
         self.inference_precision = inference_precision  # None: OpenVINO's default for this CPU
-        self.keep_rate = keep_rate  # an elastic file's keep_rate input (None: the file's default)
-        self._extra: dict = {}
+        self.keep_rate = keep_rate  # an elastic file's keep_rate (None: the file's default)
+        self._meta = None
+        self._pinned: dict = {}  # an elastic file: {rate: (compiled, request)}
         self.name = name or f"openvino:{self.path.name}"
         self.selection = selection
         self.threads = threads
@@ -93,26 +95,40 @@ class OpenVinoRunner(Runner):
         self.score_mode = meta.score_mode if meta.has_spec else None
         todo = missing_passes(meta, "openvino") if self.optimize else ()
         self.passes_at_load = list(todo)
-        # OpenVINO reads an input with a default as a constant: an elastic file's keep_rate loses
-        # its default (without_default) and is always fed, the file's default when none is asked
-        self._extra = elastic_feed(meta, self.keep_rate, self.path.name)
-        self._meta = meta
-        if meta.elastic and not self._extra:
-            self._extra = elastic_feed(meta, meta.elastic["default"], self.path.name)
-        core = ov.Core()
+        elastic_feed(meta, self.keep_rate, self.path.name)  # a rate this file cannot run: now
+        self._meta, self._core, self._pinned = meta, ov.Core(), {}
+        if meta.elastic:  # compiled per rate, on first use (_at_rate)
+            self._base = self._edited(meta, todo)
+            self._at_rate(self.keep_rate)
+            return
+        if self.selection or todo:
+            self.compiled = self._compile(self._edited(meta, todo).SerializeToString())
+        else:
+            self.compiled = self._compile(str(self.path))
+        self.request = self.compiled.create_infer_request()
+
+    def _compile(self, model):
         try:
-            if self.selection or todo or meta.elastic:
-                model = core.read_model(self._edited(meta, todo).SerializeToString())
-            else:
-                model = core.read_model(str(self.path))
-            self.compiled = core.compile_model(model, "CPU", openvino_config(self.threads,
-                                                                             self.inference_precision))
+            return self._core.compile_model(self._core.read_model(model), "CPU",
+                                            openvino_config(self.threads, self.inference_precision))
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or ["?"])[0][:200]
             raise BadInputError(f"OpenVINO cannot compile {self.path.name} ({first})",
                                 "export it with --target openvino (or portable): a --target ort "
                                 "file has ONNX Runtime-only ops") from None
-        self.request = self.compiled.create_infer_request()
+
+    def _at_rate(self, rate: float | None) -> None:
+        """An elastic file: the model compiled for `rate` (None: the runner's, else the file's
+        default) becomes current. OpenVINO gets the graph pinned at that rate (onnx.elastic.
+        pin_rate: static shapes; with K computed at run time its CPU plugin is ~15 % slower at
+        batch 1), one compile per rate, kept for later calls."""
+        rate = self.keep_rate if rate is None else rate
+        rate = self._meta.elastic["default"] if rate is None else check_keep_rate(rate)
+        key = float(np.float32(rate))
+        if key not in self._pinned:
+            compiled = self._compile(pin_rate(self._base, rate).SerializeToString())
+            self._pinned[key] = (compiled, compiled.create_infer_request())
+        self.compiled, self.request = self._pinned[key]
 
     def _edited(self, meta: OnnxMetadata, passes: tuple[str, ...]):
         """The file's graph with the selection tensors marked as outputs and `passes` applied."""
@@ -136,17 +152,20 @@ class OpenVinoRunner(Runner):
             expose_outputs(proto, [name for _, name in self._selection], self._scores)
         if passes:
             proto = optimize_model_proto(inline(proto) if plugin else proto, passes)
-        return without_default(proto) if meta.elastic else proto
+        return proto
 
     def deactivate(self) -> None:
         self.request = None
         self.compiled = None
+        self._pinned = {}
 
     def infer(self, feed):
         images = np.ascontiguousarray(feed["images"], dtype=np.float32)
-        extra = self._extra if feed.get("keep_rate") is None else \
-            elastic_feed(self._meta, feed["keep_rate"], self.path.name)  # a rate for this call only
-        out = self.request.infer({"images": images, **extra})
+        if self._meta.elastic:  # the call's rate (or the runner's): its pinned model
+            self._at_rate(feed.get("keep_rate"))
+        elif feed.get("keep_rate") is not None:
+            elastic_feed(self._meta, feed["keep_rate"], self.path.name)  # refused unless the file's own
+        out = self.request.infer({"images": images})
         # copies (np.array): the request reuses its output buffers on the next call
         result = {"logits": np.array(out[self.compiled.output("logits")])}
         for key, name in self._selection:

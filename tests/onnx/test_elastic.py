@@ -170,3 +170,17 @@ def test_elastic_target_file_runs_at_any_rate_on_both_runtimes(tiny_ckpt, tiny_e
                 got = run.infer({"images": x})
             assert np.abs(got["logits"] - want["logits"]).max() <= 1e-4, (cls, rate)
             assert np.array_equal(np.sort(got["selection_layer11"], 1), np.sort(want["selection_layer11"], 1))
+
+
+def test_pin_rate_fixes_k_as_constants(tiny_elastic_onnx):
+    """OpenVinoRunner's per-rate graph: no keep_rate input, K constant, the elastic answers."""
+    from idle_export.data.inputs import input_set
+    from idle_export.onnx.elastic import pin_rate
+
+    proto = onnx.load(tiny_elastic_onnx)
+    pinned = pin_rate(proto, 0.45)
+    assert [i.name for i in pinned.graph.input] == ["images"]
+    assert not [n for n in pinned.graph.node if n.name.startswith("elastic_k_p")]
+    x = input_set("photos", 2, OnnxMetadata.of(proto).spec)
+    want = _session(proto).run(["logits"], {"images": x, KEEP_RATE_INPUT: np.asarray(0.45, np.float32)})[0]
+    assert np.array_equal(_session(pinned).run(["logits"], {"images": x})[0], want)
