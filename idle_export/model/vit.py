@@ -6,6 +6,7 @@ Each idle layer (the authors' vit.py, `test=True` path):
   idx = [0, topk(score, K) + 1]
   res = x[idx] + proj(attn(q(xn[idx]), k[idx], v(xn[idx])));  res += MLP(LN2(res))
   x = scatter(x, idx, res)        out of place: unselected tokens pass through unchanged
+The selection (score, TopK, gather, scatter) is model/selection.py, shared with LV-ViT.
 Constant K per layer, TopK + GatherElements + ScatterElements, no data-dependent Python
 control flow, so the same module runs eagerly and exports to ONNX.
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from idle_export.model.checkpoint import load_weights
 from idle_export.model.config import SCORE_MODES, ModelSpec
+from idle_export.model.selection import gather_rows, row_index, scatter_rows, select_tokens
 
 
 class IdleBlock(nn.Module):
@@ -43,25 +45,11 @@ class IdleBlock(nn.Module):
 
     def select(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Indices [B, K+1] of the kept tokens (CLS first) and, in the official mode, all keys."""
-        c = xn.shape[-1]
-        weight, bias = self.block.attn.qkv.weight, self.block.attn.qkv.bias
-        wq, wk = weight[:c], weight[c : 2 * c]
-        bq, bk = bias[:c], bias[c : 2 * c]
-        q_cls = F.linear(xn[:, :1], wq, bq)  # [B, 1, C]
-        if self.score_mode == "official":
-            keys = F.linear(xn, wk, bk)  # [B, N, C]
-            # mean over heads of q_h·k_h == (q·k) / H
-            scores = torch.matmul(q_cls, keys[:, 1:].transpose(1, 2)).squeeze(1) / self.num_heads
-        else:
-            # q·(Wk xn_j + bk) = (Wkᵀ q)·xn_j + q·bk: the last term is the same for every token,
-            # so ranking by xn_j·(Wkᵀ q) keeps the same top-K without any keys.
-            keys = None
-            w = torch.matmul(q_cls, wk)  # [B, 1, C]
-            scores = torch.matmul(w, xn[:, 1:].transpose(1, 2)).squeeze(1)
+        qkv = self.block.attn.qkv
+        idx, keys, scores = select_tokens(xn, qkv.weight, qkv.bias, self.num_heads, self.keep,
+                                          self.score_mode)
         if self.record_scores:
             self.last_scores = scores.detach()
-        top = torch.topk(scores, self.keep, dim=1, largest=True, sorted=True).indices
-        idx = torch.cat([torch.zeros_like(top[:, :1]), top + 1], dim=1)
         return idx, keys
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +58,9 @@ class IdleBlock(nn.Module):
         s = self.keep + 1
         xn = blk.norm1(x)
         idx, keys = self.select(xn)
-        gather_idx = idx.unsqueeze(-1).expand(b, s, c)
-        xn_sel = torch.gather(xn, 1, gather_idx)
-        x_sel = torch.gather(x, 1, gather_idx)
+        gather_idx = row_index(idx, b, c)
+        xn_sel = gather_rows(xn, gather_idx)
+        x_sel = gather_rows(x, gather_idx)
         weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
         # q, k, v as separate projections of the kept tokens: one [B, S, 3C] GEMM followed by a
         # Split would copy its whole output once more
@@ -81,7 +69,7 @@ class IdleBlock(nn.Module):
         if keys is None:
             k = F.linear(xn_sel, weight[c : 2 * c], bias[c : 2 * c])
         else:
-            k = torch.gather(keys, 1, gather_idx)
+            k = gather_rows(keys, gather_idx)
         h, d = self.num_heads, self.head_dim
         q = q.reshape(b, s, h, d).transpose(1, 2)
         k = k.reshape(b, s, h, d).transpose(1, 2)
@@ -90,7 +78,7 @@ class IdleBlock(nn.Module):
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, s, c)
         res = x_sel + blk.ls1(blk.attn.proj(out))
         res = res + blk.ls2(blk.mlp(blk.norm2(res)))
-        return torch.scatter(x, 1, gather_idx, res), idx
+        return scatter_rows(x, gather_idx, res), idx
 
 
 class IdleViT(nn.Module):
