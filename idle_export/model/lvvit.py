@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# LVVIT_ARCHS (official short names → dims, idle layers, exponents) lives in the light config
-from idle_export.model.config import LVVIT_ARCHS, SCORE_MODES, ModelSpec, schedule_k
+from idle_export.model.checkpoint import load_weights
+from idle_export.model.config import SCORE_MODES, ModelSpec, schedule_k
+from idle_export.model.families import LVVIT
 from idle_export.model.selection import gather_rows, row_index, scatter_rows, select_tokens
 
 PATCH_SIZE = 16  # the stem's total stride: 2 (conv1) × 8 (proj)
@@ -33,9 +34,10 @@ LN_EPS = 1e-5
 
 
 def _arch(arch: str) -> dict:
-    if arch not in LVVIT_ARCHS:
-        raise ValueError(f"unknown LV-ViT architecture {arch!r}: use one of {', '.join(LVVIT_ARCHS)}")
-    return LVVIT_ARCHS[arch]
+    """The arch's entry in the family's table (families.LVVIT.archs: dims, idle layers, exponents)."""
+    if arch not in LVVIT.archs:
+        raise ValueError(f"unknown LV-ViT architecture {arch!r}: use one of {', '.join(LVVIT.archs)}")
+    return LVVIT.archs[arch]
 
 
 def lvvit_num_patches(img_size: int = 224) -> int:
@@ -249,6 +251,27 @@ def fold_batchnorm(model: LVViT) -> LVViT:
         setattr(pe, f"conv{i}", new)
         setattr(pe, f"bn{i}", nn.Identity())
     return folded
+
+
+def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool = False,
+                emit_selection: bool = False, score_mode: str = "official", fold_bn: bool = True) -> LVViT:
+    """The eval-mode LVViT of `spec` with official-keyed weights (random ones if None); `fold_bn`:
+    the stem's BatchNorms folded into its convs (fold_batchnorm), as exported and benchmarked."""
+    model = LVViT.from_spec(spec, dense=dense, emit_selection=emit_selection, score_mode=score_mode)
+    if state_dict is not None:
+        load_weights(model, state_dict, spec)
+    model.eval()
+    if fold_bn:
+        model = fold_batchnorm(model)  # a deep copy: give it the spec itself back
+        model.spec = spec
+    return model
+
+
+def seeded_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """seeded_lvvit_state_dict for the spec's arch and dims."""
+    return seeded_lvvit_state_dict(spec.arch, spec.num_classes, seed, img_size=spec.img_size,
+                                   embed_dim=spec.embed_dim, depth=spec.depth,
+                                   num_heads=spec.num_heads, stem_width=spec.stem_width)
 
 
 def seeded_lvvit_state_dict(arch: str = "lvvit_s", num_classes: int = 1000, seed: int = 0,

@@ -23,6 +23,7 @@ from torch import nn
 
 from idle_export.model.checkpoint import load_weights
 from idle_export.model.config import SCORE_MODES, ModelSpec
+from idle_export.model.families import family_of
 from idle_export.model.selection import gather_rows, row_index, scatter_rows, select_tokens
 
 
@@ -128,16 +129,25 @@ def create_vit(spec: ModelSpec) -> nn.Module:
     """timm's VisionTransformer for the spec, random weights (no hub access)."""
     import timm
 
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=spec.num_classes,
+    timm_name = family_of(spec.arch).archs[spec.arch]["timm_name"]
+    return timm.create_model(timm_name, pretrained=False, num_classes=spec.num_classes,
                              img_size=spec.img_size)
 
 
 def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool = False,
-                emit_selection: bool = False, score_mode: str = "official") -> IdleViT:
-    """IdleViT in eval mode with the given timm-keyed weights (or seeded random ones if None)."""
+                emit_selection: bool = False, score_mode: str = "official",
+                fold_bn: bool = True) -> IdleViT:
+    """IdleViT in eval mode with the given timm-keyed weights (or seeded random ones if None).
+    `fold_bn`: nothing to fold (a DeiT has no BatchNorm); build.build_model passes it to every
+    family."""
     vit = create_vit(spec)
     if state_dict is not None:
-
         load_weights(vit, state_dict, spec)
     model = IdleViT(vit, spec, dense=dense, emit_selection=emit_selection, score_mode=score_mode)
     return model.eval()
+
+
+def seeded_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """timm's own init after torch.manual_seed(seed), in timm's key names."""
+    torch.manual_seed(seed)
+    return create_vit(spec).state_dict()
