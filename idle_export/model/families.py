@@ -32,14 +32,12 @@ class Family:
     """What one model family is; subclasses fill in the tables and override what differs."""
 
     name = ""  # ModelSpec.family
-    title = ""  # in messages
     module = ""  # its torch module (build_model, seeded_state_dict), imported lazily
     archs: dict[str, dict] = {}  # official short name → embed_dim, depth, num_heads, …
     aliases: dict[str, str] = {}  # other accepted names → short name
     hint_aliases = False  # list the aliases in the unknown-arch hint (the timm names)
     marker_keys: tuple[str, ...] = ()  # checkpoint keys only this family has (none: the default)
     dim_keys: tuple[str, ...] = ("embed_dim", "depth", "num_heads")  # the ModelSpec dims it uses
-    qkv_bias = True
     official_code = False  # the authors' code runs it (bench's torch-official backend)
     weights_hint = ""  # what to pass when the keys do not fit
 
@@ -82,7 +80,7 @@ class Family:
 
 
 class DeiTFamily(Family):
-    name, title, module = "deit", "DeiT", "idle_export.model.vit"
+    name, module = "deit", "idle_export.model.vit"
     # Official short names (args.arch in the authors' scripts) → timm VisionTransformer settings.
     archs = {
         "deit_tiny": dict(timm_name="deit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3),
@@ -109,7 +107,7 @@ class DeiTFamily(Family):
 class LVViTFamily(Family):
     """LV-ViT (Token Labeling), our own module model/lvvit.py."""
 
-    name, title, module = "lvvit", "LV-ViT", "idle_export.model.lvvit"
+    name, module = "lvvit", "idle_export.model.lvvit"
     # Widths, the conv stem's width, and the idle layers with the exponent p of keep_rate**p for
     # each, as the official infer.py and main.py set them (they agree for LV-ViT):
     # keep_ratios = [r**(i+1) for i in range(3) for _ in range(G)].
@@ -122,7 +120,6 @@ class LVViTFamily(Family):
     aliases = {"lvvit_small": "lvvit_s", "lvvit_medium": "lvvit_m"}
     marker_keys = ("patch_embed.conv1.weight",)  # the conv stem
     dim_keys = ("embed_dim", "depth", "num_heads", "stem_width")
-    qkv_bias = False
     weights_hint = "pass an LV-ViT checkpoint with the official keys"
     head_dim = 64  # both official LV-ViTs have 64-wide heads: a narrower test model keeps that
 
