@@ -26,6 +26,7 @@ from idle_export.bench.run import run_bench
 from idle_export.demo import run_demo
 from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
+from idle_export.model import build  # light: it imports the family's torch module when called
 from idle_export.model.checkpoint import Checkpoint
 from idle_export.model.checkpoint import load_checkpoint as _load_checkpoint
 from idle_export.model.config import SCORE_MODES, ModelSpec, check_keep_rate
@@ -90,11 +91,9 @@ def torch_model(checkpoint: CheckpointLike, *, dense: bool = False, scores: str 
     weights: `model(images)` gives the logits. `dense=True` gives the dense baseline (every token
     in every layer); `scores` is "official" (the paper's keys for every token) or "folded".
     `spec` defaults to `model_spec(checkpoint)`."""
-    from idle_export.model.build import build_model
-
     ckpt = _checkpoint(checkpoint, ema)
     _check_scores(scores)
-    return build_model(spec or ckpt.spec(), ckpt.state_dict, dense=dense, score_mode=scores)
+    return build.build_model(spec or ckpt.spec(), ckpt.state_dict, dense=dense, score_mode=scores)
 
 
 def _check_scores(scores: str) -> None:

@@ -10,6 +10,7 @@ from idle_export.bench.targets import ONNX_BACKENDS, Targets, variant_label
 from idle_export.errors import BadInputError, MissingDependencyError
 from idle_export.hardware import gpu_info
 from idle_export.lazy import lazy_module
+from idle_export.model.families import family_of
 from idle_export.onnx.targets import BACKEND_TARGET, file_passes, file_target
 from idle_export.runtime.official import OfficialRunner, build_official_model
 from idle_export.runtime.onnxruntime import OrtRunner, ort_available_providers
@@ -155,7 +156,7 @@ def _make_variants(targets: Targets, backends: list[str], *, threads: int | None
                                         make_runner=_torch_factory(targets.spec, ckpt, dense, mode, threads)))
         elif backend == "torch-official":
             ckpt = _need_ckpt(targets, backend)
-            if targets.spec.family != "deit":
+            if not family_of(targets.spec.arch).official_code:
                 raise BadInputError("the torch-official backend runs the authors' DeiT code (vit.py) "
                                     f"only, not {targets.spec.arch}", "use --backend torch,ort")
             if official_repo is None:

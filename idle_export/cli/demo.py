@@ -11,6 +11,7 @@ from idle_export.cli.app import command
 from idle_export.cli.options import JsonOut, batch_list, report_console, status, write_json
 from idle_export.demo import run_demo
 from idle_export.errors import CheckFailedError
+from idle_export.model.families import ARCH_NAMES
 
 
 @command("demo")
@@ -18,7 +19,7 @@ def demo_cmd(
     output: Annotated[Path, typer.Option("-o", "--output",
                                          help="Folder for the demo files.")] = Path("demo_out"),
     arch: Annotated[str, typer.Option("--arch", help="Architecture of the demo model: "
-                                      "deit_tiny|deit_small|deit_base|lvvit_s|lvvit_m.")] = "deit_small",
+                                      f"{'|'.join(ARCH_NAMES)}.")] = "deit_small",
     keep: Annotated[float, typer.Option("--keep", help="Keep rate of the demo model.")] = 0.7,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes to check.")] = "1,7,32",
     json_out: JsonOut = None,

@@ -11,6 +11,7 @@ import typer
 
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_write_text
+from idle_export.model.families import ARCH_NAMES
 from idle_export.numerics import json_safe
 from idle_export.onnx.io import MAX_BATCH
 
@@ -93,9 +94,8 @@ def write_json(report: dict, target: str) -> None:
     atomic_write_text(Path(target), text + "\n")
 
 
-Arch = Annotated[str | None, typer.Option("--arch", help="deit_tiny|deit_small|deit_base|lvvit_s|"
-                                             "lvvit_m; default: args.arch of the checkpoint, else "
-                                             "its shapes.")]
+Arch = Annotated[str | None, typer.Option("--arch", help=f"{'|'.join(ARCH_NAMES)}; default: "
+                                             "args.arch of the checkpoint, else its shapes.")]
 
 
 Keep = Annotated[float | None, typer.Option("--keep", help="Keep rate r in (0, 1]; default: "

@@ -14,15 +14,8 @@ from pathlib import Path
 
 from idle_export.errors import CheckpointError
 from idle_export.fileio import sha256_file
-from idle_export.model.config import (
-    ARCHS,
-    EMBED_DIM_TO_ARCH,
-    LVVIT_ARCHS,
-    LVVIT_HEAD_DIM,
-    ModelSpec,
-    arch_family,
-    canonical_arch,
-)
+from idle_export.model.config import ModelSpec
+from idle_export.model.families import ARCH_NAMES, canonical_arch, family_of, infer_arch
 from idle_export.numerics import nonfinite_counts
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -84,64 +77,13 @@ class Checkpoint:
         if arch is None:
             raise CheckpointError(
                 f"cannot tell the architecture of {self.path.name}: no args.arch and no cls_token",
-                f"pass --arch ({', '.join([*ARCHS, *LVVIT_ARCHS])})",
+                f"pass --arch ({', '.join(ARCH_NAMES)})",
             )
         arch = canonical_arch(arch)
-        dims = self._lvvit_dims(arch) if arch_family(arch) == "lvvit" else None
+        dims = family_of(arch).dims_from_weights(self.state_dict, arch, self.path.name)
         rate = keep_rate if keep_rate is not None else self.keep_rate
         return ModelSpec.create(arch, rate, num_classes=self.num_classes, img_size=self.img_size,
                                 dims=dims, **kwargs)
-
-    def _lvvit_dims(self, arch: str) -> dict[str, int]:
-        """Width, depth, heads (64 wide, as in both official LV-ViTs) and stem width of LV-ViT
-        weights; a depth other than `arch`'s is an error naming the arch that fits."""
-        sd = self.state_dict
-        conv1, cls = sd.get("patch_embed.conv1.weight"), sd.get("cls_token")
-        if conv1 is None or conv1.ndim != 4 or cls is None or cls.ndim != 3:
-            guess = infer_arch(sd)
-            raise CheckpointError(
-                f"weights do not fit {arch}: {self.path.name} has no LV-ViT conv stem "
-                "(patch_embed.conv1) or cls_token",
-                f"the weights look like {guess}: pass --arch {guess}" if guess else
-                "pass an LV-ViT checkpoint with the official keys (patch_embed.conv1 …, aux_head)")
-        width, depth = int(cls.shape[-1]), block_count(sd)
-        if depth != LVVIT_ARCHS[arch]["depth"]:  # the depth sets the idle layers: it must fit
-            guess = infer_arch(sd)
-            raise CheckpointError(
-                f"weights do not fit {arch}: {self.path.name} has {depth} blocks, {arch} "
-                f"{LVVIT_ARCHS[arch]['depth']}", f"pass --arch {guess}" if guess else
-                "pass LV-ViT-S (16 blocks) or LV-ViT-M (20 blocks) weights")
-        if width % LVVIT_HEAD_DIM:
-            raise CheckpointError(f"cannot tell the attention heads of an LV-ViT of width {width}",
-                                  f"LV-ViT heads are {LVVIT_HEAD_DIM} wide: pass lvvit_s (384) or "
-                                  "lvvit_m (512) weights")
-        return dict(embed_dim=width, depth=depth, num_heads=width // LVVIT_HEAD_DIM,
-                    stem_width=int(conv1.shape[0]))
-
-
-def block_count(state_dict: dict) -> int:
-    """Transformer blocks in the weights (1 + the largest N of `blocks.N.` keys, 0 if none)."""
-    found = [int(k.split(".")[1]) for k in state_dict
-             if k.startswith("blocks.") and k.split(".")[1].isdigit()]
-    return max(found, default=-1) + 1
-
-
-def _official_lvvit(width: int, depth: int) -> str | None:
-    return next((a for a, i in LVVIT_ARCHS.items() if (i["embed_dim"], i["depth"]) == (width, depth)), None)
-
-
-def infer_arch(state_dict: dict) -> str | None:
-    """The arch the weights look like: LV-ViT (a conv stem, patch_embed.conv1) by width and
-    depth (depth alone for a narrower test model), DeiT by the width of its cls_token."""
-    cls = state_dict.get("cls_token")
-    if cls is None or cls.ndim != 3:
-        return None
-    width = int(cls.shape[-1])
-    if "patch_embed.conv1.weight" in state_dict:
-        depth = block_count(state_dict)
-        by_depth = next((a for a, i in LVVIT_ARCHS.items() if i["depth"] == depth), None)
-        return _official_lvvit(width, depth) or by_depth
-    return EMBED_DIM_TO_ARCH.get(width)
 
 
 def is_safetensors(path: Path) -> bool:
@@ -329,8 +271,7 @@ def load_weights(vit, state_dict: dict, spec: ModelSpec) -> None:
         guess = infer_arch(state_dict)
         hint = (f"the weights look like {guess}: pass --arch {guess}"
                 if guess and guess != spec.arch else
-                "pass an LV-ViT checkpoint with the official keys" if spec.family == "lvvit" else
-                "pass a DeiT checkpoint with timm VisionTransformer keys")
+                family_of(spec.arch).weights_hint)
         raise CheckpointError(f"weights do not fit {spec.arch}: {'; '.join(parts)}", hint)
     # float weights; integer buffers (BatchNorm's num_batches_tracked) stay as they are
     floats = {k for k, v in expected.items() if torch.is_floating_point(v)}

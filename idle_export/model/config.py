@@ -10,61 +10,14 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from idle_export.errors import BadInputError
-
-# Official short names (args.arch in the authors' scripts) → timm VisionTransformer settings.
-ARCHS: dict[str, dict] = {
-    "deit_tiny": dict(timm_name="deit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3),
-    "deit_small": dict(timm_name="deit_small_patch16_224", embed_dim=384, depth=12, num_heads=6),
-    "deit_base": dict(timm_name="deit_base_patch16_224", embed_dim=768, depth=12, num_heads=12),
-}
-ALIASES = {v["timm_name"]: k for k, v in ARCHS.items()} | {
-    f"vit_{v['timm_name']}": k for k, v in ARCHS.items()
-}
-EMBED_DIM_TO_ARCH = {v["embed_dim"]: k for k, v in ARCHS.items()}
-
-# LV-ViT (Token Labeling), our own module model/lvvit.py: widths, the conv stem's width, and the
-# idle layers with the exponent p of keep_rate**p for each, as the official infer.py and main.py
-# set them (they agree for LV-ViT): keep_ratios = [r**(i+1) for i in range(3) for _ in range(G)].
-LVVIT_ARCHS: dict[str, dict] = {
-    "lvvit_s": dict(embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, stem_width=64,
-                    idle_layers=tuple(range(4, 16)), exponents=(1,) * 4 + (2,) * 4 + (3,) * 4),
-    "lvvit_m": dict(embed_dim=512, depth=20, num_heads=8, mlp_ratio=3.0, stem_width=64,
-                    idle_layers=tuple(range(5, 20)), exponents=(1,) * 5 + (2,) * 5 + (3,) * 5),
-}
-LVVIT_HEAD_DIM = 64  # both official LV-ViTs have 64-wide heads: a narrower test model keeps that
-ALIASES |= {"lvvit_small": "lvvit_s", "lvvit_medium": "lvvit_m"}
-
-
-def arch_family(arch: str) -> str:
-    """"lvvit" for the LV-ViT archs, "deit" for the timm DeiTs."""
-    return "lvvit" if arch in LVVIT_ARCHS else "deit"
+from idle_export.model.families import SCHEDULE_NAMES, SPEC_DIMS, canonical_arch, family_of
 
 # How idle layers rank tokens (model.IdleBlock): the paper's q_cls·k, or xn·(Wkᵀq_cls) (same top-K).
 SCORE_MODES = ("official", "folded")
 
-# Preset schedules: (idle layers, exponent p of keep_rate**p for each idle layer).
-SCHEDULES = {
-    # infer.py, the official evaluation script: layers 3..11, r,r,r, r²,r²,r², r³,r³,r³
-    "eval": (tuple(range(3, 12)), (1, 1, 1, 2, 2, 2, 3, 3, 3)),
-    # main.py, the official training script: layers 4..11 zipped with the same ratio list
-    "train": (tuple(range(4, 12)), (1, 1, 1, 2, 2, 2, 3, 3)),
-}
-
 # timm's eval preprocessing for DeiT (resize 224/0.875 bicubic, centre crop, ImageNet mean/std)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def canonical_arch(name: str) -> str:
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in ARCHS and key not in LVVIT_ARCHS:
-        raise BadInputError(
-            f"unknown architecture {name!r}",
-            f"use one of {', '.join([*ARCHS, *LVVIT_ARCHS])} (or the timm names "
-            f"{', '.join(a for a in ALIASES if not a.startswith('lvvit'))})",
-        )
-    return key
 
 
 def check_keep_rate(rate: float) -> float:
@@ -82,8 +35,8 @@ def check_keep_rate(rate: float) -> float:
 def schedule_exponents(arch: str, num_idle: int) -> tuple[int, ...]:
     """The exponent p of keep_rate**p of each of `num_idle` idle layers: the i-th keeps
     r**(i//G + 1) as in the official scripts (groups of G: three for DeiT, four for LV-ViT-S, five
-    for LV-ViT-M). Every preset schedule (SCHEDULES, LVVIT_ARCHS) follows this rule."""
-    group = len(LVVIT_ARCHS[arch]["idle_layers"]) // 3 if arch in LVVIT_ARCHS else 3
+    for LV-ViT-M: Family.group). Every preset schedule (Family.schedule) follows this rule."""
+    group = family_of(arch).group(arch)
     return tuple(i // group + 1 for i in range(num_idle))
 
 
@@ -114,8 +67,8 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
-        info = ARCHS.get(self.arch) or LVVIT_ARCHS[self.arch]
-        for key in ("embed_dim", "depth", "num_heads") + (("stem_width",) if self.family == "lvvit" else ()):
+        info = family_of(self.arch).archs[self.arch]
+        for key in family_of(self.arch).dim_keys:
             if not getattr(self, key):
                 object.__setattr__(self, key, info[key])
         if self.embed_dim % self.num_heads:
@@ -162,11 +115,9 @@ class ModelSpec:
         describes a narrower LV-ViT than the arch's, as read from its weights."""
         arch = canonical_arch(arch)
         n = (img_size // 16) ** 2
-        if schedule not in SCHEDULES:
-            raise BadInputError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
-        preset_layers, preset_pows = SCHEDULES[schedule]
-        if arch in LVVIT_ARCHS:
-            preset_layers, preset_pows = LVVIT_ARCHS[arch]["idle_layers"], LVVIT_ARCHS[arch]["exponents"]
+        if schedule not in SCHEDULE_NAMES:
+            raise BadInputError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULE_NAMES)}")
+        preset_layers, preset_pows = family_of(arch).schedule(arch, schedule)
         layers = tuple(preset_layers if idle_layers is None else idle_layers)
         if keep_k is not None:
             if keep_rate is not None:
@@ -187,16 +138,12 @@ class ModelSpec:
     # ------------------------------------------------------------------ derived
     @property
     def family(self) -> str:
-        """"deit" (timm VisionTransformer, model/vit.py) or "lvvit" (model/lvvit.py)."""
-        return arch_family(self.arch)
-
-    @property
-    def timm_name(self) -> str:
-        return ARCHS[self.arch]["timm_name"]
+        """The name of the arch's model family (families.FAMILIES: "deit", "lvvit")."""
+        return family_of(self.arch).name
 
     @property
     def mlp_ratio(self) -> float:
-        return LVVIT_ARCHS[self.arch]["mlp_ratio"] if self.family == "lvvit" else 4.0
+        return family_of(self.arch).mlp_ratio(self.arch)
 
     @property
     def num_patches(self) -> int:
@@ -224,13 +171,8 @@ class ModelSpec:
 
     def embed_macs(self) -> int:
         """MACs of the patch embedding of one image, which idle layers do not shrink: DeiT's
-        linear patch projection, or LV-ViT's conv stem (BatchNorm folded, so not counted)."""
-        c = self.embed_dim
-        if self.family == "deit":
-            return self.num_patches * 3 * self.patch_size**2 * c
-        w, half = self.stem_width, self.img_size // 2
-        convs = half * half * w * (3 * 7 * 7 + 2 * w * 3 * 3)  # conv7×7/2, conv3×3, conv3×3
-        return convs + self.num_patches * c * w * (self.patch_size // 2) ** 2  # proj, kernel 8
+        linear patch projection, or LV-ViT's conv stem (the family's Family.embed_macs)."""
+        return family_of(self.arch).embed_macs(self)
 
     def macs(self, dense: bool = False, folded_scores: bool = False) -> int:
         """Multiply-accumulates of one image: the FLOP model bench uses (LayerNorm, softmax,
@@ -238,7 +180,7 @@ class ModelSpec:
         conv stem), every block's linears and attention matmuls over its tokens, the selection
         score per mode, the CLS head and LV-ViT's aux head over every patch token."""
         c, n, hidden = self.embed_dim, self.num_patches + 1, int(self.embed_dim * self.mlp_ratio)
-        heads = 1 + (self.num_patches if self.family == "lvvit" else 0)  # LV-ViT: + aux_head
+        heads = family_of(self.arch).head_tokens(self)  # LV-ViT: + aux_head over every patch
         total = self.embed_macs() + heads * c * self.num_classes
         k_by_layer = {} if dense else self.k_by_layer
         for layer in range(self.depth):
@@ -258,8 +200,8 @@ class ModelSpec:
     # ------------------------------------------------------------------ metadata
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)
-        if self.family == "deit":
-            del d["stem_width"]  # DeiT files keep the metadata they always had
+        for key in set(SPEC_DIMS) - set(family_of(self.arch).dim_keys):
+            del d[key]  # DeiT files keep the metadata they always had (no stem_width)
         return {f"idle_export.{k}": json.dumps(v) for k, v in d.items()}
 
     @classmethod
@@ -282,10 +224,10 @@ class ModelSpec:
         ks = ",".join(str(k) for k in self.keep_k)
         layers = ",".join(str(i) for i in self.idle_layers)
         arch = self.arch
-        info = ARCHS.get(arch) or LVVIT_ARCHS[arch]
+        info = family_of(arch).archs[arch]
         if any(getattr(self, k) != info[k] for k in ("embed_dim", "depth", "stem_width") if k in info):
             arch += f" (width {self.embed_dim}, {self.depth} blocks" + (
-                f", stem {self.stem_width})" if self.family == "lvvit" else ")")
+                f", stem {self.stem_width})" if "stem_width" in family_of(arch).dim_keys else ")")
         return f"{arch} {rate}, idle layers {layers or '-'}, K {ks or '-'}"
 
 

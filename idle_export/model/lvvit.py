@@ -6,8 +6,8 @@ The authors' IdleLVViT (Ackesnal/IdleViT lvvit.py, eval `test=True` path; config
   x = [cls, tokens] + pos_embed
   block (skip_lam = 2, qkv without bias, GELU MLP of ratio 3):
         x = x + attn(LN1(x)) / 2;  x = x + mlp(LN2(x)) / 2
-  idle block: the same on the top-K tokens plus CLS, ranked as in vit.IdleBlock (mean over heads
-        of the unscaled q_cls·k_j), scattered back out of place; the rest pass through unchanged
+  idle block: the same on the top-K tokens plus CLS, ranked by selection.select_tokens (mean over
+        heads of the unscaled q_cls·k_j), scattered back out of place; the rest pass through unchanged
   logits = head(LN(x)[:, 0]) + 0.5 · max over patch tokens of aux_head(LN(x)[:, 1:])
 LayerNorm eps is 1e-5 (nn.LayerNorm's default, unlike timm DeiT's 1e-6); BatchNorm eps 1e-5.
 Parameter names equal the official checkpoint keys, so its state dict loads with strict=True.
@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# LVVIT_ARCHS (official short names → dims, idle layers, exponents) lives in the light config
-from idle_export.model.config import LVVIT_ARCHS, SCORE_MODES, ModelSpec, schedule_k
+from idle_export.model.checkpoint import load_weights
+from idle_export.model.config import SCORE_MODES, ModelSpec, schedule_k
+from idle_export.model.families import LVVIT
+from idle_export.model.selection import gather_rows, row_index, scatter_rows, select_tokens
 
 PATCH_SIZE = 16  # the stem's total stride: 2 (conv1) × 8 (proj)
 SKIP_LAM = 2.0  # residual branches are divided by this (Token Labeling's skip_lam)
@@ -32,9 +34,10 @@ LN_EPS = 1e-5
 
 
 def _arch(arch: str) -> dict:
-    if arch not in LVVIT_ARCHS:
-        raise ValueError(f"unknown LV-ViT architecture {arch!r}: use one of {', '.join(LVVIT_ARCHS)}")
-    return LVVIT_ARCHS[arch]
+    """The arch's entry in the family's table (families.LVVIT.archs: dims, idle layers, exponents)."""
+    if arch not in LVVIT.archs:
+        raise ValueError(f"unknown LV-ViT architecture {arch!r}: use one of {', '.join(LVVIT.archs)}")
+    return LVVIT.archs[arch]
 
 
 def lvvit_num_patches(img_size: int = 224) -> int:
@@ -124,21 +127,13 @@ class LVBlock(nn.Module):
         return self.attn.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, s, c))
 
     def select(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Indices [B, K+1] of the kept tokens (CLS first) and, in the official mode, all keys."""
-        c = xn.shape[-1]
-        wq, wk = self.attn.qkv.weight[:c], self.attn.qkv.weight[c : 2 * c]
-        q_cls = F.linear(xn[:, :1], wq)  # [B, 1, C]
-        if self.score_mode == "official":
-            keys = F.linear(xn, wk)  # [B, N, C]
-            # mean over heads of q_h·k_h == (q·k) / H
-            scores = torch.matmul(q_cls, keys[:, 1:].transpose(1, 2)).squeeze(1) / self.num_heads
-        else:  # q·(Wk xn_j) = (Wkᵀ q)·xn_j: the same ranking without keys (qkv has no bias)
-            keys = None
-            scores = torch.matmul(torch.matmul(q_cls, wk), xn[:, 1:].transpose(1, 2)).squeeze(1)
+        """Indices [B, K+1] of the kept tokens (CLS first) and, in the official mode, all keys
+        (selection.select_tokens; qkv has no bias)."""
+        idx, keys, scores = select_tokens(xn, self.attn.qkv.weight, None, self.num_heads, self.keep,
+                                          self.score_mode)
         if self.record_scores:
             self.last_scores = scores.detach()
-        top = torch.topk(scores, self.keep, dim=1, largest=True, sorted=True).indices
-        return torch.cat([torch.zeros_like(top[:, :1]), top + 1], dim=1), keys
+        return idx, keys
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(new x, kept indices [B, K+1] or None for a dense block)."""
@@ -148,12 +143,12 @@ class LVBlock(nn.Module):
             return x + self.mlp(self.norm2(x)) / SKIP_LAM, None
         b, _, c = x.shape
         idx, keys = self.select(xn)
-        gather_idx = idx.unsqueeze(-1).expand(b, self.keep + 1, c)
-        xn_sel = torch.gather(xn, 1, gather_idx)
-        keys = None if keys is None else torch.gather(keys, 1, gather_idx)
-        res = torch.gather(x, 1, gather_idx) + self._attend(xn_sel, keys) / SKIP_LAM
+        gather_idx = row_index(idx, b, c)
+        xn_sel = gather_rows(xn, gather_idx)
+        keys = None if keys is None else gather_rows(keys, gather_idx)
+        res = gather_rows(x, gather_idx) + self._attend(xn_sel, keys) / SKIP_LAM
         res = res + self.mlp(self.norm2(res)) / SKIP_LAM
-        return torch.scatter(x, 1, gather_idx, res), idx
+        return scatter_rows(x, gather_idx, res), idx
 
 
 class LVViT(nn.Module):
@@ -256,6 +251,27 @@ def fold_batchnorm(model: LVViT) -> LVViT:
         setattr(pe, f"conv{i}", new)
         setattr(pe, f"bn{i}", nn.Identity())
     return folded
+
+
+def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool = False,
+                emit_selection: bool = False, score_mode: str = "official", fold_bn: bool = True) -> LVViT:
+    """The eval-mode LVViT of `spec` with official-keyed weights (random ones if None); `fold_bn`:
+    the stem's BatchNorms folded into its convs (fold_batchnorm), as exported and benchmarked."""
+    model = LVViT.from_spec(spec, dense=dense, emit_selection=emit_selection, score_mode=score_mode)
+    if state_dict is not None:
+        load_weights(model, state_dict, spec)
+    model.eval()
+    if fold_bn:
+        model = fold_batchnorm(model)  # a deep copy: give it the spec itself back
+        model.spec = spec
+    return model
+
+
+def seeded_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """seeded_lvvit_state_dict for the spec's arch and dims."""
+    return seeded_lvvit_state_dict(spec.arch, spec.num_classes, seed, img_size=spec.img_size,
+                                   embed_dim=spec.embed_dim, depth=spec.depth,
+                                   num_heads=spec.num_heads, stem_width=spec.stem_width)
 
 
 def seeded_lvvit_state_dict(arch: str = "lvvit_s", num_classes: int = 1000, seed: int = 0,

@@ -13,21 +13,21 @@ import torch
 from torch import nn
 
 from idle_export.errors import BadInputError
-from idle_export.model.config import ARCHS, EMBED_DIM_TO_ARCH, canonical_arch
+from idle_export.model.families import DEIT, canonical_arch
 
 
 def deit_dims(arch: str) -> tuple[str, dict]:
     """Canonical DeiT arch name and its timm settings (LV-ViT is not a backbone here)."""
     arch = canonical_arch(arch)
-    if arch not in ARCHS:
-        raise BadInputError(f"{arch} is not a DeiT", f"use one of {', '.join(ARCHS)}")
-    return arch, ARCHS[arch]
+    if arch not in DEIT.archs:
+        raise BadInputError(f"{arch} is not a DeiT", f"use one of {', '.join(DEIT.archs)}")
+    return arch, DEIT.archs[arch]
 
 
 def arch_from_width(state_dict: dict) -> str | None:
     """deit_tiny/small/base from the width of cls_token, None if it is not a DeiT width."""
     cls = state_dict.get("cls_token")
-    return None if cls is None else EMBED_DIM_TO_ARCH.get(int(cls.shape[-1]))
+    return None if cls is None else DEIT.infer_arch(state_dict, int(cls.shape[-1]))
 
 
 def create_deit(arch: str, num_classes: int = 1000, img_size: int = 224) -> nn.Module:

@@ -6,6 +6,7 @@ Each idle layer (the authors' vit.py, `test=True` path):
   idx = [0, topk(score, K) + 1]
   res = x[idx] + proj(attn(q(xn[idx]), k[idx], v(xn[idx])));  res += MLP(LN2(res))
   x = scatter(x, idx, res)        out of place: unselected tokens pass through unchanged
+The selection (score, TopK, gather, scatter) is model/selection.py, shared with LV-ViT.
 Constant K per layer, TopK + GatherElements + ScatterElements, no data-dependent Python
 control flow, so the same module runs eagerly and exports to ONNX.
 
@@ -22,6 +23,8 @@ from torch import nn
 
 from idle_export.model.checkpoint import load_weights
 from idle_export.model.config import SCORE_MODES, ModelSpec
+from idle_export.model.families import family_of
+from idle_export.model.selection import gather_rows, row_index, scatter_rows, select_tokens
 
 
 class IdleBlock(nn.Module):
@@ -43,25 +46,11 @@ class IdleBlock(nn.Module):
 
     def select(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Indices [B, K+1] of the kept tokens (CLS first) and, in the official mode, all keys."""
-        c = xn.shape[-1]
-        weight, bias = self.block.attn.qkv.weight, self.block.attn.qkv.bias
-        wq, wk = weight[:c], weight[c : 2 * c]
-        bq, bk = bias[:c], bias[c : 2 * c]
-        q_cls = F.linear(xn[:, :1], wq, bq)  # [B, 1, C]
-        if self.score_mode == "official":
-            keys = F.linear(xn, wk, bk)  # [B, N, C]
-            # mean over heads of q_h·k_h == (q·k) / H
-            scores = torch.matmul(q_cls, keys[:, 1:].transpose(1, 2)).squeeze(1) / self.num_heads
-        else:
-            # q·(Wk xn_j + bk) = (Wkᵀ q)·xn_j + q·bk: the last term is the same for every token,
-            # so ranking by xn_j·(Wkᵀ q) keeps the same top-K without any keys.
-            keys = None
-            w = torch.matmul(q_cls, wk)  # [B, 1, C]
-            scores = torch.matmul(w, xn[:, 1:].transpose(1, 2)).squeeze(1)
+        qkv = self.block.attn.qkv
+        idx, keys, scores = select_tokens(xn, qkv.weight, qkv.bias, self.num_heads, self.keep,
+                                          self.score_mode)
         if self.record_scores:
             self.last_scores = scores.detach()
-        top = torch.topk(scores, self.keep, dim=1, largest=True, sorted=True).indices
-        idx = torch.cat([torch.zeros_like(top[:, :1]), top + 1], dim=1)
         return idx, keys
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +59,9 @@ class IdleBlock(nn.Module):
         s = self.keep + 1
         xn = blk.norm1(x)
         idx, keys = self.select(xn)
-        gather_idx = idx.unsqueeze(-1).expand(b, s, c)
-        xn_sel = torch.gather(xn, 1, gather_idx)
-        x_sel = torch.gather(x, 1, gather_idx)
+        gather_idx = row_index(idx, b, c)
+        xn_sel = gather_rows(xn, gather_idx)
+        x_sel = gather_rows(x, gather_idx)
         weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
         # q, k, v as separate projections of the kept tokens: one [B, S, 3C] GEMM followed by a
         # Split would copy its whole output once more
@@ -81,7 +70,7 @@ class IdleBlock(nn.Module):
         if keys is None:
             k = F.linear(xn_sel, weight[c : 2 * c], bias[c : 2 * c])
         else:
-            k = torch.gather(keys, 1, gather_idx)
+            k = gather_rows(keys, gather_idx)
         h, d = self.num_heads, self.head_dim
         q = q.reshape(b, s, h, d).transpose(1, 2)
         k = k.reshape(b, s, h, d).transpose(1, 2)
@@ -90,7 +79,7 @@ class IdleBlock(nn.Module):
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, s, c)
         res = x_sel + blk.ls1(blk.attn.proj(out))
         res = res + blk.ls2(blk.mlp(blk.norm2(res)))
-        return torch.scatter(x, 1, gather_idx, res), idx
+        return scatter_rows(x, gather_idx, res), idx
 
 
 class IdleViT(nn.Module):
@@ -140,16 +129,25 @@ def create_vit(spec: ModelSpec) -> nn.Module:
     """timm's VisionTransformer for the spec, random weights (no hub access)."""
     import timm
 
-    return timm.create_model(spec.timm_name, pretrained=False, num_classes=spec.num_classes,
+    timm_name = family_of(spec.arch).archs[spec.arch]["timm_name"]
+    return timm.create_model(timm_name, pretrained=False, num_classes=spec.num_classes,
                              img_size=spec.img_size)
 
 
 def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool = False,
-                emit_selection: bool = False, score_mode: str = "official") -> IdleViT:
-    """IdleViT in eval mode with the given timm-keyed weights (or seeded random ones if None)."""
+                emit_selection: bool = False, score_mode: str = "official",
+                fold_bn: bool = True) -> IdleViT:
+    """IdleViT in eval mode with the given timm-keyed weights (or seeded random ones if None).
+    `fold_bn`: nothing to fold (a DeiT has no BatchNorm); build.build_model passes it to every
+    family."""
     vit = create_vit(spec)
     if state_dict is not None:
-
         load_weights(vit, state_dict, spec)
     model = IdleViT(vit, spec, dense=dense, emit_selection=emit_selection, score_mode=score_mode)
     return model.eval()
+
+
+def seeded_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """timm's own init after torch.manual_seed(seed), in timm's key names."""
+    torch.manual_seed(seed)
+    return create_vit(spec).state_dict()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from idle_export.model.families import LVVIT
 from idle_export.model.lvvit import (
-    LVVIT_ARCHS,
     LVViT,
     fold_batchnorm,
     lvvit_k_by_layer,
@@ -87,7 +87,7 @@ def test_keep_k_follows_the_official_rule():
     assert lvvit_keep_k("lvvit_m", 1.0) == (196,) * 15
     assert list(lvvit_k_by_layer("lvvit_s", 0.7)) == list(range(4, 16))
     assert list(lvvit_k_by_layer("lvvit_m", 0.7)) == list(range(5, 20))
-    assert LVVIT_ARCHS["lvvit_m"]["embed_dim"] == 512 and LVVIT_ARCHS["lvvit_m"]["num_heads"] == 8
+    assert LVVIT.archs["lvvit_m"]["embed_dim"] == 512 and LVVIT.archs["lvvit_m"]["num_heads"] == 8
 
 
 @pytest.mark.parametrize("kwargs", [dict(score_mode="fast"), dict(keep_k={2: 0}), dict(keep_k={2: 65}),

@@ -6,8 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from idle_export.model.config import LVVIT_ARCHS, SCHEDULES, ModelSpec, schedule_k
+from idle_export.model.config import ModelSpec, schedule_k
 from idle_export.model.elastic_k import elastic_k, k_from_thresholds, min_valid_rate, thresholds
+from idle_export.model.families import DEIT, LVVIT
 from idle_export.onnx.elastic import KEEP_RATE_INPUT, k_model, k_subgraph
 from idle_export.onnx.metadata import OnnxMetadata
 from tests.conftest import error_lines
@@ -32,9 +33,9 @@ def _k_session(exponents, n=196):
     return _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])), k_of
 
 
-@pytest.mark.parametrize("exponents", [SCHEDULES["eval"][1], SCHEDULES["train"][1],
-                                       LVVIT_ARCHS["lvvit_s"]["exponents"],
-                                       LVVIT_ARCHS["lvvit_m"]["exponents"]],
+@pytest.mark.parametrize("exponents", [DEIT.schedules["eval"][1], DEIT.schedules["train"][1],
+                                       LVVIT.archs["lvvit_s"]["exponents"],
+                                       LVVIT.archs["lvvit_m"]["exponents"]],
                          ids=["deit_eval", "deit_train", "lvvit_s", "lvvit_m"])
 def test_graph_k_equals_the_python_schedule_on_the_whole_grid(exponents):
     """Every rate on the 0.01 grid from the smallest valid one to 1.0, fed as float32, run by
@@ -147,7 +148,7 @@ def test_elastic_refuses_what_it_cannot_vary(tiny_ckpt, tmp_path, args, problem)
 
 def test_spec_at_rate_uses_the_schedule():
     spec = ModelSpec.create("lvvit_m", 0.7)
-    assert spec.at_rate(0.5).keep_k == schedule_k(196, 0.5, LVVIT_ARCHS["lvvit_m"]["exponents"])
+    assert spec.at_rate(0.5).keep_k == schedule_k(196, 0.5, LVVIT.archs["lvvit_m"]["exponents"])
     assert ModelSpec.create("deit_small", 0.7, keep_k=[1] * 9).follows_schedule is False
 
 
