@@ -189,8 +189,14 @@ def _build(trt: TrtInfo, parsed: Path, facts: dict, batch, precision: str, stron
     monitor = interrupt.monitor()
     if monitor is not None:
         config.progress_monitor = monitor
-    plan = builder.build_serialized_network(network, config)
-    interrupt.check()
+    try:
+        plan = builder.build_serialized_network(network, config)
+        interrupt.check()
+    except BaseException:
+        # TensorRT's objects call back into the Python logger and progress monitor: release them
+        # now, in dependency order, not whenever the traceback's frame is torn down
+        del config, profile, network, _parser, builder
+        raise
     if plan is None:
         errs = logger.errors()
         raise IdleExportError(f"{trt.label} could not build {parsed.name}: "
