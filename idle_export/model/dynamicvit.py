@@ -28,6 +28,7 @@ from torch import nn
 from idle_export.errors import BadInputError
 from idle_export.model.config import check_keep_rate
 from idle_export.model.pruning_common import (
+    DeitDims,
     arch_from_width,
     args_dict,
     block_macs,
@@ -45,7 +46,7 @@ PREFIX = "score_predictor."
 
 
 @dataclass(frozen=True)
-class DynamicViTSpec:
+class DynamicViTSpec(DeitDims):
     """Backbone, base keep rate r and pruning stages: stage s keeps int(P * r**(s+1)) tokens."""
 
     family: ClassVar[str] = "dynamicvit"
@@ -68,22 +69,6 @@ class DynamicViTSpec:
         if bad:
             raise BadInputError(f"keep rate {self.keep_rate} keeps no token at some stage",
                                 "raise the keep rate")
-
-    @property
-    def embed_dim(self) -> int:
-        return deit_dims(self.arch)[1]["embed_dim"]
-
-    @property
-    def depth(self) -> int:
-        return deit_dims(self.arch)[1]["depth"]
-
-    @property
-    def num_heads(self) -> int:
-        return deit_dims(self.arch)[1]["num_heads"]
-
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
 
     @property
     def token_ratio(self) -> tuple[float, ...]:

@@ -30,6 +30,7 @@ from torch import nn
 from idle_export.errors import BadInputError
 from idle_export.model.config import canonical_arch, check_keep_rate
 from idle_export.model.pruning_common import (
+    DeitDims,
     arch_from_width,
     args_dict,
     attention_macs,
@@ -57,7 +58,7 @@ _FIXED = {
 
 
 @dataclass(frozen=True)
-class EViTSpec:
+class EViTSpec(DeitDims):
     """Everything that fixes an EViT graph: backbone, keep rate, drop layers, fusion."""
 
     family: ClassVar[str] = "evit"
@@ -77,22 +78,6 @@ class EViTSpec:
             raise BadInputError(f"drop_loc {list(locs)} is not increasing within 0..{self.depth - 1}",
                                 "pass layers such as (3, 6, 9)")
         object.__setattr__(self, "drop_loc", locs)
-
-    @property
-    def embed_dim(self) -> int:
-        return deit_dims(self.arch)[1]["embed_dim"]
-
-    @property
-    def depth(self) -> int:
-        return deit_dims(self.arch)[1]["depth"]
-
-    @property
-    def num_heads(self) -> int:
-        return deit_dims(self.arch)[1]["num_heads"]
-
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
 
     @property
     def k_by_layer(self) -> dict[int, int]:

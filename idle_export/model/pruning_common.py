@@ -24,6 +24,26 @@ def deit_dims(arch: str) -> tuple[str, dict]:
     return arch, DEIT.archs[arch]
 
 
+class DeitDims:
+    """The DeiT dims of a spec that has `arch`, `img_size` and `patch_size` (EViT, DynamicViT)."""
+
+    @property
+    def embed_dim(self) -> int:
+        return deit_dims(self.arch)[1]["embed_dim"]
+
+    @property
+    def depth(self) -> int:
+        return deit_dims(self.arch)[1]["depth"]
+
+    @property
+    def num_heads(self) -> int:
+        return deit_dims(self.arch)[1]["num_heads"]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
 def arch_from_width(state_dict: dict) -> str | None:
     """deit_tiny/small/base from the width of cls_token, None if it is not a DeiT width."""
     cls = state_dict.get("cls_token")
