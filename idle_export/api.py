@@ -17,29 +17,30 @@ Reports are the dicts that the commands write with `--json`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idle_export.bench.plot import plot_report, require_matplotlib
 from idle_export.bench.run import run_bench
+from idle_export.bench.targets import default_targets
 from idle_export.demo import run_demo
 from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
+from idle_export.hardware import MAX_THREADS
 from idle_export.model import build  # light: it imports the family's torch module when called
 from idle_export.model.checkpoint import Checkpoint
 from idle_export.model.checkpoint import load_checkpoint as _load_checkpoint
 from idle_export.model.config import SCORE_MODES, ModelSpec, check_keep_rate
 from idle_export.onnx.export import export_checkpoint
-from idle_export.onnx.io import DEFAULT_OPSET
+from idle_export.onnx.io import DEFAULT_OPSET, MAX_BATCH
 from idle_export.onnx.lint import lint_file
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.check import check_engine_against, check_onnx
 from idle_export.quantize.qdq import default_int8_path, quantize_onnx
+from idle_export.runtime import registry
 from idle_export.runtime.base import Runner
-from idle_export.runtime.onnxruntime import OrtRunner
-from idle_export.runtime.openvino import OpenVinoRunner
-from idle_export.runtime.tensorrt import TrtRunner
 from idle_export.trt.build import build_engine as _build_engine
 from idle_export.trt.inputs import parse_keep_range
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Checkpoint", "ModelSpec", "bench", "build_engine", "check", "demo", "export_onnx", "lint",
-           "load_checkpoint", "model_spec", "open_model", "quantize", "torch_model"]
+           "load_checkpoint", "model_spec", "open_model", "quantize", "runtimes", "torch_model"]
 
 PathLike = str | Path
 CheckpointLike = str | Path | Checkpoint
@@ -96,10 +97,20 @@ def torch_model(checkpoint: CheckpointLike, *, dense: bool = False, scores: str 
     return build.build_model(spec or ckpt.spec(), ckpt.state_dict, dense=dense, score_mode=scores)
 
 
+def _batch_sizes(values: Sequence[int], name: str, example: str) -> list[int]:
+    sizes = [int(b) for b in values]
+    if not sizes or min(sizes) < 1:
+        raise BadInputError(f"{name}={sizes} needs positive sizes", f"e.g. {name}={example}")
+    if max(sizes) > MAX_BATCH:
+        raise BadInputError(f"{name}={sizes}: {max(sizes)} is above {MAX_BATCH}, the largest batch an "
+                            "exported graph takes", f"e.g. {name}={example}")
+    return sizes
+
+
 def _check_scores(scores: str) -> None:
     if scores not in SCORE_MODES:
-        raise BadInputError(f"scores {scores!r} is not one of {', '.join(SCORE_MODES)}",
-                            "use scores='folded' (the default export) or scores='official'")
+        raise BadInputError(f"scores={scores!r} is not one of {', '.join(SCORE_MODES)}",
+                            "use scores=folded (the default export) or scores=official")
 
 
 def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = False,
@@ -136,45 +147,58 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
           ema: bool = False, batch_sizes: Sequence[int] = (1, 7, 32),
           inputs: Sequence[str] | None = None, images: PathLike | None = None, num: int = 0,
           max_abs: float | None = None, seed: int = 0, threads: int | None = None,
-          backend: str = "ort", keep_rate: float | None = None) -> dict:
+          backend: str = "ort", keep_rate: float | None = None, save_outputs: PathLike | None = None,
+          load_outputs: PathLike | None = None) -> dict:
     """Parity of an ONNX file (or a TensorRT engine) against a reference (`idle-export check`).
 
-    The reference is the PyTorch model of `ckpt` (a path or a loaded Checkpoint) or another ONNX
-    file `against` (an engine is checked against the ONNX it was built from). `inputs` are the
-    input sets, "noise" and/or "photos" (default both; none when `images` is given); `images` is
-    a folder, a .txt list or one image. The tolerance follows the model's precision (fp32 1e-4,
-    fp16 5e-2, int8 top-1 agreement) unless `max_abs` sets the logit tolerance. `backend`
-    runs the ONNX file: "ort" (ONNX Runtime) or "openvino" (OpenVINO CPU). `keep_rate` runs an
-    elastic file (or engine) at that rate, against the reference at the same rate.
+    The reference is the PyTorch model of `ckpt` (a path or a loaded Checkpoint), another ONNX
+    file `against` (an engine is checked against the ONNX it was built from), or a run saved
+    earlier with `save_outputs` (`load_outputs`: Polygraphy RunResults JSON, e.g. the FP32 ONNX
+    run on the build machine, for an engine run on a GPU machine). `inputs` are the input sets,
+    "noise" and/or "photos" (default both; none when `images` is given); `images` is a folder, a
+    .txt list or one image (`num` of them, 0: all). The tolerance follows the model's precision
+    (fp32 1e-4, fp16 5e-2, int8 top-1 agreement) unless `max_abs` sets the logit tolerance.
+    `backend` runs the ONNX file: "ort" (ONNX Runtime CPU), "openvino" (OpenVINO CPU) or another
+    runtime of `runtimes()` that runs ONNX files. `keep_rate` runs an elastic file (or engine)
+    at that rate, against the reference at the same rate.
 
     Returns the report: `report["passed"]` is the verdict, `report["cases"]` one entry per input
     set and batch size. A failed comparison is not an exception; a bad file or option is.
     """
-    sizes = [int(b) for b in batch_sizes]
-    if not sizes or min(sizes) < 1:
-        raise BadInputError(f"batch_sizes {list(batch_sizes)} needs positive sizes", "e.g. (1, 7, 32)")
+    sizes = _batch_sizes(batch_sizes, "batch_sizes", "1,7,32")
     sets = list(inputs) if inputs is not None else ([] if images is not None else ["noise", "photos"])
     unknown = [s for s in sets if s not in ("noise", "photos")]
     if unknown or (not sets and images is None):
-        raise BadInputError(f"inputs {sets}: unknown set {', '.join(unknown) or '(none)'}",
-                            "use inputs=('noise', 'photos'), or pass images=DIR")
-    if threads is not None and threads < 1:
-        raise BadInputError(f"threads={threads} must be at least 1", "e.g. threads=2")
+        raise BadInputError(f"inputs={','.join(sets)}: unknown set {', '.join(unknown) or '(none)'}",
+                            "use inputs=noise,photos (or images=DIR)")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BadInputError(f"threads={threads} must be between 1 and {MAX_THREADS}", "e.g. threads=2")
+    if max_abs is not None and not (math.isfinite(max_abs) and max_abs >= 0):
+        raise BadInputError(f"max_abs={max_abs} must be a finite number ≥ 0",
+                            "e.g. max_abs=1e-4 (0 demands identical logits)")
+    if num < 0:
+        raise BadInputError(f"num={num} must be ≥ 0", "e.g. num=200 (0: all of images=)")
+    if keep_rate is not None:
+        check_keep_rate(keep_rate)
+    if save_outputs is not None:
+        check_output_path(Path(save_outputs), "save_outputs=")
     if Path(model).suffix in ENGINE_SUFFIXES:
         if backend != "ort":
             raise BadInputError(f"{Path(model).name} is a TensorRT engine: it runs on TensorRT, not "
-                                f"backend={backend!r}", "drop backend")
-        if against is None or ckpt is not None or images is not None:
+                                f"backend={backend!r}", "leave out backend=")
+        if (against is None and load_outputs is None) or ckpt is not None or images is not None:
             raise BadInputError(f"{Path(model).name} is a TensorRT engine: it is checked against the "
-                                "ONNX it was built from", "pass against='MODEL.onnx'")
+                                "ONNX it was built from", "pass against=MODEL.onnx")
         return check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
-                                    seed=seed, threads=threads, keep_rate=keep_rate)
+                                    seed=seed, threads=threads, keep_rate=keep_rate,
+                                    save_outputs=save_outputs, load_outputs=load_outputs)
     if isinstance(ckpt, Checkpoint) and ema:
         raise BadInputError("ema=True picks the weights when a checkpoint is read; this one is already "
                             "loaded", "load it with load_checkpoint(path, ema=True)")
     return check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                       input_sets=sets, seed=seed, threads=threads, images=images, num=num,
-                      max_abs=max_abs, backend=backend, keep_rate=keep_rate)
+                      max_abs=max_abs, backend=backend, keep_rate=keep_rate, save_outputs=save_outputs,
+                      load_outputs=load_outputs)
 
 
 def lint(onnx: PathLike, *, expect_idle: bool = False) -> dict:
@@ -233,28 +257,49 @@ def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
           warmup: int = 3, min_time: float = 1.0, inputs: str = "noise",
           scores: Sequence[str] = ("official", "folded"), optimize: bool = False,
           independent: bool = False, seed: int = 0, plot: PathLike | None = None,
-          keep_rates: Sequence[float] | None = None) -> dict:
+          keep_rates: Sequence[float] | None = None, official_repo: PathLike | None = None,
+          progress=None, on_pick=None) -> dict:
     """Images/s of idle vs dense, side by side, against the FLOP ideal (`idle-export bench`).
 
     `targets`: idle and dense ONNX files (paired by their metadata), engines, or one checkpoint
-    (exported to a temporary folder in each of `scores`, with each backend's export target).
-    `backends`: "ort", "ort-cuda", "openvino", "torch", "trt". Files are timed as written;
-    `optimize` applies in memory the backend target's passes a file lacks. Each variant runs
-    `runs` timed runs of at least `min_time` seconds, interleaved with the others;
+    (exported to a temporary folder in each of `scores`, with each backend's export target);
+    none: the idle export in the current folder and its dense twin (exported from the checkpoint
+    beside it when missing; `on_pick(line)` is told which). `backends`: names of `runtimes()`
+    (ort, openvino, torch, trt …). Files are timed as written; `optimize` applies in memory the
+    backend target's passes a file lacks. Each variant runs `runs` timed runs of at least
+    `min_time` seconds, interleaved with the others;
     `independent` also times every ONNX file with timeit in a separate process.
     `plot` writes a PNG (the `plot` extra). `keep_rates` times each elastic file or engine once
-    per rate (`bench --keep-rate`). Returns the report (`report["results"]`: images/s,
-    latency percentiles and achieved/ideal per variant and batch).
+    per rate (`bench --keep-rate`). `official_repo`: a clone of Ackesnal/IdleViT, for the
+    torch-official backend. `progress(message)`: a context manager shown around each step.
+    Returns the report (`report["results"]`: images/s, latency percentiles and achieved/ideal
+    per variant and batch).
     """
+    sizes = _batch_sizes(batches, "batches", "1,8,64")
+    if not (math.isfinite(min_time) and 0 < min_time <= 3600):
+        raise BadInputError(f"min_time={min_time} must be a finite number > 0 and ≤ 3600", "e.g. min_time=1")
+    if not 1 <= runs <= 1000 or not 1 <= warmup <= 1000:
+        raise BadInputError(f"runs={runs} and warmup={warmup} must be between 1 and 1000",
+                            "e.g. runs=5 warmup=3")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BadInputError(f"threads={threads} must be between 1 and {MAX_THREADS}", "e.g. threads=2")
     modes = list(scores)
-    for mode in modes:
+    for mode in modes or ["(none)"]:
         _check_scores(mode)
+    if official_repo is not None and not Path(official_repo).is_dir():
+        raise BadInputError(f"official_repo={official_repo} is not a folder",
+                            "git clone https://github.com/Ackesnal/IdleViT and pass its path")
     if plot is not None:
-        check_output_path(Path(plot), "plot")
-        require_matplotlib()
-    report = run_bench([Path(t) for t in targets], backends=list(backends), batches=[int(b) for b in batches],
+        check_output_path(Path(plot), "plot=")
+        require_matplotlib()  # exit 3 naming the extra before the benchmark, not after it
+    if not targets:  # checked first: nothing is exported for a bench that cannot run
+        targets, picked = default_targets(Path("."), status=progress)
+        if on_pick:
+            on_pick(picked)
+    report = run_bench([Path(t) for t in targets], backends=list(backends), batches=sizes,
                        threads=threads, runs=runs, warmup=warmup, min_time=min_time, inputs=inputs,
                        score_modes=modes, optimize=optimize, independent=independent, seed=seed,
+                       official_repo=None if official_repo is None else Path(official_repo), status=progress,
                        keep_rates=[check_keep_rate(r) for r in keep_rates] if keep_rates else None)
     if plot is not None:
         plot_report(report, Path(plot))
@@ -263,10 +308,11 @@ def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
 
 def open_model(model: PathLike, *, backend: str = "ort", threads: int | None = None,
                keep_rate: float | None = None) -> Runner:
-    """A loaded model to run many times: an ONNX file on "ort" (ONNX Runtime CPU) or "openvino",
-    or a TensorRT engine (a GPU). Use it as a context manager; `infer({"images": x})` returns
-    {"logits": …}. An elastic file takes a keep rate per call, `infer({"images": x,
-    "keep_rate": 0.5})`, else `keep_rate` (default: the file's own rate).
+    """A loaded model to run many times: an ONNX file on "ort" (ONNX Runtime CPU), "openvino" or
+    another runtime of `runtimes()` that runs ONNX files, or a TensorRT engine (a GPU). Use it as
+    a context manager; `infer({"images": x})` returns {"logits": …}. An elastic file takes a keep
+    rate per call, `infer({"images": x, "keep_rate": 0.5})`, else `keep_rate` (default: the
+    file's own rate).
 
         with api.open_model("deit_s_idle_elastic.onnx") as m:
             fast = m.infer({"images": x, "keep_rate": 0.5})["logits"]
@@ -274,12 +320,19 @@ def open_model(model: PathLike, *, backend: str = "ort", threads: int | None = N
     """
     path = Path(model)
     if path.suffix in ENGINE_SUFFIXES:
-        return TrtRunner(path, keep_rate=keep_rate)
-    if backend == "openvino":
-        return OpenVinoRunner(path, threads=threads, keep_rate=keep_rate)
-    if backend != "ort":
-        raise BadInputError(f"backend={backend!r} is not ort or openvino", "use backend='ort'")
-    return OrtRunner(path, threads=threads, keep_rate=keep_rate)
+        return registry.get(registry.ENGINE_RUNTIME).runner(path, keep_rate=keep_rate)  # checks at activate
+    runtime = registry.get(backend, runs=registry.ONNX).require()
+    return runtime.runner(path, threads=threads, keep_rate=keep_rate)
+
+
+def runtimes() -> list[dict]:
+    """The runtimes (`backend=` of check, bench, sweep and open_model), one dict each: name,
+    what it runs ("onnx", "engine", "model"), the pip extra, the export target whose files suit
+    it, its precisions, whether it reports kept tokens, whether it computes on the CPU, and
+    `unavailable`: why it cannot run here (None when it can)."""
+    return [{"name": r.name, "summary": r.summary, "runs": r.runs, "extra": r.extra, "target": r.target,
+             "precisions": list(r.precisions), "selection": r.selection, "cpu": r.cpu,
+             "unavailable": r.unavailable()} for r in registry.RUNTIMES.values()]
 
 
 def demo(folder: PathLike = "demo_out", *, arch: str = "deit_small", keep: float = 0.7,

@@ -323,6 +323,16 @@ def folder_lock(folder: Path, wait_s: float = 120.0):
         os.close(fd)  # releases the lock
 
 
+def copy_hashing(src: Path, dst: Path) -> str:
+    """Copy src to dst (a new file) and return src's sha256, reading src once."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -84,6 +84,9 @@ def gpu_info() -> dict | None:
     return {"name": name, "compute_capability": "sm" + cc.replace(".", "")}
 
 
+MAX_THREADS = 1024  # the most --threads / threads= a command takes
+
+
 def default_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))

@@ -83,7 +83,7 @@ def test_torch_model_is_what_the_export_runs(tiny_ckpt, tiny_dense_onnx):
 def test_errors_are_the_clis(tiny_ckpt, tiny_folded_onnx, tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         api.export_onnx(tmp_path / "nope.pth", tmp_path / "x.onnx")
-    with pytest.raises(BadInputError, match="scores 'fast'"):
+    with pytest.raises(BadInputError, match="scores='fast'"):
         api.export_onnx(tiny_ckpt, tmp_path / "x.onnx", scores="fast")
     with pytest.raises(BadInputError, match="keep rate 1.5"):
         api.export_onnx(tiny_ckpt, tmp_path / "x.onnx", keep=1.5)
@@ -123,3 +123,24 @@ def test_build_engine_without_gpu(tiny_folded_onnx, tmp_path):
                             target="sm89", flavour="tensorrt_rtx")
     assert (tmp_path / "t.engine").stat().st_size > 0 and (tmp_path / "t.engine.json").is_file()
     assert info["precision"] == "fp32" and info["compute_capability"] == "sm89"
+
+
+def test_api_errors_name_parameters_and_the_cli_its_flags(tiny_ckpt, tiny_folded_onnx, tmp_path):
+    """One front door: the CLI calls the API; an error names `max_abs=` to an API user and
+    `--max-abs` on the command line (cli.app maps the API's names to the command's flags)."""
+    from typer.testing import CliRunner
+
+    from idle_export.cli import app
+
+    with pytest.raises(BadInputError, match=r"max_abs=nan must be a finite number"):
+        api.check(tiny_folded_onnx, ckpt=tiny_ckpt, max_abs=float("nan"))
+    with pytest.raises(BadInputError, match=r"batch_sizes=\[0\] needs positive sizes"):
+        api.check(tiny_folded_onnx, ckpt=tiny_ckpt, batch_sizes=[0])
+    cases = {("--max-abs", "nan"): "--max-abs nan must be a finite number",
+             ("--batch", "0"): "--batch [0] needs positive sizes (hint: e.g. --batch 1,7,32)",
+             ("--threads", "0"): "--threads 0 must be between 1 and",
+             ("--save-outputs", str(tmp_path / "no" / "r.json")): "output folder"}
+    for args, words in cases.items():
+        res = CliRunner().invoke(app, ["check", str(tiny_folded_onnx), "--ckpt", str(tiny_ckpt), *args])
+        assert res.exit_code == 2 and words in res.output, res.output
+        assert "=" not in res.output.split("error: ", 1)[1].split("(hint")[0].replace("==", ""), res.output

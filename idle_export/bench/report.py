@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 from idle_export import __version__
-from idle_export.bench.timing import CPU_BACKENDS
+from idle_export.bench.timing import on_cpu
 from idle_export.bench.variants import ideal_for
 from idle_export.hardware import MATRIX_FLAGS
 from idle_export.onnx.targets import file_passes, file_target
+from idle_export.runtime import registry
 
 
 def _cpu_ratio(result: dict, baseline: dict, ideal: float | None) -> dict:
@@ -31,8 +32,9 @@ def build_report(spec, flops, env, variants, batches, targets, *, settings) -> d
         if v.dense:
             continue
         dense = by_key.get((v.backend, "dense"))
-        if dense is None and v.official_code:
-            dense = by_key.get(("torch", "dense"))
+        if dense is None and v.official_code:  # the authors' code against our torch model's dense
+            dense = next((d for d in variants if d.dense and registry.get(d.backend).runs == registry.MODEL
+                          and not d.official_code), None)
         ideal = ideal_for(v, flops)
         for bs in batches:
             if dense is not None:
@@ -42,7 +44,7 @@ def build_report(spec, flops, env, variants, batches, targets, *, settings) -> d
                     "speedup": speedup, "ideal": ideal,
                     "achieved_over_ideal": speedup / ideal if ideal else None,
                     **_cpu_ratio(v.results[bs], dense.results[bs], ideal)})
-    official = by_key.get(("torch-official", "official"))
+    official = next((v for v in variants if v.official_code), None)
     if official is not None:
         for v in variants:
             if v.official_code or v.dense:
@@ -83,7 +85,7 @@ def vs_openvino_dense(variants, batches) -> list[dict]:
         return []
     rows = []
     for bs in batches:
-        idle = [v for v in variants if v.backend in CPU_BACKENDS and not v.dense and bs in v.results]
+        idle = [v for v in variants if on_cpu(v.backend) and not v.dense and bs in v.results]
         for precision in dict.fromkeys(v.precision for v in idle):
             group = [v for v in idle if v.precision == precision]
             by_cpu = all("cpu_ms_per_image" in v.results[bs] for v in group)
@@ -106,7 +108,7 @@ def vs_fastest_dense(variants, batches) -> list[dict]:
     (OpenVINO's default bf16 on AMX included): the speed-up a user gets over the peer's best."""
     rows = []
     for bs in batches:
-        cpu = [v for v in variants if v.backend in CPU_BACKENDS and bs in v.results]
+        cpu = [v for v in variants if on_cpu(v.backend) and bs in v.results]
         dense = [v for v in cpu if v.dense]
         idle = [v for v in cpu if not v.dense and not v.official_code and v.precision in EXACT_PRECISIONS]
         if not dense or not idle:

@@ -24,11 +24,12 @@ from idle_export.bench.independent import independent_checks
 from idle_export.bench.report import build_report
 from idle_export.bench.targets import resolve_targets
 from idle_export.bench.timing import bench_batch
-from idle_export.bench.variants import BACKENDS, flop_model, make_variants
+from idle_export.bench.variants import flop_model, make_variants
 from idle_export.data.inputs import input_set
 from idle_export.errors import BadInputError
 from idle_export.hardware import check_batch_fits, default_threads, environment
-from idle_export.onnx.targets import BACKEND_TARGET, TARGET_PASSES
+from idle_export.onnx.targets import TARGET_PASSES
+from idle_export.runtime import registry
 
 DEFAULT_BATCHES = (1, 8, 64)
 
@@ -58,10 +59,9 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
         raise BadInputError("--runs must be ≥ 1, --warmup ≥ 0, --min-time > 0", "e.g. --runs 5 --warmup 3")
     if inputs not in ("noise", "photos"):
         raise BadInputError(f"--inputs {inputs!r} is not noise or photos", "use --inputs noise")
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown or not backends:
-        raise BadInputError(f"unknown backend {', '.join(unknown) or '(none)'}",
-                            f"use one or more of {', '.join(BACKENDS)}")
+    if not backends:
+        raise BadInputError("no backend given", f"use one or more of {registry.choices()}")
+    runtimes = [registry.get(b) for b in backends]  # exit 2 on a name that is not one
     threads = threads or default_threads()
     own_tmp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="idle-export-bench-")) if own_tmp else Path(workdir)
@@ -72,8 +72,8 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
         check_batch_fits(spec, max(batches), runners=max(2, len(backends) * 2))
         flops = flop_model(spec)
         env = environment(threads)
-        if targets.engines and "trt" not in backends:
-            backends = [*backends, "trt"]  # engines run only there: never measure nothing
+        if targets.engines and not any(r.runs == registry.ENGINE for r in runtimes):
+            backends = [*backends, *registry.names(registry.ENGINE)]  # never measure nothing
         variants = make_variants(targets, backends, threads=threads, score_modes=score_modes,
                                  optimize=optimize, official_repo=official_repo, keep_rates=keep_rates)
         if not variants:
@@ -84,6 +84,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
             for v in variants:
                 with status(f"loading {v.key}"):
                     v.runner = stack.enter_context(v.make_runner())
+            targets.loaded.clear()  # files no runner took (another runtime's): not kept in memory
             pool = input_set(inputs, max(batches), spec, seed=seed)
             # variants of one backend are interleaved; backends go one after the other, so one
             # runtime's spinning worker threads never steal cores from another's timed calls
@@ -100,9 +101,9 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
                               settings=dict(batch=batches, backends=backends, runs=runs,
                                             warmup=max(warmup, 1), min_time_s=min_time, threads=threads,
                                             inputs=inputs, seed=seed, optimize=optimize,
-                                            passes={b: list(TARGET_PASSES[BACKEND_TARGET[b]])
-                                                    for b in backends if b in BACKEND_TARGET
-                                                    and b != "trt"} if optimize else {},
+                                            passes={r.name: list(TARGET_PASSES[r.target])
+                                                    for r in runtimes if r.runs == registry.ONNX}
+                                            if optimize else {},
                                             score_modes=score_modes, keep_rates=keep_rates or []))
         report["notes"] = graph_notes(variants, optimize)
         if independent:
@@ -130,7 +131,7 @@ def graph_notes(variants, optimize: bool) -> list[str]:
             notes.append(f"{backend}: the idle and dense graphs carry different passes ("
                          + "; ".join(f"{v.label}: {', '.join(v.file_passes + v.passes_at_load) or 'none'}"
                                      for v in group) + "): export both with the same --target")
-        target = BACKEND_TARGET.get(backend)
+        target = registry.get(backend).target
         lacking = [v for v in group
                    if target and set(TARGET_PASSES[target]) - set(v.file_passes + v.passes_at_load)]
         if lacking and not optimize:
@@ -141,7 +142,7 @@ def graph_notes(variants, optimize: bool) -> list[str]:
 
 
 def _set_torch_threads(backends: list[str], threads: int) -> None:
-    if any(b.startswith("torch") for b in backends):
+    if any(registry.get(b).runs == registry.MODEL for b in backends):
         import torch
 
         torch.set_num_threads(threads)

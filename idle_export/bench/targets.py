@@ -14,10 +14,9 @@ from idle_export.onnx.discover import dense_twin, pick_idle_onnx, source_checkpo
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.onnx.targets import BACKEND_TARGET, file_target, runs_on
+from idle_export.onnx.targets import file_target, runs_on
+from idle_export.runtime import registry
 from idle_export.trt.sidecar import read_sidecar
-
-ONNX_BACKENDS = ("ort", "ort-cuda", "openvino")  # backends that run ONNX files
 
 
 def variant_label(dense: bool, score_mode: str, plugin: bool = False, precision: str = "fp32") -> str:
@@ -39,13 +38,19 @@ class Targets:
     meta: dict[Path, OnnxMetadata] = field(default_factory=dict)  # of every ONNX file
     skipped: list[str] = field(default_factory=list)  # "file on backend: why", for the report
     exported: set[Path] = field(default_factory=set)  # files bench exported from a checkpoint
+    loaded: dict = field(default_factory=dict)  # ONNX models read here, for their first runner
 
-    def files_for(self, backend: str) -> list[tuple[Path, bool, str]]:
-        """The ONNX files `backend` times, as written: INT8 files calibrated for it, and per role
+    def take_loaded(self, path: Path):
+        """The model read from `path` while resolving (once: the first runner of the file gets
+        it, so the file is not read again), or None."""
+        return self.loaded.pop(Path(path), None)
+
+    def files_for(self, runtime: registry.Runtime) -> list[tuple[Path, bool, str]]:
+        """The ONNX files `runtime` times, as written: INT8 files calibrated for it, and per role
         (idle per score mode and form, dense) the FP32 files written for its export target when
         there are any, else the others it runs (portable and standard-op targets)."""
-        target = BACKEND_TARGET[backend]
-        runnable = [f for f in self.onnx if runs_on(self.meta[f[0]], backend)]
+        target, backend = runtime.target, runtime.name
+        runnable = [f for f in self.onnx if runs_on(self.meta[f[0]], target)]
 
         def role(f):
             return (f[1], f[2], f[0] in self.plugin)
@@ -89,9 +94,12 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
     onnx: list[tuple[Path, bool, str]] = []
     plugin: set[Path] = set()
     metas: dict[Path, OnnxMetadata] = {}
+    loaded: dict = {}
     exported: set[Path] = set()
     for f in onnx_files:
-        meta = OnnxMetadata.of(load_onnx(f))  # one-line error if broken
+        proto = load_onnx(f)  # one-line error if broken
+        meta = OnnxMetadata.of(proto)
+        loaded[f] = proto
         fspec = meta.spec
         fdense = meta.dense
         if spec is not None and (fspec.arch, fspec.embed_dim, fspec.num_classes) != (
@@ -125,7 +133,7 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
             raise BadInputError(f"{ckpts[0].name} ({cspec.describe()}) does not match the ONNX "
                                 f"targets ({spec.describe()})", "bench one model at a time")
         spec = cspec
-        wanted = dict.fromkeys(BACKEND_TARGET[b] for b in backends if b in ONNX_BACKENDS)
+        wanted = dict.fromkeys(r.target for r in _file_runtimes(backends))
         if wanted and not onnx:  # each backend's own export target, as `onnx --target` writes it
             for target in wanted:
                 for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
@@ -137,14 +145,19 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
                     exported.add(out)
     if spec is None:
         raise BadInputError("no model to bench", "pass ONNX files or a checkpoint")
-    if onnx and not any(d for _, d, _ in onnx) and any(b in ONNX_BACKENDS for b in backends):
+    if onnx and not any(d for _, d, _ in onnx) and _file_runtimes(backends):
         raise BadInputError("no dense ONNX file among the targets: idle vs dense needs both",
                             "export the baseline with `idle-export onnx CKPT --dense` and pass it too")
-    if onnx and all(d for _, d, _ in onnx) and any(b in ONNX_BACKENDS for b in backends):
+    if onnx and all(d for _, d, _ in onnx) and _file_runtimes(backends):
         raise BadInputError("only dense ONNX files given: idle vs dense needs both",
                             "pass the idle export too")
     return Targets(spec=spec, onnx=onnx, ckpt=ckpt, engines=engine_list, plugin=plugin, meta=metas,
-                   exported=exported)
+                   exported=exported, loaded=loaded)
+
+
+def _file_runtimes(backends: list[str]) -> list[registry.Runtime]:
+    """The runtimes among `backends` that run ONNX files."""
+    return [r for r in map(registry.get, backends) if r.runs == registry.ONNX]
 
 
 def _engine_metadata(path: Path) -> OnnxMetadata:

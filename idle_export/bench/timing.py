@@ -8,11 +8,15 @@ import time
 import numpy as np
 
 from idle_export.bench.variants import Variant
+from idle_export.runtime import registry
 
-# Backends that compute on the CPU: for them the process CPU time per image is reported too.
-# On a shared machine it moves far less than wall time (other processes' work is not counted);
-# with one thread it is the work done, with more it also counts the runtime's spinning threads.
-CPU_BACKENDS = ("torch", "torch-official", "ort", "openvino")
+
+def on_cpu(backend: str) -> bool:
+    """Whether the backend computes on the CPU (runtime.registry): for those the process CPU time
+    per image is reported too. On a shared machine it moves far less than wall time (other
+    processes' work is not counted); with one thread it is the work done, with more it also
+    counts the runtime's spinning threads."""
+    return registry.get(backend).cpu
 
 
 def percentile_ms(samples: list[float], q: float) -> float:
@@ -83,4 +87,4 @@ def bench_batch(variants: list[Variant], feed: dict, batch: int, *, runs: int, w
             lats[v.key].extend(lat)
     for v in variants:
         v.results[batch] = summarise(batch, walls[v.key], [iters[v.key]] * runs, lats[v.key],
-                                     cpus[v.key] if v.backend in CPU_BACKENDS else None)
+                                     cpus[v.key] if on_cpu(v.backend) else None)

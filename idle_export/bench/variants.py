@@ -6,23 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from idle_export.bench.targets import ONNX_BACKENDS, Targets, variant_label
+from idle_export.bench.targets import Targets, variant_label
 from idle_export.errors import BadInputError, MissingDependencyError
-from idle_export.hardware import gpu_info
 from idle_export.lazy import lazy_module
 from idle_export.model.families import family_of
-from idle_export.onnx.targets import BACKEND_TARGET, file_passes, file_target
-from idle_export.runtime.official import OfficialRunner, build_official_model
-from idle_export.runtime.onnxruntime import OrtRunner, ort_available_providers
-from idle_export.runtime.openvino import OpenVinoRunner, import_openvino, openvino_default_precision
-from idle_export.runtime.tensorrt import TrtRunner
-from idle_export.runtime.torch import TorchRunner
+from idle_export.onnx.targets import file_passes, file_target
+from idle_export.runtime import registry
+from idle_export.runtime.official import build_official_model
 from idle_export.trt.sidecar import read_sidecar
 
 build = lazy_module("idle_export.model.build")  # torch
-
-BACKENDS = ("torch", "torch-official", "ort", "ort-cuda", "openvino", "trt")
-
 
 def flop_model(spec) -> dict:
     """GMACs per image from ModelSpec.macs and the ideal idle/dense speed-ups."""
@@ -121,60 +114,63 @@ def _make_variants(targets: Targets, backends: list[str], *, threads: int | None
                    score_modes: list[str], optimize: bool, official_repo: Path | None) -> list[Variant]:
     variants: list[Variant] = []
     for backend in backends:
-        if backend in ONNX_BACKENDS:
-            if backend == "openvino":
-                import_openvino()  # exit 3 before any work
-            else:
-                providers = _ort_providers(backend)
-            files = targets.files_for(backend)
-            if targets.onnx and (not any(d for _, d, _ in files) or all(d for _, d, _ in files)):
-                raise BadInputError(f"no idle/dense pair of ONNX files for the {backend} backend "
-                                    f"({'; '.join(targets.skipped) or 'none given'})",
-                                    f"pass an idle and a dense file it runs, e.g. exported with "
-                                    f"`idle-export onnx CKPT --target {BACKEND_TARGET[backend]}`")
-            metas = [targets.meta[p] for p, _, _ in files]
-            labels = _unique_labels([(variant_label(d, m, p in targets.plugin, meta.precision), p)
-                                     for (p, d, m), meta in zip(files, metas, strict=True)])
-            default = openvino_default_precision() if backend == "openvino" else "f32"
-            for (path, dense, mode), label, meta in zip(files, labels, metas, strict=True):
-                factory = (_openvino_factory(path, threads, optimize) if backend == "openvino" else
-                           _ort_factory(path, providers, threads, optimize, backend))
-                variants.append(Variant(
-                    backend, label, dense, mode, file=str(path), make_runner=factory,
-                    precision=meta.precision, target=file_target(meta), file_passes=file_passes(meta)))
-                if dense and meta.precision == "fp32" and default != "f32":
-                    # the peer's best: OpenVINO's dense at its own default precision (bf16 on
-                    # AMX / AVX-512 BF16), which it would run unless told f32
-                    variants.append(Variant(
-                        backend, f"{label}@{default}", dense, mode, file=str(path), precision=default,
-                        make_runner=_openvino_factory(path, threads, optimize, precision=None),
-                        target=file_target(meta), file_passes=file_passes(meta)))
-        elif backend == "torch":
-            ckpt = _need_ckpt(targets, backend)
-            for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
-                variants.append(Variant(backend, variant_label(dense, mode), dense, mode,
-                                        make_runner=_torch_factory(targets.spec, ckpt, dense, mode, threads)))
-        elif backend == "torch-official":
+        runtime = registry.get(backend)
+        if runtime.runs == registry.ONNX:
+            variants.extend(_file_variants(targets, runtime.require(), threads, optimize))
+        elif runtime.runs == registry.ENGINE:
+            variants.extend(_trt_variants(targets, runtime))
+        elif runtime.official:
             ckpt = _need_ckpt(targets, backend)
             if not family_of(targets.spec.arch).official_code:
-                raise BadInputError("the torch-official backend runs the authors' DeiT code (vit.py) "
+                raise BadInputError(f"the {backend} backend runs the authors' DeiT code (vit.py) "
                                     f"only, not {targets.spec.arch}", "use --backend torch,ort")
             if official_repo is None:
-                raise BadInputError("the torch-official backend needs the authors' code",
+                raise BadInputError(f"the {backend} backend needs the authors' code",
                                     "git clone https://github.com/Ackesnal/IdleViT and pass "
                                     "--official-repo PATH")
             spec = targets.spec
 
-            def factory(spec=spec, ckpt=ckpt):
-                return OfficialRunner(build_official_model(official_repo, spec, ckpt.state_dict),
+            def factory(spec=spec, ckpt=ckpt, runtime=runtime):
+                return runtime.runner(build_official_model(official_repo, spec, ckpt.state_dict),
                                       threads=threads)
 
             variants.append(Variant(backend, "official", False, "official", official_code=True,
                                     make_runner=factory))
-        elif backend == "trt":
-            variants.extend(_trt_variants(targets))
-        else:
-            raise BadInputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+        else:  # the checkpoint's torch model
+            ckpt = _need_ckpt(targets, backend)
+            for dense, mode in [(False, m) for m in score_modes] + [(True, "official")]:
+                variants.append(Variant(backend, variant_label(dense, mode), dense, mode,
+                                        make_runner=_torch_factory(runtime, targets.spec, ckpt, dense, mode,
+                                                                   threads)))
+    return variants
+
+
+def _file_variants(targets: Targets, runtime, threads, optimize) -> list[Variant]:
+    """The ONNX files `runtime` times (Targets.files_for), and, for the FP32 dense file, the same
+    file at the runtime's own default precision when that is not f32: the peer's best (OpenVINO's
+    dense in bf16 on AMX / AVX-512 BF16, which it would run unless told f32)."""
+    backend = runtime.name
+    files = targets.files_for(runtime)
+    if targets.onnx and (not any(d for _, d, _ in files) or all(d for _, d, _ in files)):
+        raise BadInputError(f"no idle/dense pair of ONNX files for the {backend} backend "
+                            f"({'; '.join(targets.skipped) or 'none given'})",
+                            f"pass an idle and a dense file it runs, e.g. exported with "
+                            f"`idle-export onnx CKPT --target {runtime.target}`")
+    metas = [targets.meta[p] for p, _, _ in files]
+    labels = _unique_labels([(variant_label(d, m, p in targets.plugin, meta.precision), p)
+                             for (p, d, m), meta in zip(files, metas, strict=True)])
+    default = runtime.default_precision()
+    variants = []
+    for (path, dense, mode), label, meta in zip(files, labels, metas, strict=True):
+        variants.append(Variant(
+            backend, label, dense, mode, file=str(path),
+            make_runner=_file_factory(runtime, path, threads, optimize, targets), precision=meta.precision,
+            target=file_target(meta), file_passes=file_passes(meta)))
+        if dense and meta.precision == "fp32" and default not in ("f32", "fp32"):
+            variants.append(Variant(
+                backend, f"{label}@{default}", dense, mode, file=str(path), precision=default,
+                make_runner=_file_factory(runtime, path, threads, optimize, targets, precision="default"),
+                target=file_target(meta), file_passes=file_passes(meta)))
     return variants
 
 
@@ -185,43 +181,25 @@ def _need_ckpt(targets: Targets, backend: str):
     return targets.ckpt
 
 
-def _ort_providers(backend: str) -> list[str]:
-    if backend == "ort":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort_available_providers():
-        raise MissingDependencyError("the ort-cuda backend needs onnxruntime-gpu and a GPU "
-                                     "(CUDAExecutionProvider is not available here)",
-                                     "use --backend ort (CPU), or on a GPU machine pip install "
-                                     '"idle-export[gpu]" (onnxruntime-gpu, in place of onnxruntime)')
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def _ort_factory(path, providers, threads, optimize, backend):
+def _file_factory(runtime, path, threads, optimize, targets: Targets, precision: str | None = None):
     def factory():
-        return OrtRunner(path, name=f"{backend}:{Path(path).name}", providers=providers,
-                         threads=threads, optimize=optimize)
+        runner = runtime.runner(path, threads=threads, optimize=optimize, precision=precision)
+        runner.given(targets.take_loaded(path), targets.meta.get(Path(path)))
+        return runner
 
     return factory
 
 
-def _openvino_factory(path, threads, optimize, precision: str | None = "f32"):
-    def factory():
-        return OpenVinoRunner(path, name=f"openvino:{Path(path).name}", threads=threads, optimize=optimize,
-                              inference_precision=precision)
-
-    return factory
-
-
-def _torch_factory(spec, ckpt, dense, mode, threads):
+def _torch_factory(runtime, spec, ckpt, dense, mode, threads):
     def factory():
         model = build.build_model(spec, ckpt.state_dict, dense=dense, score_mode=mode)
-        return TorchRunner(model, name=f"torch:{variant_label(dense, mode)}", threads=threads)
+        return runtime.runner(model, name=f"{runtime.name}:{variant_label(dense, mode)}", threads=threads)
 
     return factory
 
 
-def _trt_variants(targets: Targets) -> list[Variant]:
-    if gpu_info() is None:
+def _trt_variants(targets: Targets, runtime) -> list[Variant]:
+    if runtime.unavailable():
         sources = [read_sidecar(p).get("onnx", {}).get("path") for p, _, _ in targets.engines]
         sources += [p.name for p, _, _ in targets.onnx]
         instead = " ".join(dict.fromkeys(s for s in sources if s)) or "IDLE.onnx DENSE.onnx"
@@ -233,7 +211,7 @@ def _trt_variants(targets: Targets) -> list[Variant]:
                             "build them with `idle-export trt MODEL.onnx` and pass them as TARGETs")
     labels = _unique_labels([(variant_label(d, m, p in targets.plugin), p)
                              for p, d, m in targets.engines])
-    return [Variant("trt", label, d, m, file=str(p), make_runner=(lambda p=p: TrtRunner(p)))
+    return [Variant(runtime.name, label, d, m, file=str(p), make_runner=(lambda p=p: runtime.runner(p)))
             for (p, d, m), label in zip(targets.engines, labels, strict=True)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import traceback
 from pathlib import Path
 from typing import Annotated
@@ -118,10 +119,43 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, on_term)
 
 
-def command(*args, target: typer.Typer | None = None, **kwargs):
+def in_flag_terms(text: str | None, flags: dict[str, str]) -> str | None:
+    """An error text of the library, which names parameters as the API spells them (`backend=`,
+    `max_abs=`), with each parameter the command has as a flag named as the flag (`--backend `,
+    `--max-abs `)."""
+    if not text:
+        return text
+    for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}=", f"{flag} ", text)
+    return text
+
+
+def _command_flags(fn, api_names: dict[str, str]) -> dict[str, str]:
+    """API parameter → the command's flag: its options by their Python names (from the
+    `typer.Option` declarations of `fn`; arguments as NAME), and `api_names` (API name → the
+    command's parameter name) where the two differ."""
+    import typing
+
+    flags = {}
+    for name, hint in typing.get_type_hints(fn, include_extras=True).items():
+        for info in getattr(hint, "__metadata__", ()):
+            # in Annotated[…, typer.Option("--flag")] Typer holds the first name in `default`
+            names = [getattr(info, "default", None), *(getattr(info, "param_decls", None) or ())]
+            decls = [d for d in names if isinstance(d, str) and d.startswith("--")]
+            if isinstance(info, typer.models.OptionInfo) and decls:
+                flags[name] = max(decls, key=len)
+            elif isinstance(info, typer.models.ArgumentInfo):
+                flags[name] = name.upper()
+    flags.update({api: flags[cli] for api, cli in api_names.items() if cli in flags})
+    return flags
+
+
+def command(*args, target: typer.Typer | None = None, api_names: dict[str, str] | None = None, **kwargs):
     """app.command (or `target`'s, for a sub-app) that turns IdleExportError into one line +
     exit code, anything unexpected into 'internal error' (exit 4) unless --debug, and Ctrl+C or
-    SIGTERM into a clean stop (exit 130/143, nothing written)."""
+    SIGTERM into a clean stop (exit 130/143, nothing written). Errors name parameters as the API
+    does (`max_abs=`); they are printed with the command's flags instead (`--max-abs`), the
+    command's options matched by name, plus `api_names` (API name → the command's parameter)."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -147,6 +181,8 @@ def command(*args, target: typer.Typer | None = None, **kwargs):
             except IdleExportError as e:
                 if _DEBUG["on"]:  # the traceback, but the documented exit code all the same
                     traceback.print_exc()
+                flags = _command_flags(fn, api_names or {})
+                e.message, e.hint = in_flag_terms(e.message, flags), in_flag_terms(e.hint, flags)
                 echo_err(f"error: {e.one_line()}")
                 raise typer.Exit(e.exit_code) from None
             except Exception as e:  # noqa: BLE001 - the last line of defence

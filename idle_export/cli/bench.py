@@ -7,37 +7,31 @@ from typing import Annotated
 
 import typer
 
-from idle_export.bench.plot import plot_report, require_matplotlib
+from idle_export import api
 from idle_export.bench.report import print_report
-from idle_export.bench.run import run_bench
-from idle_export.bench.targets import default_targets
 from idle_export.cli.app import command
 from idle_export.cli.options import (
     JsonOut,
     Threads,
-    batch_list,
-    check_threads,
     echo_err,
-    finite,
+    int_list,
     report_console,
     status,
     write_json,
 )
-from idle_export.errors import BadInputError
 from idle_export.explore.choose import parse_ratios
-from idle_export.fileio import check_output_path
-from idle_export.model.config import SCORE_MODES
+from idle_export.runtime import registry
 
 
-@command("bench")
+@command("bench", api_names={"batches": "batch", "keep_rates": "keep_rate", "backends": "backend"})
 def bench_cmd(
     targets: Annotated[list[Path] | None, typer.Argument(
         metavar="TARGET", help="Idle and dense ONNX files (paired by their metadata), engines, or "
         "one checkpoint (exported to a temporary folder). Default: the idle export in this folder and "
         "its dense twin (exported from the checkpoint beside it when missing).")] = None,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, e.g. 1,8,64.")] = "1,8,64",
-    backend: Annotated[str, typer.Option("--backend", help="torch, torch-official, ort, ort-cuda, "
-                                         "openvino, trt (comma-separated).")] = "ort",
+    backend: Annotated[str, typer.Option("--backend", help="Comma-separated, of: "
+                                         + registry.described() + ".")] = "ort",
     threads: Threads = None,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per variant and batch "
                                       "(interleaved), 1 to 1000.")] = 5,
@@ -72,34 +66,16 @@ def bench_cmd(
 ):
     """Measure idle vs dense (and the official code) on each backend, against the FLOP ideal."""
 
-    sizes = batch_list(batch)
-    finite(min_time, "--min-time", open_low=True, high=3600, example="e.g. --min-time 1")
-    if not 1 <= runs <= 1000 or not 1 <= warmup <= 1000:
-        raise BadInputError(f"--runs {runs} and --warmup {warmup} must be between 1 and 1000",
-                            "e.g. --runs 5 --warmup 3")
     backends = [b for b in backend.replace(" ", "").split(",") if b]
     modes = [m for m in scores.replace(" ", "").split(",") if m]
-    bad = [m for m in modes if m not in SCORE_MODES]
-    if bad or not modes:
-        raise BadInputError(f"--scores {scores!r}: unknown mode {', '.join(bad) or '(none)'}",
-                            "use official, folded or official,folded")
-    if official_repo is not None and not official_repo.is_dir():
-        raise BadInputError(f"--official-repo {official_repo} is not a folder",
-                            "git clone https://github.com/Ackesnal/IdleViT and pass its path")
-    if plot is not None:  # (--json FILE is checked by cli.command before this runs)
-        check_output_path(plot, "--plot")
-        require_matplotlib()  # exit 3 naming the extra before the benchmark, not after it
-    if not targets:
-        targets, picked = default_targets(Path("."), status=status)
-        echo_err(picked)
-    report = run_bench(targets, backends=backends, batches=sizes, threads=check_threads(threads), runs=runs,
-                       warmup=warmup, min_time=min_time, inputs=inputs, score_modes=modes,
-                       optimize=optimize, official_repo=official_repo, independent=independent,
-                       seed=seed, status=status,
+    report = api.bench(targets or [], plot=plot, on_pick=echo_err, backends=backends,
+                       batches=int_list(batch, "--batch") or [],
+                       threads=threads, runs=runs, warmup=warmup, min_time=min_time, inputs=inputs,
+                       scores=modes, optimize=optimize, official_repo=official_repo, independent=independent,
+                       seed=seed, progress=status,
                        keep_rates=None if keep_rate is None else parse_ratios(keep_rate, "--keep-rate"))
     print_report(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)
     if plot is not None:
-        plot_report(report, plot)
         typer.echo(f"wrote {plot}", err=True)

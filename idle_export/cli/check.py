@@ -7,25 +7,22 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import command
 from idle_export.cli.options import (
     Ema,
     JsonOut,
     Threads,
-    batch_list,
-    check_threads,
-    finite,
+    int_list,
     report_console,
     status,
     write_json,
 )
-from idle_export.errors import BadInputError, CheckFailedError
-from idle_export.fileio import check_output_path
-from idle_export.model.config import check_keep_rate
-from idle_export.parity.check import check_engine_against, check_onnx
+from idle_export.errors import CheckFailedError
+from idle_export.runtime import registry
 
 
-@command("check")
+@command("check", api_names={"batch_sizes": "batch"})
 def check_cmd(
     model: Annotated[Path, typer.Argument(help="ONNX file written by `idle-export onnx` (or "
                                           "`idle-export calibrate`), or a TensorRT engine (GPU).")],
@@ -49,10 +46,10 @@ def check_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the noise inputs (and of which "
                                       "--images are drawn with --num).")] = 0,
     threads: Threads = None,
-    backend: Annotated[str, typer.Option("--backend", metavar="ort|openvino", help="What runs the "
-                                         "ONNX file being checked: ort (ONNX Runtime CPU) or "
-                                         "openvino (OpenVINO CPU). The reference runs on torch "
-                                         "(--ckpt) or ONNX Runtime (--against).")] = "ort",
+    backend: Annotated[str, typer.Option("--backend", metavar="|".join(registry.names(registry.ONNX)),
+                                         help="What runs the ONNX file being checked: "
+                                         + registry.described(registry.ONNX) + ". The reference runs "
+                                         "on torch (--ckpt) or ONNX Runtime CPU (--against).")] = "ort",
     save_outputs: Annotated[Path | None, typer.Option("--save-outputs", help="Also write both runs' "
                                                          "outputs (Polygraphy RunResults JSON) to compare "
                                                          "later, elsewhere, with --load-outputs.")] = None,
@@ -68,40 +65,13 @@ def check_cmd(
     json_out: JsonOut = None,
 ):
     """Parity of an ONNX file against torch or another ONNX: exit 1 when outside tolerance."""
-
-    sizes = batch_list(batch)
-    if save_outputs is not None:
-        check_output_path(save_outputs, "--save-outputs")
-    finite(max_abs, "--max-abs", example="e.g. --max-abs 1e-4 (0 demands identical logits)")
-    if num < 0:
-        raise BadInputError(f"--num {num} must be ≥ 0", "e.g. --num 200 (0: all of --images)")
-    if inputs is None:
-        inputs = "" if images is not None else "noise,photos"
-    sets = [s for s in inputs.replace(" ", "").split(",") if s]
-    unknown = [s for s in sets if s not in ("noise", "photos")]
-    if unknown or (not sets and images is None):
-        raise BadInputError(f"--inputs {inputs!r}: unknown set {', '.join(unknown) or '(none)'}",
-                            "use noise, photos or noise,photos (or --images DIR)")
-    if keep_rate is not None:
-        check_keep_rate(keep_rate)
-    if model.suffix in (".engine", ".plan"):
-
-        if backend != "ort":
-            raise BadInputError(f"{model.name} is a TensorRT engine: it runs on TensorRT, not "
-                                f"--backend {backend}", "drop --backend")
-        if (against is None and load_outputs is None) or ckpt is not None or images is not None:
-            raise BadInputError(f"{model.name} is a TensorRT engine: it is checked against the ONNX "
-                                "it was built from", f"idle-export check {model.name} --against MODEL.onnx")
-        with status(f"checking {model.name} against {(against or load_outputs).name}"):
-            report = check_engine_against(model, against, batch_sizes=sizes, input_sets=sets or ["noise"],
-                                          seed=seed, threads=check_threads(threads), keep_rate=keep_rate,
-                                          save_outputs=save_outputs, load_outputs=load_outputs)
-    else:
-        with status(f"checking {model.name}"):
-            report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
-                                input_sets=sets, seed=seed, threads=check_threads(threads), images=images,
-                                num=num, max_abs=max_abs, backend=backend, keep_rate=keep_rate,
-                                save_outputs=save_outputs, load_outputs=load_outputs)
+    sets = None if inputs is None else [x for x in inputs.replace(" ", "").split(",") if x]
+    against_what = against or load_outputs or ckpt
+    with status(f"checking {model.name}" + (f" against {against_what.name}" if against_what else "")):
+        report = api.check(model, ckpt=ckpt, against=against, ema=ema,
+                           batch_sizes=int_list(batch, "--batch") or [], inputs=sets, images=images, num=num,
+                           max_abs=max_abs, seed=seed, threads=threads, backend=backend, keep_rate=keep_rate,
+                           save_outputs=save_outputs, load_outputs=load_outputs)
     console = report_console(json_out)
     print_check(report, console)
     print_check_details(report, console)

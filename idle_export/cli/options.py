@@ -11,6 +11,7 @@ import typer
 
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_write_text
+from idle_export.hardware import MAX_THREADS
 from idle_export.model.families import ARCH_NAMES
 from idle_export.numerics import json_safe
 from idle_export.onnx.io import MAX_BATCH
@@ -70,7 +71,6 @@ def byte_size(text: str | None, what: str) -> int | None:
     return int(m.group(1)) * 1024 ** "bkmg".index(unit)
 
 
-MAX_THREADS = 1024
 
 
 def check_threads(threads: int | None) -> int | None:

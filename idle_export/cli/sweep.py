@@ -33,6 +33,7 @@ from idle_export.explore.sweep import check_backend, run_sweep, sweep_images
 from idle_export.fileio import check_output_path, mkdir_hint
 from idle_export.model.checkpoint import load_checkpoint
 from idle_export.onnx.export import export_checkpoint
+from idle_export.runtime import registry
 
 
 @command("sweep")
@@ -47,15 +48,16 @@ def sweep_cmd(
         f"0.5:0.9:0.1 or 0.5,0.6,0.7 (default {DEFAULT_RATIOS} and the checkpoint's own).")] = None,
     batch: Annotated[str, typer.Option("--batch", metavar="N,N,...",
                                        help="Batch sizes to time, e.g. 1,64.")] = "1,64",
-    backend: Annotated[str, typer.Option("--backend", metavar="ort|openvino",
-                                         help="ort (ONNX Runtime, CPU) or openvino (CPU, FP32).")] = "ort",
+    backend: Annotated[str, typer.Option("--backend", metavar="|".join(registry.names(registry.ONNX)),
+                                         help=registry.described(registry.ONNX) + ".")] = "ort",
     threads: Threads = None,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per ratio and batch.")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls before timing.")] = 2,
     min_time: Annotated[float, typer.Option("--min-time", help="Seconds one run lasts at least.")] = 0.5,
-    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="ort: apply, in memory, "
-                                           "the passes of `onnx --target ort` to each ratio's export "
-                                           "before timing it (bench's --optimize).")] = True,
+    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="Apply, in memory, the "
+                                           "passes of the backend's export target (`onnx --target`) "
+                                           "to each ratio's export before timing it (bench's "
+                                           "--optimize).")] = True,
     arch: Arch = None,
     schedule: Schedule = "eval",
     idle_layers: IdleLayers = None,

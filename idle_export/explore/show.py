@@ -24,7 +24,7 @@ from idle_export.model.checkpoint import load_checkpoint
 from idle_export.model.config import ModelSpec
 from idle_export.onnx.io import SELECTION_PREFIX
 from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.runtime.onnxruntime import OrtRunner
+from idle_export.runtime import registry
 
 build = lazy_module("idle_export.model.build")  # torch
 
@@ -143,11 +143,11 @@ def onnx_selection_names(path: Path, meta: OnnxMetadata) -> list[str]:
 
 def select_onnx(path: Path, meta: OnnxMetadata, images: np.ndarray, threads: int | None = None
                 ) -> tuple[np.ndarray, dict]:
-    """Logits and kept patches from the file's own selection outputs, on ONNX Runtime."""
+    """Logits and kept patches from the file's own selection outputs, on ONNX Runtime (CPU)."""
     spec = meta.spec
     names = onnx_selection_names(path, meta)
     logits, kept = [], {layer: [] for layer in spec.idle_layers}
-    with OrtRunner(path, threads=threads) as runner:
+    with registry.get(registry.ORT_CPU).runner(path, threads=threads) as runner:
         for i in range(0, len(images), CHUNK):
             values = runner.session.run(["logits", *names], {runner.input_name: images[i:i + CHUNK]})
             logits.append(values[0])

@@ -34,10 +34,8 @@ from idle_export.hardware import default_threads, environment
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.compare import labels_from_folders
-from idle_export.runtime.onnxruntime import OrtRunner
-from idle_export.runtime.openvino import OpenVinoRunner, import_openvino
+from idle_export.runtime import registry
 
-BACKENDS = ("ort", "openvino")
 DEFAULT_BUILTIN = 100  # views of the built-in photos when no --images is given
 CHUNK = 32  # images per call when measuring agreement
 
@@ -75,23 +73,17 @@ def sweep_images(source: Path | None, num: int, spec, classes: list[str] | None,
 
 
 def check_backend(backend: str) -> str:
-    """The backend name, checked before any work (exit 3 when its runtime is missing)."""
-    if backend not in BACKENDS:
-        raise BadInputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
-    if backend == "openvino":
-        import_openvino()
-    return backend
+    """The backend name, checked before any work: a runtime of runtime.registry that runs ONNX
+    files (exit 2 otherwise), installed and usable here (exit 3 otherwise)."""
+    return registry.get(backend, runs=registry.ONNX).require().name
 
 
 def make_runner(backend: str, path: Path, *, threads: int | None, optimize: bool,
                 keep_rate: float | None = None):
-    """A Runner for an ONNX file on the sweep's backend (an elastic file at `keep_rate`)."""
-    if backend == "ort":
-        return OrtRunner(path, name=f"ort:{path.name}", threads=threads, optimize=optimize,
-                         keep_rate=keep_rate)
-    if backend == "openvino":
-        return OpenVinoRunner(path, name=f"openvino:{path.name}", threads=threads, keep_rate=keep_rate)
-    raise BadInputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+    """A Runner for an ONNX file on the sweep's backend (an elastic file at `keep_rate`);
+    `optimize`: the passes of the backend's export target the file lacks, in memory."""
+    return registry.get(backend, runs=registry.ONNX).runner(path, threads=threads, optimize=optimize,
+                                                            keep_rate=keep_rate)
 
 
 def export_or_reuse(ckpt, spec, path: Path, *, dense: bool = False, elastic: bool = False) -> Path:
@@ -218,7 +210,7 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
         "images": {**images.summary(), "labels": labels is not None, "labels_from": label_note},
         "settings": {"ratios": ratios, "batch": batches, "runs": runs, "warmup": max(warmup, 1),
                      "min_time_s": min_time, "threads": threads,
-                     "optimize": optimize if backend == "ort" else None,
+                     "optimize": optimize,
                      "score_mode": "folded", "timing": "bench.timing.bench_batch, interleaved with dense",
                      "elastic": path.name},
         "environment": env,

@@ -8,12 +8,12 @@ argparse.Namespace allowlisted: nothing in a checkpoint can run code.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from idle_export.errors import CheckpointError
-from idle_export.fileio import sha256_file
 from idle_export.model.config import ModelSpec
 from idle_export.model.families import ARCH_NAMES, canonical_arch, family_of, infer_arch
 from idle_export.numerics import nonfinite_counts
@@ -86,30 +86,36 @@ class Checkpoint:
                                 dims=dims, **kwargs)
 
 
-def is_safetensors(path: Path) -> bool:
+def is_safetensors(data: bytes) -> bool:
     """A safetensors file by its content, whatever its name: an 8-byte little-endian header
     length, then that many bytes of JSON object."""
+    head = data[:9]
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= len(data) - 8
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file, read once: its hash and its tensors both come from these bytes."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path.name} ({e.strerror or type(e).__name__})",
+                              "check the file's permissions") from None
 
 
-def _read_raw(path: Path):
-    """The deserialised object; every failure becomes a one-line CheckpointError."""
+def _read_raw(path: Path, data: bytes):
+    """The deserialised object of `data` (the bytes of `path`); every failure becomes a one-line
+    CheckpointError."""
+    import io
     import pickle
 
     import torch
 
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES or is_safetensors(path):
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES or is_safetensors(data):
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         try:
-            return load_file(str(path))
+            return load_safetensors(data)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(
                 f"{path.name} is not a readable safetensors file ({str(e).splitlines()[0]})",
@@ -122,7 +128,7 @@ def _read_raw(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             # a plain pickle (not torch.save's zip) of a newer protocol makes torch warn first
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         culprit = _unsafe_global(text) or _pickle_global(path)
@@ -136,6 +142,16 @@ def _read_raw(path: Path):
         raise CheckpointError(
             f"{path.name} is not a PyTorch checkpoint (the unpickler stopped at: {_unpickler_reason(text)})",
             "pass the .pth file that torch.save wrote, or a .safetensors file",
+        ) from None
+    except ValueError as e:  # a cut zip archive read from memory: "negative seek value"
+        if not data.startswith(b"PK"):
+            raise CheckpointError(
+                f"{path.name} is not a PyTorch checkpoint (ValueError: {str(e)[:120]})",
+                "pass the .pth file that torch.save wrote, or a .safetensors file",
+            ) from None
+        raise CheckpointError(
+            f"{path.name} is truncated or corrupt ({str(e)[:160]})",
+            "copy the checkpoint again; its download or save may have been cut short",
         ) from None
     except (RuntimeError, OSError) as e:  # a cut zip archive raises either, depending on where
         if isinstance(e, OSError) and not path.is_file():
@@ -207,7 +223,8 @@ def load_checkpoint(path: str | Path, *, ema: bool = False) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}", "check the path")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file", "pass the checkpoint file itself")
-    obj = _read_raw(path)
+    data = _read_bytes(path)
+    obj = _read_raw(path, data)
     args: dict = {}
     if isinstance(obj, dict) and "args" in obj:
         raw_args = obj["args"]
@@ -232,7 +249,8 @@ def load_checkpoint(path: str | Path, *, ema: bool = False) -> Checkpoint:
                 "expected {'model': state_dict}, a bare state dict or a .safetensors file",
             )
     state_dict = {_strip_prefix(k): v for k, v in state_dict.items()}
-    return Checkpoint(path=path, sha256=sha256_file(path), state_dict=state_dict, source=source,
+    sha256 = hashlib.sha256(data).hexdigest()
+    return Checkpoint(path=path, sha256=sha256, state_dict=state_dict, source=source,
                       args=args)
 
 

@@ -4,7 +4,8 @@
 ModelSpec fields, dense, score_mode, checkpoint_sha256, classes …); later stages add precision,
 quantization, fp32_nodes, optimized, target. `OnnxMetadata` keeps the props exactly as stored (so files
 round-trip byte for byte) and reads each field with its default and a one-line error when a
-value is not valid JSON.
+value is not valid JSON. Values are decoded once per object (the props never change), the
+ModelSpec built once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ class OnnxMetadata:
     """metadata_props of one ONNX model (all keys, as stored)."""
 
     props: Mapping[str, str] = field(default_factory=dict)
+    _decoded: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # JSON, once
 
     # ------------------------------------------------------------------ read
     @classmethod
@@ -44,17 +47,19 @@ class OnnxMetadata:
         key = PREFIX + name
         if key not in self.props:
             return default
-        try:
-            return json.loads(self.props[key])
-        except ValueError:
-            raise BadInputError(f"the ONNX metadata {key} is not valid JSON ({self.props[key][:40]!r})",
-                                "re-export the model with `idle-export onnx`") from None
+        if key not in self._decoded:  # each value is decoded once (the props never change)
+            try:
+                self._decoded[key] = json.loads(self.props[key])
+            except ValueError:
+                raise BadInputError(f"the ONNX metadata {key} is not valid JSON ({self.props[key][:40]!r})",
+                                    "re-export the model with `idle-export onnx`") from None
+        return self._decoded[key]
 
     @property
     def has_spec(self) -> bool:
         return PREFIX + "arch" in self.props
 
-    @property
+    @cached_property
     def spec(self) -> ModelSpec:
         """The ModelSpec the file was exported with (BadInputError when it has none)."""
         if not self.has_spec:

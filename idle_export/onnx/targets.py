@@ -1,5 +1,5 @@
 """Where an exported file runs: the graph passes (onnx.passes) that `idle-export onnx --target`
-writes into the file, and which backend runs which file.
+writes into the file, and which runtime (runtime.registry: each names its target) runs which file.
 
 | target   | passes written into the file                          | ops                      |
 |----------|-------------------------------------------------------|--------------------------|
@@ -35,8 +35,8 @@ TARGET_PASSES: dict[str, tuple[str, ...]] = {
 TARGETS = tuple(TARGET_PASSES)
 DEFAULT_TARGET = "portable"
 
-# The export target whose file each bench/check backend runs best.
-BACKEND_TARGET = {"ort": "ort", "ort-cuda": "ort", "openvino": "openvino", "trt": "tensorrt"}
+# `calibrate --target` (quantize.qdq) names TensorRT "trt", as the command that builds engines.
+CALIBRATE_TARGET = {"tensorrt": "trt"}
 
 # Passes whose ops only ONNX Runtime knows (com.microsoft domain).
 ORT_ONLY_PASSES = {"bias_gelu", "fuse_transformer_ops"}
@@ -77,20 +77,19 @@ def file_target(meta: OnnxMetadata) -> str:
     return "custom" if file_passes(meta) else "portable"
 
 
-def missing_passes(meta: OnnxMetadata, backend: str) -> tuple[str, ...]:
-    """The passes of `backend`'s target that the file lacks: what `--optimize` applies in memory."""
+def missing_passes(meta: OnnxMetadata, target: str) -> tuple[str, ...]:
+    """The passes of `target` that the file lacks: what `--optimize` applies in memory."""
     done = set(file_passes(meta))
-    return tuple(p for p in TARGET_PASSES[BACKEND_TARGET[backend]] if p not in done)
+    return tuple(p for p in TARGET_PASSES[target] if p not in done)
 
 
-def runs_on(meta: OnnxMetadata, backend: str) -> bool:
-    """Whether `backend` runs this file as written: INT8 files only on the runtime they were
-    calibrated for; FP32 files with ONNX Runtime-only ops (com.microsoft) only on ONNX Runtime;
-    standard-op files everywhere."""
-    target = BACKEND_TARGET.get(backend)
+def runs_on(meta: OnnxMetadata, target: str | None) -> bool:
+    """Whether a runtime whose export target is `target` (runtime.registry) runs this file as
+    written: INT8 files only on the runtime they were calibrated for; FP32 files with ONNX
+    Runtime-only ops (com.microsoft) only on ONNX Runtime; standard-op files everywhere."""
     if meta.precision == "int8":
         made_for = (meta.get("quantization") or {}).get("target")
-        return {"trt": "tensorrt"}.get(made_for, made_for) == target
+        return made_for in (target, CALIBRATE_TARGET.get(target))
     if set(file_passes(meta)) & ORT_ONLY_PASSES or file_target(meta) == "ort":
         return target == "ort"
     return True

@@ -24,16 +24,11 @@ from idle_export.parity.compare import compare_on_images, compare_runners, label
 from idle_export.parity.saved import Recorder
 from idle_export.parity.saved import load_outputs as load_outputs_file
 from idle_export.parity.saved import save_outputs as save_outputs_file
-from idle_export.runtime.onnxruntime import OrtRunner
-from idle_export.runtime.openvino import OpenVinoRunner, import_openvino
-from idle_export.runtime.tensorrt import TrtRunner
-from idle_export.runtime.torch import TorchRunner
+from idle_export.runtime import registry
 from idle_export.trt.sidecar import inspect_engine
 
 build = lazy_module("idle_export.model.build")  # torch
 
-
-CHECK_BACKENDS = ("ort", "openvino")  # what runs the candidate ONNX file
 
 
 def tolerance_for(meta: OnnxMetadata) -> Tolerances:
@@ -59,17 +54,15 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     file; see data.images) adds the input set "images": all of them (or `num`), each batch
     size running over the whole set; with an ImageFolder layout whose folder names are the
     model's classes, accuracy is reported too. `backend` runs the candidate: ort (ONNX Runtime
-    CPU) or openvino (OpenVINO CPU, FP32 unless the file is INT8); the reference always runs
-    on torch or ONNX Runtime, or is a run saved earlier (`load_outputs`, parity.saved);
+    CPU), openvino (OpenVINO CPU, FP32 unless the file is INT8) or any runtime of
+    runtime.registry that runs ONNX files; the reference always runs on torch or ONNX Runtime
+    CPU, or is a run saved earlier (`load_outputs`, parity.saved);
     `save_outputs` keeps both runs' outputs for a later comparison elsewhere. `keep_rate` runs an
     elastic file (`onnx --elastic`) at that rate, against torch built at that rate (or the
     reference file at that rate)."""
-    if backend not in CHECK_BACKENDS:
-        raise BadInputError(f"--backend {backend!r} is not one of {', '.join(CHECK_BACKENDS)}",
-                            "use --backend ort (ONNX Runtime) or --backend openvino")
-    if backend == "openvino":
-        import_openvino()  # exit 3 before any work
-    # a clear error for a missing or broken file, before anything else
+    runtime = registry.get(backend, runs=registry.ONNX).require()  # exit 2 / 3 before any work
+    # a clear error for a missing or broken file, before anything else; read once: the
+    # candidate's runner gets this very model
     proto = load_onnx(onnx_path)
     meta = OnnxMetadata.of(proto)
     spec = meta.spec
@@ -87,6 +80,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         if max_abs is not None:
             tol = replace(tol, max_abs=max_abs)
     precision = meta.precision
+    weights = nonfinite_initializers(proto)
     if ckpt_path is not None:
         ckpt = ckpt_path if isinstance(ckpt_path, Checkpoint) else load_checkpoint(ckpt_path, ema=ema)
         expected = meta.get("checkpoint_sha256")
@@ -101,45 +95,43 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         # LV-ViT keeps its stem BatchNorms, so the export's folding is checked too.
         model = build.build_model(spec, ckpt.state_dict, dense=dense, score_mode="official",
                                   fold_bn=False)
-        reference = TorchRunner(model, name=f"torch:{ckpt.path.name} (official scores)",
-                                selection=not dense,
-                                threads=threads)
+        reference = registry.get(registry.TORCH).runner(
+            model, name=f"torch:{ckpt.path.name} (official scores)", selection=not dense, threads=threads)
     elif load_outputs is not None:
         reference = load_outputs_file(load_outputs)
     else:
-        ref_meta = OnnxMetadata.of(load_onnx(against))
+        ref_meta = OnnxMetadata.read(against)
         if ref_meta.precision != "fp32":
             warnings.append(f"the reference {Path(against).name} is not FP32")
         ref_rate = None if ref_meta.dense else keep_rate  # a dense reference has no rate to set
-        reference = OrtRunner(against, selection=not (dense or ref_meta.dense), threads=threads,
-                              keep_rate=ref_rate)
-    if backend == "openvino":
-        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
-    else:
-        candidate = OrtRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
+        reference = _cpu_reference(against, selection=not (dense or ref_meta.dense), threads=threads,
+                                   keep_rate=ref_rate)
+    real = None if images is None else load_images(images, num, spec, seed=seed, what="--images")
+    candidate = runtime.runner(onnx_path, name=f"{runtime.name}:{Path(onnx_path).name}", selection=not dense,
+                               threads=threads, keep_rate=keep_rate)
+    candidate.given(proto)
+    del proto
     if save_outputs is not None:
         candidate, reference = Recorder(candidate), Recorder(reference)
     n = max(batch_sizes)
     inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
-    if inputs or images is None:
-        report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
-    else:
-        report = {"a": candidate.name, "b": reference.name, "cases": [],
-                  "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()}}
-    if images is not None:
-        real = load_images(images, num, spec, seed=seed, what="--images")
-        labels = labels_from_folders(real.files, meta.get("classes"))
-        with candidate, reference:
+    with candidate, reference:  # one session each for the input sets and the images
+        if inputs or real is None:
+            report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
+        else:
+            report = {"a": candidate.name, "b": reference.name, "cases": [],
+                      "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()}}
+        if real is not None:
+            labels = labels_from_folders(real.files, meta.get("classes"))
             cases = compare_on_images(candidate, reference, real.array, list(batch_sizes), tol, labels)
-        report["cases"].extend(cases)
-        report["passed"] = all(c["passed"] for c in report["cases"])
-        report["images"] = real.summary()
-        if real.skipped:
-            warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
-                            f"{real.skipped[0][0]} ({real.skipped[0][1]})")
+            report["cases"].extend(cases)
+            report["passed"] = all(c["passed"] for c in report["cases"])
+            report["images"] = real.summary()
+            if real.skipped:
+                warnings.append(f"skipped {len(real.skipped)} unreadable file(s) in {real.source}, e.g. "
+                                f"{real.skipped[0][0]} ({real.skipped[0][1]})")
     if save_outputs is not None:
         save_outputs_of(save_outputs, [candidate, reference], inputs, batch_sizes, seed, images, num)
-    weights = nonfinite_initializers(proto)
     if weights:  # the file's own weights: the first place to look when its outputs are NaN
         warnings.append(f"{Path(onnx_path).name} has non-finite weights: {describe_nonfinite(weights)}")
     report["precision"] = precision
@@ -149,6 +141,11 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     report["keep_rate"] = spec.keep_rate
     report["warnings"] = warnings
     return report
+
+
+def _cpu_reference(path, **options):
+    """The reference run of an ONNX file: ONNX Runtime on the CPU, FP32."""
+    return registry.get(registry.ORT_CPU).runner(path, name=f"onnxruntime:{Path(path).name}", **options)
 
 
 def save_outputs_of(path, recorders, inputs: dict, batch_sizes, seed: int, images, num: int) -> None:
@@ -172,7 +169,7 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path | None, *, ba
         raise BadInputError("an engine is checked against one reference",
                             "pass --against MODEL.onnx or --load-outputs RUN.json")
     reference = load_outputs_file(load_outputs) if load_outputs is not None else None
-    spec = (OnnxMetadata.of(load_onnx(onnx_path)) if onnx_path is not None
+    spec = (OnnxMetadata.read(onnx_path) if onnx_path is not None
             else OnnxMetadata(info.get("model") or {})).spec
     lo, hi = info["profiles"][0]["min"][0], info["profiles"][0]["max"][0]
     sizes = [b for b in batch_sizes if lo <= b <= hi] or [hi]
@@ -183,9 +180,9 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path | None, *, ba
     inputs = {name: input_set(name, max(sizes), spec, seed=seed) for name in input_sets}
     tol = tol or TOLERANCES[info["precision"]]
     selection = bool(info.get("selection_outputs"))
-    candidate = TrtRunner(engine, keep_rate=keep_rate)
+    candidate = registry.get(registry.ENGINE_RUNTIME).runner(engine, keep_rate=keep_rate)
     if reference is None:
-        reference = OrtRunner(onnx_path, selection=selection, threads=threads, keep_rate=keep_rate)
+        reference = _cpu_reference(onnx_path, selection=selection, threads=threads, keep_rate=keep_rate)
     if save_outputs is not None:
         candidate, reference = Recorder(candidate), Recorder(reference)
     report = compare_runners(candidate, reference, inputs, sizes, tol)

@@ -8,7 +8,7 @@ import numpy as np
 
 from idle_export.deps import import_onnxruntime as _import_ort
 from idle_export.onnx.elastic import elastic_feed
-from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
+from idle_export.onnx.io import SELECTION_PREFIX
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import optimize_model_proto
 from idle_export.onnx.plugin_form import add_selection_outputs, inline, is_plugin_form
@@ -67,7 +67,7 @@ class OrtRunner(Runner):
     Polygraphy's `--onnx-outputs` does), so any exported graph — plain, INT8, fused — can be
     compared token by token without re-exporting it. In a plugin-form graph (IdleSelect nodes)
     each IdleSelect's kept tokens are turned into the same TopK positions (idx[:, 1:] - 1) and
-    marked instead. optimize=True applies, in memory, the passes of the `ort` export target that
+    marked instead. optimize=True applies, in memory, the passes of the `target` export target that
     the file does not have yet (none for a file written with `--target ort`; `passes_at_load`
     says which), inlining a plugin-form graph's functions first so the passes see the standard
     ops (ORT inlines them anyway). The scores each TopK ranks come back
@@ -77,8 +77,9 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
                  providers: list[str] | None = None, threads: int | None = None,
-                 optimize: bool = False, keep_rate: float | None = None):
+                 optimize: bool = False, keep_rate: float | None = None, target: str = "ort"):
         self.path = Path(path)
+        self.target = target  # the export target whose passes `optimize` applies (onnx.targets)
         self.keep_rate = keep_rate  # an elastic file's keep_rate input (None: the file's default)
         self._extra: dict = {}
         self.name = name or f"onnxruntime:{self.path.name}"
@@ -97,7 +98,7 @@ class OrtRunner(Runner):
 
     def activate(self) -> None:
         ort = import_onnxruntime()
-        proto = load_onnx(self.path)
+        proto = self.onnx_model(self.path)
         plugin = is_plugin_form(proto)
         if self.selection:
             self._topk = add_selection_outputs(proto) if plugin else topk_index_outputs(proto)
@@ -109,7 +110,7 @@ class OrtRunner(Runner):
             expose_outputs(proto, self._topk, self._scores)
         meta = OnnxMetadata.of(proto)
         self.file_passes = file_passes(meta)
-        todo = missing_passes(meta, "ort") if self.optimize else ()
+        todo = missing_passes(meta, self.target) if self.optimize else ()
         if todo:
             proto = optimize_model_proto(inline(proto) if plugin else proto, todo)
         self.passes_at_load = list(todo)

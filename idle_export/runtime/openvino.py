@@ -24,7 +24,7 @@ from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, MissingDependencyError
 from idle_export.model.config import check_keep_rate
 from idle_export.onnx.elastic import elastic_feed, pin_rate
-from idle_export.onnx.io import SELECTION_PREFIX, load_onnx
+from idle_export.onnx.io import SELECTION_PREFIX
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import optimize_model_proto
 from idle_export.onnx.plugin_form import add_selection_outputs, inline, is_plugin_form
@@ -66,8 +66,9 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, path: str | Path, *, name: str | None = None, selection: bool = False,
                  threads: int | None = None, optimize: bool = False, keep_rate: float | None = None,
-                 inference_precision: str | None = "f32"):
+                 inference_precision: str | None = "f32", target: str = "openvino"):
         self.path = Path(path)
+        self.target = target  # the export target whose passes `optimize` applies (onnx.targets)
         self.inference_precision = inference_precision  # None: OpenVINO's default for this CPU
         self.keep_rate = keep_rate  # an elastic file's keep_rate (None: the file's default)
         self._meta = None
@@ -90,10 +91,10 @@ class OpenVinoRunner(Runner):
         ov = import_openvino()
         if not self.path.is_file():
             raise BadInputError(f"ONNX file not found: {self.path}", "check the path")
-        meta = OnnxMetadata.read(self.path)
+        meta = self.onnx_metadata(self.path)
         self.file_passes = file_passes(meta)
         self.score_mode = meta.score_mode if meta.has_spec else None
-        todo = missing_passes(meta, "openvino") if self.optimize else ()
+        todo = missing_passes(meta, self.target) if self.optimize else ()
         self.passes_at_load = list(todo)
         elastic_feed(meta, self.keep_rate, self.path.name)  # a rate this file cannot run: now
         self._meta, self._core, self._pinned = meta, ov.Core(), {}
@@ -104,6 +105,7 @@ class OpenVinoRunner(Runner):
         if self.selection or todo:
             self.compiled = self._compile(self._edited(meta, todo).SerializeToString())
         else:
+            self._given = None  # OpenVINO reads the file itself
             self.compiled = self._compile(str(self.path))
         self.request = self.compiled.create_infer_request()
 
@@ -132,7 +134,7 @@ class OpenVinoRunner(Runner):
 
     def _edited(self, meta: OnnxMetadata, passes: tuple[str, ...]):
         """The file's graph with the selection tensors marked as outputs and `passes` applied."""
-        proto = load_onnx(self.path)
+        proto = self.onnx_model(self.path)
         plugin = is_plugin_form(proto)
         if self.selection:
             own = [o.name for o in proto.graph.output if o.name.startswith(SELECTION_PREFIX)]

@@ -12,7 +12,8 @@ import numpy as np
 from idle_export.deps import pip_extra
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
 from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.onnx.targets import file_target, runs_on
+from idle_export.onnx.targets import CALIBRATE_TARGET, file_target, runs_on
+from idle_export.runtime import registry
 
 CONFIG_NAME = "config.pbtxt"
 
@@ -36,7 +37,8 @@ PLAN_SUFFIXES = (".engine", ".plan")
 
 
 KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-ACCELERATORS = ("tensorrt", "openvino")  # Triton ONNX Runtime backend execution accelerators
+# Triton ONNX Runtime backend execution accelerators: those of runtime.registry's records
+ACCELERATORS = tuple(r.triton_accelerator for r in registry.RUNTIMES.values() if r.triton_accelerator)
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # no leading dot: not ".", "..", hidden
@@ -237,25 +239,25 @@ def _accelerator(pb) -> tuple[str, dict[str, str]] | None:
     return (found[0].name, dict(found[0].parameters)) if found else None
 
 
-# the bench/check backend each accelerator stands for, and how to write the files it runs best
-ACCELERATOR_BACKEND = {
-    "tensorrt": ("trt", "`idle-export onnx --target tensorrt` (the plain export)", "trt"),
-    "openvino": ("openvino", "`idle-export onnx --target openvino`", "openvino")}
 
 
 def accelerator_warnings(meta: OnnxMetadata, accelerator: str | None, file_name: str) -> list[str]:
     """A warning when the file was written for another runtime than the accelerator: ONNX
     Runtime-only ops (`--target ort`) or INT8 calibrated for another runtime. Triton's ONNX Runtime
     backend still runs it, the nodes the accelerator cannot take on its default provider."""
-    if accelerator not in ACCELERATOR_BACKEND or runs_on(meta, ACCELERATOR_BACKEND[accelerator][0]):
+    runtime = registry.for_accelerator(accelerator) if accelerator else None
+    if runtime is None:
+        return []
+    target = runtime.target
+    if runs_on(meta, target):
         return []
     if meta.precision == "int8":
         made_for = (meta.get("quantization") or {}).get("target") or "another runtime"
-        calibrate = f"`idle-export calibrate --target {ACCELERATOR_BACKEND[accelerator][2]}`"
+        calibrate = f"`idle-export calibrate --target {CALIBRATE_TARGET.get(target, target)}`"
         why, fix = f"its INT8 graph was calibrated for {made_for}", f"{calibrate} on the FP32 file"
     else:
         why, fix = (f"it was written for --target {file_target(meta)} (ONNX Runtime-only ops)",
-                    ACCELERATOR_BACKEND[accelerator][1])
+                    f"`idle-export onnx --target {target}`")
     return [f"{file_name} is not made for the {accelerator} accelerator: {why}; the nodes it cannot take "
             f"run on ONNX Runtime's default provider. For the accelerator, write the file with {fix}"]
 

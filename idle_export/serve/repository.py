@@ -18,6 +18,7 @@ from idle_export.fileio import (
     atomic_write_text,
     check_free_space,
     clean_stale,
+    copy_hashing,
     disk_full,
     folder_lock,
     is_disk_full,
@@ -304,7 +305,7 @@ def _install(model: Path, output: Path, name: str, version: int, platform: str, 
         vdir = tmp / str(version)
         vdir.mkdir()
         model_file = vdir / DEFAULT_FILENAMES[platform]
-        shutil.copyfile(model, model_file)
+        sha256 = copy_hashing(model, model_file)  # the model read once: copied and hashed
         copied = [model_file.name]
         if platform == PLAN_PLATFORM:
             (vdir / (model_file.name + ".json")).write_text(json.dumps(engine_info, indent=2) + "\n")
@@ -318,7 +319,7 @@ def _install(model: Path, output: Path, name: str, version: int, platform: str, 
             shutil.copyfile(src, vdir / loc)
             copied.append(loc)
         side = {"tool": f"idle-export {__version__}", "source": model.name, "platform": platform,
-                "sha256": sha256_file(model), "version": version,
+                "sha256": sha256, "version": version,
                 "metadata": {k: _json_or_text(v) for k, v in meta.ours().items()}}
         if engine_info:
             side["engine"] = engine_info

@@ -21,7 +21,7 @@ import numpy as np
 
 from idle_export.errors import BadInputError, IdleExportError, MissingDependencyError
 from idle_export.fileio import check_output_path
-from idle_export.runtime.onnxruntime import OrtRunner
+from idle_export.runtime import registry
 from idle_export.serve.config import ONNX_PLATFORM, SERVE_PIP, TRITON_TO_NUMPY, model_config_pb2
 from idle_export.serve.elastic import is_unbatched_elastic, rate_feed, run_requests
 from idle_export.serve.guard import DEFAULT_MAX_INPUT, ELEMENT_BYTES, Guard
@@ -121,7 +121,7 @@ class _OrtModel:
     """One ONNX Runtime session per Triton instance, running the outputs the config declares."""
 
     def __init__(self, rm: RepoModel, threads: int | None):
-        runner = OrtRunner(rm.model_file, threads=threads)  # the project's one ORT session set-up
+        runner = registry.get(registry.ORT_CPU).runner(rm.model_file, threads=threads)  # one ORT set-up
         runner.activate()
         self.session = runner.session
         have_in = {i.name for i in self.session.get_inputs()}

@@ -23,7 +23,7 @@ from idle_export.errors import BadInputError
 from idle_export.hardware import default_threads
 from idle_export.onnx.io import INPUT_NAME, load_onnx_header
 from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.runtime.onnxruntime import OrtRunner
+from idle_export.runtime import registry
 
 
 def tune_batching(model: str | Path, max_batch: int, *, threads: int | None = None,
@@ -39,7 +39,7 @@ def tune_batching(model: str | Path, max_batch: int, *, threads: int | None = No
     rates, latency_ms = {}, {}
     meta = OnnxMetadata.of(load_onnx_header(model))
     size = meta.spec.img_size if meta.has_spec else 224
-    with OrtRunner(model, threads=threads) as runner:
+    with registry.get(registry.ORT_CPU).runner(model, threads=threads) as runner:  # Triton's ORT
         for bs in sizes:
             if progress:
                 progress(f"tuning: batch {bs}")
