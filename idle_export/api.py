@@ -34,7 +34,7 @@ from idle_export.model.checkpoint import Checkpoint
 from idle_export.model.checkpoint import load_checkpoint as _load_checkpoint
 from idle_export.model.config import SCORE_MODES, ModelSpec, check_keep_rate
 from idle_export.onnx.export import export_checkpoint
-from idle_export.onnx.io import DEFAULT_OPSET, MAX_BATCH
+from idle_export.onnx.io import DEFAULT_OPSET, check_batch_sizes
 from idle_export.onnx.lint import lint_file
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.check import check_engine_against, check_onnx
@@ -97,16 +97,6 @@ def torch_model(checkpoint: CheckpointLike, *, dense: bool = False, scores: str 
     return build.build_model(spec or ckpt.spec(), ckpt.state_dict, dense=dense, score_mode=scores)
 
 
-def _batch_sizes(values: Sequence[int], name: str, example: str) -> list[int]:
-    sizes = [int(b) for b in values]
-    if not sizes or min(sizes) < 1:
-        raise BadInputError(f"{name}={sizes} needs positive sizes", f"e.g. {name}={example}")
-    if max(sizes) > MAX_BATCH:
-        raise BadInputError(f"{name}={sizes}: {max(sizes)} is above {MAX_BATCH}, the largest batch an "
-                            "exported graph takes", f"e.g. {name}={example}")
-    return sizes
-
-
 def _check_scores(scores: str) -> None:
     if scores not in SCORE_MODES:
         raise BadInputError(f"scores={scores!r} is not one of {', '.join(SCORE_MODES)}",
@@ -165,7 +155,7 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
     Returns the report: `report["passed"]` is the verdict, `report["cases"]` one entry per input
     set and batch size. A failed comparison is not an exception; a bad file or option is.
     """
-    sizes = _batch_sizes(batch_sizes, "batch_sizes", "1,7,32")
+    sizes = check_batch_sizes(batch_sizes, "batch_sizes", "1,7,32")
     sets = list(inputs) if inputs is not None else ([] if images is not None else ["noise", "photos"])
     unknown = [s for s in sets if s not in ("noise", "photos")]
     if unknown or (not sets and images is None):
@@ -275,7 +265,7 @@ def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
     Returns the report (`report["results"]`: images/s, latency percentiles and achieved/ideal
     per variant and batch).
     """
-    sizes = _batch_sizes(batches, "batches", "1,8,64")
+    sizes = check_batch_sizes(batches, "batches", "1,8,64")
     if not (math.isfinite(min_time) and 0 < min_time <= 3600):
         raise BadInputError(f"min_time={min_time} must be a finite number > 0 and ≤ 3600", "e.g. min_time=1")
     if not 1 <= runs <= 1000 or not 1 <= warmup <= 1000:

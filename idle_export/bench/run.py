@@ -53,12 +53,12 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
     status = status or (lambda msg: contextlib.nullcontext())
     score_modes = score_modes or ["official"]
     if not batches or min(batches) < 1:
-        raise BadInputError(f"--batch {batches} needs positive sizes", "e.g. --batch 1,8,64")
+        raise BadInputError(f"batches={batches} needs positive sizes", "e.g. batches=1,8,64")
     batches = list(dict.fromkeys(batches))
     if runs < 1 or warmup < 0 or min_time <= 0:
-        raise BadInputError("--runs must be ≥ 1, --warmup ≥ 0, --min-time > 0", "e.g. --runs 5 --warmup 3")
+        raise BadInputError("runs= must be ≥ 1, warmup= ≥ 0, min_time= > 0", "e.g. runs=5 warmup=3")
     if inputs not in ("noise", "photos"):
-        raise BadInputError(f"--inputs {inputs!r} is not noise or photos", "use --inputs noise")
+        raise BadInputError(f"inputs={inputs!r} is not noise or photos", "use inputs=noise")
     if not backends:
         raise BadInputError("no backend given", f"use one or more of {registry.choices()}")
     runtimes = [registry.get(b) for b in backends]  # exit 2 on a name that is not one
@@ -78,7 +78,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
                                  optimize=optimize, official_repo=official_repo, keep_rates=keep_rates)
         if not variants:
             raise BadInputError(f"nothing to measure: no target runs on {', '.join(backends)}",
-                                "pass idle and dense ONNX files (or a checkpoint) for --backend ort")
+                                "pass idle and dense ONNX files (or a checkpoint) for backends=ort")
         _set_torch_threads(backends, threads)
         with contextlib.ExitStack() as stack:
             for v in variants:
@@ -137,7 +137,7 @@ def graph_notes(variants, optimize: bool) -> list[str]:
         if lacking and not optimize:
             notes.append(f"{backend}: {', '.join(Path(v.file).name for v in lacking)} timed without the "
                          f"{target} target's passes (export with `idle-export onnx CKPT --target {target}`, "
-                         "or bench --optimize to apply them in memory)")
+                         "or optimize=True to apply them in memory)")
     return notes
 
 

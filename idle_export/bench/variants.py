@@ -17,6 +17,7 @@ from idle_export.trt.sidecar import read_sidecar
 
 build = lazy_module("idle_export.model.build")  # torch
 
+
 def flop_model(spec) -> dict:
     """GMACs per image from ModelSpec.macs and the ideal idle/dense speed-ups."""
     dense = spec.macs(dense=True)
@@ -89,7 +90,7 @@ def make_variants(targets: Targets, backends: list[str], *, threads: int | None,
                                spec=targets.spec.at_rate(rate), make_runner=_at_rate(v.make_runner, rate),
                                results={}))
     if not any(v.keep_rate is not None for v in out):
-        raise BadInputError("--keep-rate times an elastic file at several rates; no target is elastic",
+        raise BadInputError("keep_rates= times an elastic file at several rates; no target is elastic",
                             "export one with `idle-export onnx CKPT --elastic` and pass it")
     return out
 
@@ -123,11 +124,11 @@ def _make_variants(targets: Targets, backends: list[str], *, threads: int | None
             ckpt = _need_ckpt(targets, backend)
             if not family_of(targets.spec.arch).official_code:
                 raise BadInputError(f"the {backend} backend runs the authors' DeiT code (vit.py) "
-                                    f"only, not {targets.spec.arch}", "use --backend torch,ort")
+                                    f"only, not {targets.spec.arch}", "use backends=torch,ort")
             if official_repo is None:
                 raise BadInputError(f"the {backend} backend needs the authors' code",
                                     "git clone https://github.com/Ackesnal/IdleViT and pass "
-                                    "--official-repo PATH")
+                                    "official_repo=PATH")
             spec = targets.spec
 
             def factory(spec=spec, ckpt=ckpt, runtime=runtime):

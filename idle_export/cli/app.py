@@ -126,7 +126,8 @@ def in_flag_terms(text: str | None, flags: dict[str, str]) -> str | None:
     if not text:
         return text
     for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
-        text = re.sub(rf"(?<![\w.-]){re.escape(name)}=", f"{flag} ", text)
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}=True\b", flag, text)  # a switch
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}= ?", f"{flag} ", text)
     return text
 
 

@@ -14,7 +14,7 @@ from idle_export.fileio import atomic_write_text
 from idle_export.hardware import MAX_THREADS
 from idle_export.model.families import ARCH_NAMES
 from idle_export.numerics import json_safe
-from idle_export.onnx.io import MAX_BATCH
+from idle_export.onnx.io import check_batch_sizes
 
 
 def echo_err(message: str) -> None:
@@ -32,14 +32,9 @@ def int_list(text: str | None, what: str) -> list[int] | None:
 
 
 def batch_list(text: str, what: str = "--batch") -> list[int]:
-    """Batch sizes to run: positive, at most MAX_BATCH (the exported graphs' batch bound)."""
-    sizes = int_list(text, what) or []
-    if not sizes or min(sizes) < 1:
-        raise BadInputError(f"{what} {text!r} needs positive batch sizes", f"e.g. {what} 1,8,64")
-    if max(sizes) > MAX_BATCH:
-        raise BadInputError(f"{what} {max(sizes)} is above {MAX_BATCH}, the largest batch an exported "
-                            "graph takes", f"e.g. {what} 1,8,64")
-    return sizes
+    """Batch sizes to run, from "1,8,64" (onnx.io.check_batch_sizes; errors name `batch=`, which
+    cli.app prints as the command's --batch)."""
+    return check_batch_sizes(int_list(text, what) or [], "batch")
 
 
 def finite(value: float | None, what: str, *, low: float = 0.0, high: float = float("inf"),

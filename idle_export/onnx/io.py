@@ -152,3 +152,15 @@ def load_onnx(path: str | Path):
         raise BadInputError(f"{path.name} is not an ONNX model (no graph: {path.stat().st_size} bytes)",
                             "pass a file written by `idle-export onnx` or torch.onnx.export")
     return proto
+
+
+def check_batch_sizes(values, name: str = "batch_sizes", example: str = "1,8,64") -> list[int]:
+    """Batch sizes to run: at least one, positive, at most MAX_BATCH (the exported graphs' batch
+    bound). Errors name the parameter `name=` (the CLI prints its flag)."""
+    sizes = [int(b) for b in values]
+    if not sizes or min(sizes) < 1:
+        raise BadInputError(f"{name}={sizes} needs positive sizes", f"e.g. {name}={example}")
+    if max(sizes) > MAX_BATCH:
+        raise BadInputError(f"{name}={sizes}: {max(sizes)} is above {MAX_BATCH}, the largest batch an "
+                            "exported graph takes", f"e.g. {name}={example}")
+    return sizes

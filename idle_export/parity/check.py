@@ -74,7 +74,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     warnings = []
     if sum(x is not None for x in (ckpt_path, against, load_outputs)) != 1:
         raise BadInputError("check needs exactly one reference",
-                            "pass --ckpt CHECKPOINT (torch), --against OTHER.onnx or --load-outputs RUN.json")
+                            "pass ckpt=CHECKPOINT (torch), against=OTHER.onnx or load_outputs=RUN.json")
     if tol is None:
         tol = tolerance_for(meta)
         if max_abs is not None:
@@ -106,7 +106,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         ref_rate = None if ref_meta.dense else keep_rate  # a dense reference has no rate to set
         reference = _cpu_reference(against, selection=not (dense or ref_meta.dense), threads=threads,
                                    keep_rate=ref_rate)
-    real = None if images is None else load_images(images, num, spec, seed=seed, what="--images")
+    real = None if images is None else load_images(images, num, spec, seed=seed, what="images=")
     candidate = runtime.runner(onnx_path, name=f"{runtime.name}:{Path(onnx_path).name}", selection=not dense,
                                threads=threads, keep_rate=keep_rate)
     candidate.given(proto)
@@ -167,7 +167,7 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path | None, *, ba
     info = inspect_engine(engine)  # sidecar problems surface before the GPU question
     if (onnx_path is None) == (load_outputs is None):
         raise BadInputError("an engine is checked against one reference",
-                            "pass --against MODEL.onnx or --load-outputs RUN.json")
+                            "pass against=MODEL.onnx or load_outputs=RUN.json")
     reference = load_outputs_file(load_outputs) if load_outputs is not None else None
     spec = (OnnxMetadata.read(onnx_path) if onnx_path is not None
             else OnnxMetadata(info.get("model") or {})).spec
