@@ -28,6 +28,7 @@ from idle_export.model.config import SCORE_MODES
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import check_opset, onnx_summary
 from idle_export.onnx.targets import TARGET_PASSES, check_target
+from idle_export.runtime import registry
 
 
 @command("onnx")
@@ -106,6 +107,9 @@ def onnx_cmd(
     what += f"; target {target}" + (f" ({', '.join(passes)})" if passes else "")
     echo_err(f"wrote {output} ({what}; opset {summary['opset']}"
              f"{'; weights in ' + output.name + '.data' if external_data else ''})")
+    faster = None if dense else registry.faster_target_here(target)
+    if faster:
+        echo_err(f"note: {faster}")
     if json_out:
         write_json({"spec": spec.describe(), "dense": dense, "elastic": elastic, "target": target,
                     "passes": list(passes), **summary}, json_out)

@@ -170,6 +170,20 @@ def for_accelerator(accelerator: str) -> Runtime | None:
     return next((r for r in RUNTIMES.values() if r.triton_accelerator == accelerator), None)
 
 
+def faster_target_here(target: str) -> str | None:
+    """A line for `onnx --target TARGET` when another target suits a runtime that computes faster
+    on this machine: a CPU runtime whose default precision is not f32 here (OpenVINO in bf16 on
+    AMX / AVX-512 BF16, measured faster than FP32 in docs/benchmark.md), when it is installed."""
+    for r in RUNTIMES.values():
+        if r.runs != ONNX or not r.cpu or r.target == target or r.unavailable():
+            continue
+        precision = r.default_precision()
+        if precision not in ("f32", "fp32"):
+            return (f"{r.name} computes in {precision} by default on this CPU, faster than FP32: for it, "
+                    f"export with --target {r.target} (docs/benchmark.md, \"Fastest path per CPU\")")
+    return None
+
+
 def names(runs: str | None = None) -> tuple[str, ...]:
     """The runtimes' names, all or those that run `runs` (ONNX, ENGINE, MODEL)."""
     return tuple(n for n, r in RUNTIMES.items() if runs is None or r.runs == runs)

@@ -103,3 +103,17 @@ def test_api_runtimes_say_why_not_here():
     assert listed["ort"]["unavailable"] is None and listed["ort"]["runs"] == "onnx"
     for r in listed.values():
         assert r["unavailable"] is None or isinstance(r["unavailable"], str)
+
+
+@pytest.mark.parametrize("default", ["bf16", "f32"])
+def test_onnx_names_the_faster_target_here(default, tiny_ckpt, tmp_path, monkeypatch):
+    """`onnx` (portable) says which target to use when a CPU runtime computes faster than FP32
+    here by default (OpenVINO's bf16 on AMX / AVX-512 BF16); forced both ways, so the test does
+    not depend on the CPU."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    forced = dataclasses.replace(registry.RUNTIMES["openvino"], default_precision=lambda: default)
+    monkeypatch.setitem(registry.RUNTIMES, "openvino", forced)
+    res = CliRunner().invoke(app, ["onnx", str(tiny_ckpt), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    said = "openvino computes in bf16 by default on this CPU" in res.output
+    assert said == (default == "bf16") and ("--target openvino" in res.output) == said
