@@ -39,6 +39,7 @@ from idle_export.quantize.qdq import default_int8_path, quantize_onnx
 from idle_export.runtime.base import Runner
 from idle_export.runtime.onnxruntime import OrtRunner
 from idle_export.runtime.openvino import OpenVinoRunner
+from idle_export.runtime.openvino_ir import ir_skipped, write_ir
 from idle_export.runtime.tensorrt import TrtRunner
 from idle_export.trt.build import build_engine as _build_engine
 from idle_export.trt.inputs import parse_keep_range
@@ -107,7 +108,8 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
                 idle_layers: Sequence[int] | None = None, keep_k: Sequence[int] | None = None,
                 spec: ModelSpec | None = None, ema: bool = False, scores: str = "folded",
                 emit_selection: bool = False, plugin: bool = False, opset: int = DEFAULT_OPSET,
-                external_data: bool = False, target: str = "portable", elastic: bool = False) -> Path:
+                external_data: bool = False, target: str = "portable", elastic: bool = False,
+                openvino_ir: bool = True) -> Path:
     """Export a checkpoint to ONNX (`idle-export onnx`); returns the path written.
 
     The idle graph (TopK + GatherElements + ScatterElements, dynamic batch) by default, the
@@ -120,6 +122,9 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
     default), "ort" (+ com.microsoft.BiasGelu), "openvino" or "tensorrt" (onnx.targets).
     `elastic`: one file for every keep rate, K computed in the graph from an optional input
     keep_rate (default the spec's rate; docs/export.md#elastic-keep-rate).
+    `openvino_ir`: with target "openvino", also write OUTPUT.xml + OUTPUT.bin, the OpenVINO IR
+    whose token-score path stays f32 when OpenVINO computes in bf16 (runtime.openvino_ir; not
+    for a dense or elastic file, nor without OpenVINO installed).
     The file is written atomically, with the metadata that `check`, `bench` and `trt` read.
     """
     _check_scores(scores)
@@ -127,16 +132,19 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
     if spec is None:
         spec = model_spec(ckpt, arch=arch, keep=keep, schedule=schedule, idle_layers=idle_layers,
                           keep_k=keep_k)
-    return export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
+    path = export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                              score_mode=scores, opset=opset, external_data=external_data, plugin=plugin,
                              target=target, elastic=elastic)
+    if target == "openvino" and openvino_ir and ir_skipped(path, dense=dense, elastic=elastic) is None:
+        write_ir(path)
+    return path
 
 
 def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathLike | None = None,
           ema: bool = False, batch_sizes: Sequence[int] = (1, 7, 32),
           inputs: Sequence[str] | None = None, images: PathLike | None = None, num: int = 0,
           max_abs: float | None = None, seed: int = 0, threads: int | None = None,
-          backend: str = "ort", keep_rate: float | None = None) -> dict:
+          backend: str = "ort", keep_rate: float | None = None, precision: str = "f32") -> dict:
     """Parity of an ONNX file (or a TensorRT engine) against a reference (`idle-export check`).
 
     The reference is the PyTorch model of `ckpt` (a path or a loaded Checkpoint) or another ONNX
@@ -145,7 +153,9 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
     a folder, a .txt list or one image. The tolerance follows the model's precision (fp32 1e-4,
     fp16 5e-2, int8 top-1 agreement) unless `max_abs` sets the logit tolerance. `backend`
     runs the ONNX file: "ort" (ONNX Runtime) or "openvino" (OpenVINO CPU). `keep_rate` runs an
-    elastic file (or engine) at that rate, against the reference at the same rate.
+    elastic file (or engine) at that rate, against the reference at the same rate. With
+    backend "openvino", `model` may be the OpenVINO IR (X.xml) and `precision` is OpenVINO's
+    inference precision: "f32", "bf16" (the bf16 tolerance, ties counted) or "default".
 
     Returns the report: `report["passed"]` is the verdict, `report["cases"]` one entry per input
     set and batch size. A failed comparison is not an exception; a bad file or option is.
@@ -174,7 +184,7 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
                             "loaded", "load it with load_checkpoint(path, ema=True)")
     return check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                       input_sets=sets, seed=seed, threads=threads, images=images, num=num,
-                      max_abs=max_abs, backend=backend, keep_rate=keep_rate)
+                      max_abs=max_abs, backend=backend, keep_rate=keep_rate, precision=precision)
 
 
 def lint(onnx: PathLike, *, expect_idle: bool = False) -> dict:

@@ -28,7 +28,8 @@ from idle_export.parity.check import check_engine_against, check_onnx
 @command("check")
 def check_cmd(
     model: Annotated[Path, typer.Argument(help="ONNX file written by `idle-export onnx` (or "
-                                          "`idle-export calibrate`), or a TensorRT engine (GPU).")],
+                                          "`idle-export calibrate`), its OpenVINO IR (X.xml, "
+                                          "--backend openvino), or a TensorRT engine (GPU).")],
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Compare against torch built "
                                                  "from this checkpoint.")] = None,
     against: Annotated[Path | None, typer.Option("--against", help="Compare against another "
@@ -45,7 +46,8 @@ def check_cmd(
     num: Annotated[int, typer.Option("--num", help="How many of --images (0: all).")] = 0,
     max_abs: Annotated[float | None, typer.Option("--max-abs", help="Logit tolerance (default "
                                                      "from the model's precision: fp32 1e-4, fp16 "
-                                                     "5e-2, int8 none; int8 needs top-1 ≥ 99%).")] = None,
+                                                     "5e-2, int8 none; int8 needs top-1 ≥ 99%; --precision "
+                                                     "bf16 0.1).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the noise inputs (and of which "
                                       "--images are drawn with --num).")] = 0,
     threads: Threads = None,
@@ -53,6 +55,11 @@ def check_cmd(
                                          "ONNX file being checked: ort (ONNX Runtime CPU) or "
                                          "openvino (OpenVINO CPU). The reference runs on torch "
                                          "(--ckpt) or ONNX Runtime (--against).")] = "ort",
+    precision: Annotated[str, typer.Option("--precision", metavar="f32|bf16|default", help="OpenVINO's "
+                                           "inference precision (--backend openvino): f32, bf16 (held "
+                                           "to the bf16 tolerance, ties counted in token selection) or "
+                                           "default (OpenVINO's own for this CPU: bf16 where it has "
+                                           "AVX-512 BF16 or AMX).")] = "f32",
     save_outputs: Annotated[Path | None, typer.Option("--save-outputs", help="Also write both runs' "
                                                          "outputs (Polygraphy RunResults JSON) to compare "
                                                          "later, elsewhere, with --load-outputs.")] = None,
@@ -85,6 +92,9 @@ def check_cmd(
     if keep_rate is not None:
         check_keep_rate(keep_rate)
     if model.suffix in (".engine", ".plan"):
+        if precision != "f32":
+            raise BadInputError(f"--precision is OpenVINO's; {model.name} is a TensorRT engine with its own",
+                                "drop --precision")
 
         if backend != "ort":
             raise BadInputError(f"{model.name} is a TensorRT engine: it runs on TensorRT, not "
@@ -101,7 +111,7 @@ def check_cmd(
             report = check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                                 input_sets=sets, seed=seed, threads=check_threads(threads), images=images,
                                 num=num, max_abs=max_abs, backend=backend, keep_rate=keep_rate,
-                                save_outputs=save_outputs, load_outputs=load_outputs)
+                                save_outputs=save_outputs, load_outputs=load_outputs, precision=precision)
     console = report_console(json_out)
     print_check(report, console)
     print_check_details(report, console)
@@ -129,6 +139,9 @@ def print_check_details(report: dict, console) -> None:
         for c in cases:
             table.add_row(c["inputs"], str(c["batch"]),
                           *[f"{c['selection_per_layer'].get(k, float('nan')):.1%}" for k in layers])
+            if c.get("selection_raw_per_layer", c["selection_per_layer"]) != c["selection_per_layer"]:
+                table.add_row("  identical sets (raw)", "",
+                              *[f"{c['selection_raw_per_layer'].get(k, float('nan')):.1%}" for k in layers])
             if "selection_overlap_per_layer" in c:
                 table.add_row("  kept-token overlap", "",
                               *[f"{c['selection_overlap_per_layer'].get(k, float('nan')):.1%}"

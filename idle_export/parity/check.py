@@ -25,7 +25,8 @@ from idle_export.parity.saved import Recorder
 from idle_export.parity.saved import load_outputs as load_outputs_file
 from idle_export.parity.saved import save_outputs as save_outputs_file
 from idle_export.runtime.onnxruntime import OrtRunner
-from idle_export.runtime.openvino import OpenVinoRunner, import_openvino
+from idle_export.runtime.openvino import OpenVinoRunner, import_openvino, openvino_default_precision
+from idle_export.runtime.openvino_ir import is_ir, read_ir_metadata
 from idle_export.runtime.tensorrt import TrtRunner
 from idle_export.runtime.torch import TorchRunner
 from idle_export.trt.sidecar import inspect_engine
@@ -34,6 +35,7 @@ build = lazy_module("idle_export.model.build")  # torch
 
 
 CHECK_BACKENDS = ("ort", "openvino")  # what runs the candidate ONNX file
+CHECK_PRECISIONS = ("f32", "bf16", "default")  # OpenVINO's inference precision (--precision)
 
 
 def tolerance_for(meta: OnnxMetadata) -> Tolerances:
@@ -49,7 +51,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
                seed: int = 0, threads: int | None = None, images=None, num: int = 0,
                max_abs: float | None = None, backend: str = "ort", keep_rate: float | None = None,
-               save_outputs=None, load_outputs=None) -> dict:
+               save_outputs=None, load_outputs=None, precision: str = "f32") -> dict:
     """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
     path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
     which model and preprocessing to use.
@@ -63,15 +65,18 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     on torch or ONNX Runtime, or is a run saved earlier (`load_outputs`, parity.saved);
     `save_outputs` keeps both runs' outputs for a later comparison elsewhere. `keep_rate` runs an
     elastic file (`onnx --elastic`) at that rate, against torch built at that rate (or the
-    reference file at that rate)."""
+    reference file at that rate). `onnx_path` may be an OpenVINO IR (.xml, openvino backend).
+    `precision`: OpenVINO's inference precision, f32, bf16 or default (OpenVINO's own for this
+    CPU); bf16 on an FP32 file is held to TOLERANCES["bf16"]."""
     if backend not in CHECK_BACKENDS:
         raise BadInputError(f"--backend {backend!r} is not one of {', '.join(CHECK_BACKENDS)}",
                             "use --backend ort (ONNX Runtime) or --backend openvino")
+    precision = _check_precision(precision, backend, onnx_path)
     if backend == "openvino":
         import_openvino()  # exit 3 before any work
     # a clear error for a missing or broken file, before anything else
-    proto = load_onnx(onnx_path)
-    meta = OnnxMetadata.of(proto)
+    proto = None if is_ir(onnx_path) else load_onnx(onnx_path)
+    meta = read_ir_metadata(onnx_path) if proto is None else OnnxMetadata.of(proto)
     spec = meta.spec
     dense = meta.dense
     elastic_feed(meta, keep_rate, Path(onnx_path).name)  # a fixed-K file runs at its own rate only
@@ -83,10 +88,9 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         raise BadInputError("check needs exactly one reference",
                             "pass --ckpt CHECKPOINT (torch), --against OTHER.onnx or --load-outputs RUN.json")
     if tol is None:
-        tol = tolerance_for(meta)
+        tol = TOLERANCES["bf16"] if precision == "bf16" and meta.precision == "fp32" else tolerance_for(meta)
         if max_abs is not None:
             tol = replace(tol, max_abs=max_abs)
-    precision = meta.precision
     if ckpt_path is not None:
         ckpt = ckpt_path if isinstance(ckpt_path, Checkpoint) else load_checkpoint(ckpt_path, ema=ema)
         expected = meta.get("checkpoint_sha256")
@@ -114,7 +118,8 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         reference = OrtRunner(against, selection=not (dense or ref_meta.dense), threads=threads,
                               keep_rate=ref_rate)
     if backend == "openvino":
-        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
+        candidate = OpenVinoRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate,
+                                   inference_precision=precision)
     else:
         candidate = OrtRunner(onnx_path, selection=not dense, threads=threads, keep_rate=keep_rate)
     if save_outputs is not None:
@@ -139,16 +144,34 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                             f"{real.skipped[0][0]} ({real.skipped[0][1]})")
     if save_outputs is not None:
         save_outputs_of(save_outputs, [candidate, reference], inputs, batch_sizes, seed, images, num)
-    weights = nonfinite_initializers(proto)
+    weights = nonfinite_initializers(proto) if proto is not None else None
     if weights:  # the file's own weights: the first place to look when its outputs are NaN
         warnings.append(f"{Path(onnx_path).name} has non-finite weights: {describe_nonfinite(weights)}")
-    report["precision"] = precision
+    ran = getattr(candidate, "runtime_precision", None)  # OpenVINO: what it compiled for
+    if precision == "bf16" and ran not in (None, "bf16"):
+        warnings.append(f"this CPU has no bf16: OpenVINO ran {ran} (the bf16 tolerance was applied)")
+    report["inference_precision"] = ran or precision
+    report["precision"] = meta.precision
     report["backend"] = backend
     report["model"] = spec.describe() + (" (dense)" if dense else "") + (
-        f" [{precision}]" if precision != "fp32" else "") + (" (elastic file)" if meta.elastic else "")
+        f" [{meta.precision}]" if meta.precision != "fp32" else "") + (
+        f" at OpenVINO {precision}" if precision != "f32" else "") + (
+        " (elastic file)" if meta.elastic else "")
     report["keep_rate"] = spec.keep_rate
     report["warnings"] = warnings
     return report
+
+
+def _check_precision(precision: str, backend: str, path) -> str:
+    """--precision: f32, bf16 or default (resolved to OpenVINO's default for this CPU)."""
+    if precision not in CHECK_PRECISIONS:
+        raise BadInputError(f"--precision {precision!r} is not one of {', '.join(CHECK_PRECISIONS)}",
+                            "use --precision f32 (default) or bf16")
+    if backend != "openvino" and (precision != "f32" or is_ir(path)):
+        what = "an OpenVINO IR" if is_ir(path) else f"--precision {precision}"
+        raise BadInputError(f"{what} runs on OpenVINO; ONNX Runtime's CPU has no bf16 inference "
+                            "precision for an FP32 graph", "add --backend openvino")
+    return openvino_default_precision() if precision == "default" else precision
 
 
 def save_outputs_of(path, recorders, inputs: dict, batch_sizes, seed: int, images, num: int) -> None:
