@@ -118,6 +118,15 @@ def mark_score_path(model, proto) -> list[str]:
     return sorted(op.get_friendly_name() for op in marked.values())
 
 
+def fold_constants(model) -> None:
+    """OpenVINO's constant folding (what compile_model does first anyway)."""
+    from openvino import passes
+
+    manager = passes.Manager()
+    manager.register_pass(passes.ConstantFolding())
+    manager.run_passes(model)
+
+
 def settle_marked(model) -> int:
     """Rewrite the marked ops that the CPU plugin would otherwise merge with a neighbour into a
     new op of its own: the new op does not inherit the marking (DisablePrecisionConversion is not
@@ -125,11 +134,13 @@ def settle_marked(model) -> int:
     plugin would have made: a bias Add after a weight MatMul becomes one MatMul of the input
     padded with a 1 and the weight with the bias as its last row (the plugin's FullyConnected
     + bias fusion); a Transpose of the last two axes into MatMul becomes MatMul's transpose
-    flag; Squeeze/Unsqueeze become Reshape; a one-row Slice becomes a Gather (two Slices of one
-    tensor become a VariadicSplit). Returns the number of rewrites (checked by the tests on the
-    compiled model's runtime precisions)."""
+    flag; Squeeze/Unsqueeze become Reshape; a scaling by a constant after a MatMul goes into the
+    weights of the MatMul that feeds it (the plugin would move it into the MatMul's operand); a
+    one-row Slice becomes a Gather (two Slices of one tensor become a VariadicSplit). Returns
+    the number of rewrites (the tests check the compiled model's runtime precisions)."""
     count = 0
-    for rule in (_fold_bias, _fold_transpose, _squeeze_to_reshape, _row_slice_to_gather):
+    rules = (_fold_bias, _fold_transpose, _squeeze_to_reshape, _scale_into_weights, _row_slice_to_gather)
+    for rule in rules:
         for op in [op for op in model.get_ordered_ops() if is_marked(op)]:
             count += bool(rule(op))
     model.validate_nodes_and_infer_types()
@@ -207,6 +218,39 @@ def _squeeze_to_reshape(op) -> bool:
     return _replace(op, ops.reshape(op.input_value(0), np.array(dims, np.int64), False))
 
 
+def _scale_into_weights(op) -> bool:
+    """Divide/Multiply by a scalar after [Reshape ←] MatMul(a, b) where a or b is a MatMul with
+    constant weights: the scale goes into those weights (the plugin would move it into the
+    MatMul's operand and re-create the MatMul without the marking)."""
+    from openvino import opset13 as ops
+
+    scale = _data(op.input_value(1)) if op.get_type_name() in ("Divide", "Multiply") else None
+    if scale is None or scale.size != 1:
+        return False
+    value = op.input_value(0)
+    node = value.get_node()
+    if node.get_type_name() == "Reshape" and len(value.get_target_inputs()) == 1:
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "MatMul" or len(node.output(0).get_target_inputs()) != 1:
+        return False
+    factor = float(scale.reshape(-1)[0])
+    factor = 1.0 / factor if op.get_type_name() == "Divide" else factor
+    for source in node.input_values():
+        inner = source.get_node()
+        weight = _data(inner.input_value(1)) if inner.get_type_name() == "MatMul" else None
+        if weight is None or len(source.get_target_inputs()) != 1:
+            continue
+        flags = inner.get_attributes()
+        scaled = ops.matmul(inner.input_value(0), ops.constant((weight * factor).astype(weight.dtype)),
+                            flags["transpose_a"], flags["transpose_b"])
+        _replace(inner, scaled)
+        for target in op.output(0).get_target_inputs():  # the scale itself is gone
+            target.replace_source_output(value)
+        value.get_tensor().add_names(op.output(0).get_names())
+        return True
+    return False
+
+
 def _row_slice_to_gather(op) -> bool:
     import numpy as np
     from openvino import opset13 as ops
@@ -266,6 +310,7 @@ def write_ir(onnx_path: str | Path, xml_path: str | Path | None = None) -> tuple
                    (Path(xml_path), Path(xml_path).with_suffix(".bin")))
     proto = load_onnx(onnx_path)
     model = ov.Core().read_model(str(onnx_path))
+    fold_constants(model)  # weights as Constants (a portable file slices and transposes them)
     mark_score_path(model, proto)
     settle_marked(model)
     marked = [op.get_friendly_name() for op in model.get_ordered_ops() if is_marked(op)]

@@ -70,12 +70,11 @@ def test_no_ir_for_dense_or_when_not_wanted(tiny_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "n.onnx"]
 
 
-def test_bf16_keeps_the_marked_ops_f32(ir_export):
-    """Compiled with bf16 forced, the plugin runs every op made of marked ones in f32 and the
-    attention/MLP GEMMs in bf16."""
+def _runtime_precisions(xml):
+    """(layer type, runtime precision) of the compiled ops made of marked ones, and the runtime
+    precisions of the other FullyConnected ops, compiled with bf16 forced; skips without bf16."""
     import openvino as ov
 
-    xml = ir_export[0].with_suffix(".xml")
     model = _model(xml)
     marked = {op.get_friendly_name() for op in model.get_ordered_ops() if is_marked(op)}
     compiled = ov.Core().compile_model(model, "CPU", openvino_config(1, "bf16"))
@@ -89,9 +88,27 @@ def test_bf16_keeps_the_marked_ops_f32(ir_export):
             kept.append((rt["layerType"], rt["runtimePrecision"]))
         elif rt["layerType"] == "FullyConnected":
             gemms.append(rt["runtimePrecision"])
+    return kept, gemms
+
+
+def test_bf16_keeps_the_marked_ops_f32(ir_export):
+    """Compiled with bf16 forced, every op made of marked ones runs in f32 (none was re-created
+    by a plugin fusion without its marking) and the attention/MLP GEMMs in bf16."""
+    kept, gemms = _runtime_precisions(ir_export[0].with_suffix(".xml"))
     assert kept and all(p != "bf16" for _, p in kept), kept
-    assert {t for t, _ in kept} >= {"TopK", "MVN", "MatMul"}
+    assert {t for t, _ in kept} >= {"TopK", "MVN", "MatMul", "FullyConnected"}
     assert gemms.count("bf16") > len(gemms) // 2, gemms
+
+
+def test_bf16_keeps_the_official_score_path_f32(tiny_idle_onnx, tmp_path):
+    """--scores official (keys for every token, the head mean as a division): the same."""
+    from idle_export.runtime.openvino_ir import write_ir
+
+    xml, _, marked = write_ir(tiny_idle_onnx, tmp_path / "official.xml")
+    kept, _ = _runtime_precisions(xml)
+    assert marked and kept and all(p != "bf16" for _, p in kept), kept
+    divides = [op for op in _model(xml).get_ordered_ops() if op.get_type_name() == "Divide"]
+    assert not [op for op in divides if is_marked(op)]  # the head mean went into the query weights
 
 
 def test_runner_reads_the_ir_and_its_selection(ir_export, tiny_ckpt):
