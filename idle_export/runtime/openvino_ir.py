@@ -18,7 +18,7 @@ output tensor names; ops without a name of their own between a node's inputs and
 ONNX op that OpenVINO decomposes, e.g. LayerNormalization into MVN, Multiply, Add) go with it.
 
 The IR carries the ONNX file's idle_export.* metadata in its runtime info (`ir_metadata`), so
-`check`, `bench` and the runners read the spec from the IR alone. Weights stay f32
+`check` and OpenVinoRunner read the spec from the IR alone. Weights stay f32
 (compress_to_fp16=False): the IR computes what the ONNX file computes.
 """
 
@@ -309,7 +309,12 @@ def write_ir(onnx_path: str | Path, xml_path: str | Path | None = None) -> tuple
     xml, binary = (ir_paths(onnx_path) if xml_path is None else
                    (Path(xml_path), Path(xml_path).with_suffix(".bin")))
     proto = load_onnx(onnx_path)
-    model = ov.Core().read_model(str(onnx_path))
+    try:
+        model = ov.Core().read_model(str(onnx_path))
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or ["?"])[0][:200]
+        raise BadInputError(f"OpenVINO cannot read {onnx_path.name} ({first})",
+                            "export with --no-ir, or check the file with `idle-export lint`") from None
     fold_constants(model)  # weights as Constants (a portable file slices and transposes them)
     mark_score_path(model, proto)
     settle_marked(model)
