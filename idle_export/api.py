@@ -41,6 +41,7 @@ from idle_export.parity.check import check_engine_against, check_onnx
 from idle_export.quantize.qdq import default_int8_path, quantize_onnx
 from idle_export.runtime import registry
 from idle_export.runtime.base import Runner
+from idle_export.runtime.openvino_ir import ir_skipped, write_ir
 from idle_export.trt.build import build_engine as _build_engine
 from idle_export.trt.inputs import parse_keep_range
 
@@ -108,7 +109,8 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
                 idle_layers: Sequence[int] | None = None, keep_k: Sequence[int] | None = None,
                 spec: ModelSpec | None = None, ema: bool = False, scores: str = "folded",
                 emit_selection: bool = False, plugin: bool = False, opset: int = DEFAULT_OPSET,
-                external_data: bool = False, target: str = "portable", elastic: bool = False) -> Path:
+                external_data: bool = False, target: str = "portable", elastic: bool = False,
+                openvino_ir: bool = True) -> Path:
     """Export a checkpoint to ONNX (`idle-export onnx`); returns the path written.
 
     The idle graph (TopK + GatherElements + ScatterElements, dynamic batch) by default, the
@@ -121,6 +123,9 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
     default), "ort" (+ com.microsoft.BiasGelu), "openvino" or "tensorrt" (onnx.targets).
     `elastic`: one file for every keep rate, K computed in the graph from an optional input
     keep_rate (default the spec's rate; docs/export.md#elastic-keep-rate).
+    `openvino_ir`: with target "openvino", also write OUTPUT.xml + OUTPUT.bin, the OpenVINO IR
+    whose token-score path stays f32 when OpenVINO computes in bf16 (runtime.openvino_ir; not
+    for a dense or elastic file, nor without OpenVINO installed).
     The file is written atomically, with the metadata that `check`, `bench` and `trt` read.
     """
     _check_scores(scores)
@@ -128,9 +133,12 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
     if spec is None:
         spec = model_spec(ckpt, arch=arch, keep=keep, schedule=schedule, idle_layers=idle_layers,
                           keep_k=keep_k)
-    return export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
+    path = export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                              score_mode=scores, opset=opset, external_data=external_data, plugin=plugin,
                              target=target, elastic=elastic)
+    if target == "openvino" and openvino_ir and ir_skipped(path, dense=dense, elastic=elastic) is None:
+        write_ir(path)
+    return path
 
 
 def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathLike | None = None,
@@ -138,7 +146,7 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
           inputs: Sequence[str] | None = None, images: PathLike | None = None, num: int = 0,
           max_abs: float | None = None, seed: int = 0, threads: int | None = None,
           backend: str = "ort", keep_rate: float | None = None, save_outputs: PathLike | None = None,
-          load_outputs: PathLike | None = None) -> dict:
+          load_outputs: PathLike | None = None, precision: str = "f32") -> dict:
     """Parity of an ONNX file (or a TensorRT engine) against a reference (`idle-export check`).
 
     The reference is the PyTorch model of `ckpt` (a path or a loaded Checkpoint), another ONNX
@@ -150,7 +158,9 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
     (fp32 1e-4, fp16 5e-2, int8 top-1 agreement) unless `max_abs` sets the logit tolerance.
     `backend` runs the ONNX file: "ort" (ONNX Runtime CPU), "openvino" (OpenVINO CPU) or another
     runtime of `runtimes()` that runs ONNX files. `keep_rate` runs an elastic file (or engine)
-    at that rate, against the reference at the same rate.
+    at that rate, against the reference at the same rate. With backend "openvino", `model` may
+    be the OpenVINO IR (X.xml) and `precision` is OpenVINO's inference precision: "f32", "bf16"
+    (the bf16 tolerance, ties counted) or "default".
 
     Returns the report: `report["passed"]` is the verdict, `report["cases"]` one entry per input
     set and batch size. A failed comparison is not an exception; a bad file or option is.
@@ -173,6 +183,10 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
     if save_outputs is not None:
         check_output_path(Path(save_outputs), "save_outputs=")
     if Path(model).suffix in ENGINE_SUFFIXES:
+        if precision != "f32":
+            raise BadInputError(f"precision={precision!r} is OpenVINO's inference precision; "
+                                f"{Path(model).name} is a TensorRT engine with its own",
+                                "leave out precision=")
         if backend != "ort":
             raise BadInputError(f"{Path(model).name} is a TensorRT engine: it runs on TensorRT, not "
                                 f"backend={backend!r}", "leave out backend=")
@@ -188,7 +202,7 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
     return check_onnx(model, ckpt_path=ckpt, against=against, ema=ema, batch_sizes=sizes,
                       input_sets=sets, seed=seed, threads=threads, images=images, num=num,
                       max_abs=max_abs, backend=backend, keep_rate=keep_rate, save_outputs=save_outputs,
-                      load_outputs=load_outputs)
+                      load_outputs=load_outputs, precision=precision)
 
 
 def lint(onnx: PathLike, *, expect_idle: bool = False) -> dict:

@@ -25,7 +25,8 @@ from idle_export.runtime import registry
 @command("check", api_names={"batch_sizes": "batch"})
 def check_cmd(
     model: Annotated[Path, typer.Argument(help="ONNX file written by `idle-export onnx` (or "
-                                          "`idle-export calibrate`), or a TensorRT engine (GPU).")],
+                                          "`idle-export calibrate`), its OpenVINO IR (X.xml, "
+                                          "--backend openvino), or a TensorRT engine (GPU).")],
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Compare against torch built "
                                                  "from this checkpoint.")] = None,
     against: Annotated[Path | None, typer.Option("--against", help="Compare against another "
@@ -42,7 +43,8 @@ def check_cmd(
     num: Annotated[int, typer.Option("--num", help="How many of --images (0: all).")] = 0,
     max_abs: Annotated[float | None, typer.Option("--max-abs", help="Logit tolerance (default "
                                                      "from the model's precision: fp32 1e-4, fp16 "
-                                                     "5e-2, int8 none; int8 needs top-1 ≥ 99%).")] = None,
+                                                     "5e-2, int8 none; int8 needs top-1 ≥ 99%; --precision "
+                                                     "bf16 0.1).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the noise inputs (and of which "
                                       "--images are drawn with --num).")] = 0,
     threads: Threads = None,
@@ -50,6 +52,11 @@ def check_cmd(
                                          help="What runs the ONNX file being checked: "
                                          + registry.described(registry.ONNX) + ". The reference runs "
                                          "on torch (--ckpt) or ONNX Runtime CPU (--against).")] = "ort",
+    precision: Annotated[str, typer.Option("--precision", metavar="f32|bf16|default", help="The "
+                                           "inference precision of a runtime that offers one (OpenVINO): "
+                                           "f32, bf16 (held to the bf16 tolerance, ties counted in token "
+                                           "selection) or default (the runtime's own for this CPU: "
+                                           "OpenVINO's bf16 where it has AVX-512 BF16 or AMX).")] = "f32",
     save_outputs: Annotated[Path | None, typer.Option("--save-outputs", help="Also write both runs' "
                                                          "outputs (Polygraphy RunResults JSON) to compare "
                                                          "later, elsewhere, with --load-outputs.")] = None,
@@ -71,7 +78,7 @@ def check_cmd(
         report = api.check(model, ckpt=ckpt, against=against, ema=ema,
                            batch_sizes=int_list(batch, "--batch") or [], inputs=sets, images=images, num=num,
                            max_abs=max_abs, seed=seed, threads=threads, backend=backend, keep_rate=keep_rate,
-                           save_outputs=save_outputs, load_outputs=load_outputs)
+                           save_outputs=save_outputs, load_outputs=load_outputs, precision=precision)
     console = report_console(json_out)
     print_check(report, console)
     print_check_details(report, console)
@@ -99,6 +106,9 @@ def print_check_details(report: dict, console) -> None:
         for c in cases:
             table.add_row(c["inputs"], str(c["batch"]),
                           *[f"{c['selection_per_layer'].get(k, float('nan')):.1%}" for k in layers])
+            if c.get("selection_raw_per_layer", c["selection_per_layer"]) != c["selection_per_layer"]:
+                table.add_row("  identical sets (raw)", "",
+                              *[f"{c['selection_raw_per_layer'].get(k, float('nan')):.1%}" for k in layers])
             if "selection_overlap_per_layer" in c:
                 table.add_row("  kept-token overlap", "",
                               *[f"{c['selection_overlap_per_layer'].get(k, float('nan')):.1%}"

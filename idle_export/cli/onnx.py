@@ -29,6 +29,7 @@ from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import check_opset, onnx_summary
 from idle_export.onnx.targets import TARGET_PASSES, check_target
 from idle_export.runtime import registry
+from idle_export.runtime.openvino_ir import ir_skipped, write_ir
 
 
 @command("onnx")
@@ -64,6 +65,12 @@ def onnx_cmd(
                                         "weight slices; openvino: row gathers, folded weight "
                                         "slices (standard ops); tensorrt: the plain export."
                                         )] = "portable",
+    ir: Annotated[bool, typer.Option("--ir/--no-ir", help="With --target openvino: also write the "
+                                     "OpenVINO IR OUTPUT.xml + OUTPUT.bin beside the file, its token-score "
+                                     "path marked to stay f32 when OpenVINO computes in bf16 (its CPU "
+                                     "default on AVX-512 BF16 / AMX CPUs); ONNX cannot carry that "
+                                     "marking. Compile the .xml to get it (docs/export.md#bf16-on-openvino)."
+                                     )] = True,
     elastic: Annotated[bool, typer.Option("--elastic", help="One file for every keep rate: an "
                                           "optional float input keep_rate (default the --keep rate) "
                                           "from which the graph computes each idle layer's K by the "
@@ -107,9 +114,27 @@ def onnx_cmd(
     what += f"; target {target}" + (f" ({', '.join(passes)})" if passes else "")
     echo_err(f"wrote {output} ({what}; opset {summary['opset']}"
              f"{'; weights in ' + output.name + '.data' if external_data else ''})")
+    written = write_openvino_ir(output, target=target, wanted=ir, dense=dense, elastic=elastic)
     faster = None if dense else registry.faster_target_here(target)
     if faster:
         echo_err(f"note: {faster}")
     if json_out:
         write_json({"spec": spec.describe(), "dense": dense, "elastic": elastic, "target": target,
-                    "passes": list(passes), **summary}, json_out)
+                    "passes": list(passes), **summary,
+                    "openvino_ir": [str(p) for p in written] if written else None}, json_out)
+
+
+def write_openvino_ir(output: Path, *, target: str, wanted: bool, dense: bool, elastic: bool):
+    """The marked IR beside an openvino-target file, with its one line; None where none is written."""
+    if target != "openvino" or not wanted:
+        return None
+    why = ir_skipped(output, dense=dense, elastic=elastic)
+    if why:
+        echo_err(f"note: no OpenVINO IR written ({why}); OpenVINO runs the .onnx as it is")
+        return None
+    with status(f"writing the OpenVINO IR of {output.name}"):
+        xml, binary, marked = write_ir(output)
+    echo_err(f"wrote {xml} + {binary.name} (OpenVINO IR: ONNX cannot carry OpenVINO's precision "
+             f"marking; its {marked} token-score ops stay f32 where OpenVINO computes in bf16: "
+             f"compile {xml.name}, not {output.name})")
+    return xml, binary

@@ -240,6 +240,13 @@ class Tolerances:
     min_selection: float = 1.0  # fraction of (image, layer) pairs with the same kept set, ties aside
     tie_atol: float = 1e-6  # a differing token is a tie if its reference score is this close to
     tie_rtol: float = 1e-5  # the K-th largest score (absolute + relative to the largest |score|)
+    # after an image's first differing kept set that is a tie, its later idle layers see other
+    # tokens (a token kept in one run and idle in the other leaves the layer with another value)
+    # and are counted as agreeing: only where divergence starts is judged
+    after_tie: bool = False
+    # a top-1 disagreement where the reference's logits of the two classes are this close counts
+    # as agreeing (reported apart: top1_raw, top1_ties)
+    top1_margin: float = 0.0
 
 
 TOLERANCES = {
@@ -247,6 +254,15 @@ TOLERANCES = {
     # FP16: scores are computed in FP32 from FP16 activations, which moves them by up to ~3% of
     # their range in the last idle layers (measured on the trained photos10 model)
     "fp16": Tolerances(max_abs=5e-2, min_top1=0.99, min_selection=0.95, tie_atol=1e-3, tie_rtol=3e-2),
+    # OpenVINO at bf16 (check --precision bf16): the GEMMs in bf16 move the residual stream, so
+    # scores move by ~0.1-0.5 % of their range even where the score path is f32, and one flipped
+    # near-tie changes every later layer of that image. Each image's first differing kept set
+    # must be a near-tie (≤ 1 % of the largest |score|; all were ≤ 0.5 % on photos10), later
+    # layers are not held (after_tie). docs/export.md#bf16-on-openvino
+    # Logits move by ≤ 0.04 there; a top-1 flip is a tie when the two logits are ≤ 0.05 apart
+    # (seeded noise flipped one of 32 images whose top two logits were 0.009 apart).
+    "bf16": Tolerances(max_abs=0.1, min_top1=0.99, min_selection=1.0, tie_atol=1e-3, tie_rtol=1e-2,
+                       after_tie=True, top1_margin=0.05),
     "int8": Tolerances(max_abs=float("inf"), min_top1=0.99, min_selection=0.0, tie_atol=1e-3,
                        tie_rtol=5e-2),
 }

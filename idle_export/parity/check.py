@@ -25,10 +25,13 @@ from idle_export.parity.saved import Recorder
 from idle_export.parity.saved import load_outputs as load_outputs_file
 from idle_export.parity.saved import save_outputs as save_outputs_file
 from idle_export.runtime import registry
+from idle_export.runtime.openvino_ir import is_ir, read_ir_metadata
 from idle_export.trt.sidecar import inspect_engine
 
 build = lazy_module("idle_export.model.build")  # torch
 
+
+CHECK_PRECISIONS = ("f32", "bf16", "default")  # the runtime's inference precision (--precision)
 
 
 def tolerance_for(meta: OnnxMetadata) -> Tolerances:
@@ -44,7 +47,7 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                batch_sizes=(1, 7, 32), input_sets=("noise", "photos"), tol: Tolerances | None = None,
                seed: int = 0, threads: int | None = None, images=None, num: int = 0,
                max_abs: float | None = None, backend: str = "ort", keep_rate: float | None = None,
-               save_outputs=None, load_outputs=None) -> dict:
+               save_outputs=None, load_outputs=None, precision: str = "f32") -> dict:
     """`idle-export check`: ONNX Runtime on `onnx_path` against torch (from the checkpoint: a
     path, or a Checkpoint already loaded) or against another ONNX file. Exported metadata tells
     which model and preprocessing to use.
@@ -59,12 +62,16 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     CPU, or is a run saved earlier (`load_outputs`, parity.saved);
     `save_outputs` keeps both runs' outputs for a later comparison elsewhere. `keep_rate` runs an
     elastic file (`onnx --elastic`) at that rate, against torch built at that rate (or the
-    reference file at that rate)."""
+    reference file at that rate). `onnx_path` may be an OpenVINO IR (.xml, openvino backend).
+    `precision`: the runtime's inference precision (f32, bf16, or default: the runtime's own for
+    this CPU) where it offers a choice (OpenVINO); bf16 on an FP32 file is held to
+    TOLERANCES["bf16"]."""
     runtime = registry.get(backend, runs=registry.ONNX).require()  # exit 2 / 3 before any work
+    precision = _check_precision(precision, runtime, onnx_path)
     # a clear error for a missing or broken file, before anything else; read once: the
     # candidate's runner gets this very model
-    proto = load_onnx(onnx_path)
-    meta = OnnxMetadata.of(proto)
+    proto = None if is_ir(onnx_path) else load_onnx(onnx_path)
+    meta = read_ir_metadata(onnx_path) if proto is None else OnnxMetadata.of(proto)
     spec = meta.spec
     dense = meta.dense
     elastic_feed(meta, keep_rate, Path(onnx_path).name)  # a fixed-K file runs at its own rate only
@@ -76,11 +83,10 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         raise BadInputError("check needs exactly one reference",
                             "pass ckpt=CHECKPOINT (torch), against=OTHER.onnx or load_outputs=RUN.json")
     if tol is None:
-        tol = tolerance_for(meta)
+        tol = TOLERANCES["bf16"] if precision == "bf16" and meta.precision == "fp32" else tolerance_for(meta)
         if max_abs is not None:
             tol = replace(tol, max_abs=max_abs)
-    precision = meta.precision
-    weights = nonfinite_initializers(proto)
+    weights = nonfinite_initializers(proto) if proto is not None else None
     if ckpt_path is not None:
         ckpt = ckpt_path if isinstance(ckpt_path, Checkpoint) else load_checkpoint(ckpt_path, ema=ema)
         expected = meta.get("checkpoint_sha256")
@@ -108,8 +114,9 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
                                    keep_rate=ref_rate)
     real = None if images is None else load_images(images, num, spec, seed=seed, what="images=")
     candidate = runtime.runner(onnx_path, name=f"{runtime.name}:{Path(onnx_path).name}", selection=not dense,
-                               threads=threads, keep_rate=keep_rate)
-    candidate.given(proto)
+                               threads=threads, keep_rate=keep_rate, precision=precision)
+    if proto is not None:
+        candidate.given(proto)
     del proto
     if save_outputs is not None:
         candidate, reference = Recorder(candidate), Recorder(reference)
@@ -134,10 +141,16 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
         save_outputs_of(save_outputs, [candidate, reference], inputs, batch_sizes, seed, images, num)
     if weights:  # the file's own weights: the first place to look when its outputs are NaN
         warnings.append(f"{Path(onnx_path).name} has non-finite weights: {describe_nonfinite(weights)}")
-    report["precision"] = precision
+    ran = getattr(candidate, "runtime_precision", None)  # OpenVINO: what it compiled for
+    if precision == "bf16" and ran not in (None, "bf16"):
+        warnings.append(f"this CPU has no bf16: OpenVINO ran {ran} (the bf16 tolerance was applied)")
+    report["inference_precision"] = ran or precision
+    report["precision"] = meta.precision
     report["backend"] = backend
     report["model"] = spec.describe() + (" (dense)" if dense else "") + (
-        f" [{precision}]" if precision != "fp32" else "") + (" (elastic file)" if meta.elastic else "")
+        f" [{meta.precision}]" if meta.precision != "fp32" else "") + (
+        f" at OpenVINO {precision}" if precision != "f32" else "") + (
+        " (elastic file)" if meta.elastic else "")
     report["keep_rate"] = spec.keep_rate
     report["warnings"] = warnings
     return report
@@ -146,6 +159,25 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
 def _cpu_reference(path, **options):
     """The reference run of an ONNX file: ONNX Runtime on the CPU, FP32."""
     return registry.get(registry.ORT_CPU).runner(path, name=f"onnxruntime:{Path(path).name}", **options)
+
+
+def _check_precision(precision: str, runtime, path) -> str:
+    """precision=: f32, bf16 or default (resolved to the runtime's default for this CPU), one the
+    runtime computes an FP32 graph in; and a file of a kind the runtime reads (an IR: OpenVINO)."""
+    if precision not in CHECK_PRECISIONS:
+        raise BadInputError(f"precision={precision!r} is not one of {', '.join(CHECK_PRECISIONS)}",
+                            "use precision=f32 (default) or bf16")
+    suffix = Path(path).suffix.lower()
+    readers = [r.name for r in registry.RUNTIMES.values() if suffix in r.suffixes]
+    if suffix not in runtime.suffixes and readers:  # another runtime's file (an IR: OpenVINO)
+        raise BadInputError(f"{Path(path).name} is a {suffix} file, which backend={runtime.name!r} does not "
+                            "read", f"use backend={readers[0]}")
+    resolved = runtime.default_precision() if precision == "default" else precision
+    if resolved not in runtime.compute_precisions:
+        offer = [r.name for r in registry.RUNTIMES.values() if resolved in r.compute_precisions]
+        raise BadInputError(f"backend={runtime.name!r} has no {resolved} inference precision for an FP32 "
+                            "graph", f"use backend={offer[0]}" if offer else "use precision=f32")
+    return resolved
 
 
 def save_outputs_of(path, recorders, inputs: dict, batch_sizes, seed: int, images, num: int) -> None:

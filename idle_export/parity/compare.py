@@ -6,8 +6,10 @@ not a failure, when every token in the difference has a reference score within
 tie_atol + tie_rtol·max|s| of the K-th largest score (max|s| over that image's scores): there
 the choice is up to the precision's rounding (FP16 moves later layers' scores by ~1-3% of their
 range). Both figures are reported: `selection_raw` (identical sets) and `selection` (ties
-counted as agreeing); only the second is held to the tolerance. Reference scores come from
-whichever runner records them (torch and ONNX Runtime runners do).
+counted as agreeing); only the second is held to the tolerance. With `after_tie` (bf16), an
+image's layers after its first tie count as agreeing: a token kept in one run and idle in the
+other leaves that layer with another value, so later scores differ by more than rounding.
+Reference scores come from whichever runner records them (torch and ONNX Runtime runners do).
 """
 
 from __future__ import annotations
@@ -39,36 +41,47 @@ def compare_outputs(out_a: dict, out_b: dict, scores: list[np.ndarray] | None,
     candidate's rounding moved them (twice the largest score difference in that image)."""
     a, b = out_a["logits"].astype(np.float64), out_b["logits"].astype(np.float64)
     diff = np.abs(a - b)
+    top1, top1_ties = _top1(a, b, tol)
     case = {
         "max_abs": float(diff.max()),
         "max_rel": float(diff.max() / max(np.abs(b).max(), 1e-30)),
         "cosine_min": _cosine_min(a, b),
-        "top1": float(np.mean(a.argmax(1) == b.argmax(1))),
+        "top1": top1,
         "top5": float(np.mean([x == y for x, y in zip(_topk_sets(a, 5), _topk_sets(b, 5))])),
     }
+    case.update(top1_ties)
     layers = sorted({k for k in out_a if k.startswith(SELECTION_PREFIX)}
                     & {k for k in out_b if k.startswith(SELECTION_PREFIX)},
                     key=lambda k: int(k[len(SELECTION_PREFIX):]))
-    per_layer, ties, matches, raw, total = {}, 0, 0, 0, 0
+    per_layer, raw_per_layer, ties, matches, raw, total = {}, {}, 0, 0, 0, 0
+    tied: set[int] = set()  # images whose kept set already differed by a tie in an earlier layer
+    if tol.after_tie:
+        cand_scores = None  # after a flipped tie the candidate's scores differ by more than rounding
     for li, key in enumerate(layers):
         sa, sb = out_a[key], out_b[key]
-        same = 0
+        same = identical = 0
         for row in range(sa.shape[0]):
             set_a, set_b = set(sa[row].tolist()), set(sb[row].tolist())
             if set_a == set_b:
                 same += 1
-                raw += 1
+                identical += 1
+            elif tol.after_tie and row in tied:
+                same += 1
             elif scores is not None and _is_tie(scores[li][row], set_a ^ set_b, len(set_b), tol,
                                                 None if cand_scores is None else cand_scores[li][row]):
                 same += 1
                 ties += 1
+                tied.add(row)
         per_layer[key[len(SELECTION_PREFIX):]] = same / sa.shape[0]
+        raw_per_layer[key[len(SELECTION_PREFIX):]] = identical / sa.shape[0]
         matches += same
+        raw += identical
         total += sa.shape[0]
     if layers:
         case["selection"] = matches / total
         case["selection_raw"] = raw / total
         case["selection_per_layer"] = per_layer
+        case["selection_raw_per_layer"] = raw_per_layer
         case["selection_ties"] = ties
     failures = []
     nonfinite = nonfinite_counts([("candidate", out_a["logits"]), ("reference", out_b["logits"])])
@@ -85,6 +98,18 @@ def compare_outputs(out_a: dict, out_b: dict, scores: list[np.ndarray] | None,
     case["failures"] = failures
     case["passed"] = not failures
     return case
+
+
+def _top1(a: np.ndarray, b: np.ndarray, tol: Tolerances) -> tuple[float, dict]:
+    """Top-1 agreement; with tol.top1_margin, a disagreement where the reference's logits of the
+    two classes are that close counts as agreeing (then also `top1_raw` and `top1_ties`)."""
+    top_a, top_b = a.argmax(1), b.argmax(1)
+    agree = top_a == top_b
+    if tol.top1_margin <= 0:
+        return float(agree.mean()), {}
+    rows = np.arange(len(b))
+    ties = ~agree & (b[rows, top_b] - b[rows, top_a] <= tol.top1_margin)
+    return float((agree | ties).mean()), {"top1_raw": float(agree.mean()), "top1_ties": int(ties.sum())}
 
 
 def _is_tie(scores: np.ndarray, differing: set, k: int, tol: Tolerances,

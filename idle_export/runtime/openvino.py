@@ -1,4 +1,5 @@
-"""OpenVINO (CPU) as a Runner: `openvino.Core().compile_model(...)` on an exported ONNX file.
+"""OpenVINO (CPU) as a Runner: `openvino.Core().compile_model(...)` on an exported ONNX file, or
+on the OpenVINO IR (X.xml) that `onnx --target openvino` writes beside it (runtime.openvino_ir).
 
 FP32 inference is asked for explicitly (INFERENCE_PRECISION_HINT f32): OpenVINO's CPU plugin
 otherwise computes in bf16 on CPUs that have it, which moves logits by ~1e-2 and changes which
@@ -12,6 +13,11 @@ tensors inside the graph, marked as outputs by an ONNX edit before compiling (as
 does; a plugin-form graph's IdleSelect outputs likewise), together with the scores each TopK
 ranks (`last_scores`, for the tie analysis of parity.compare). optimize=True applies, in
 memory, the passes of the `openvino` export target that the file does not have yet.
+
+An IR runs as written (it has the openvino target's passes, and its score path is marked to
+stay f32 when OpenVINO infers in bf16); selection=True adds each TopK's indices and scores as
+outputs of the read model. inference_precision "bf16" asks for bf16 (where the CPU has no bf16,
+OpenVINO runs f32: `runtime_precision` says what it compiled for).
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from idle_export.deps import pip_extra
-from idle_export.errors import BadInputError, MissingDependencyError
+from idle_export.errors import BadInputError
 from idle_export.model.config import check_keep_rate
 from idle_export.onnx.elastic import elastic_feed, pin_rate
 from idle_export.onnx.io import SELECTION_PREFIX
@@ -31,23 +36,21 @@ from idle_export.onnx.plugin_form import add_selection_outputs, inline, is_plugi
 from idle_export.onnx.targets import file_passes, missing_passes
 from idle_export.runtime.base import Runner
 from idle_export.runtime.onnxruntime import expose_outputs, topk_index_outputs, topk_score_inputs
+from idle_export.runtime.openvino_ir import OPENVINO_PIP, import_openvino, ir_metadata, is_ir
 
-OPENVINO_PIP = pip_extra("openvino") + ", or use --backend ort"
-
-
-def import_openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise MissingDependencyError("the openvino backend needs OpenVINO, which is not installed",
-                                     OPENVINO_PIP) from None
-    return openvino
+__all__ = ["OPENVINO_PIP", "OpenVinoRunner", "import_openvino", "openvino_config",
+           "openvino_default_precision", "openvino_has_bf16"]
 
 
 def openvino_default_precision() -> str:
     """The floating-point precision OpenVINO's CPU plugin computes in unless told otherwise:
     bf16 on CPUs with AMX or AVX-512 BF16, f32 elsewhere."""
     return import_openvino().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def openvino_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin can compute in bf16 here (AVX-512 BF16 or AMX)."""
+    return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def openvino_config(threads: int | None, precision: str | None = "f32") -> dict:
@@ -86,18 +89,24 @@ class OpenVinoRunner(Runner):
         self._selection: list[tuple[str, str]] = []  # (result key, output name)
         self._cls_first = False  # --emit-selection outputs: [B, K+1], CLS (0) first
         self._scores: list[str] = []
+        self.runtime_precision: str | None = None  # what OpenVINO compiled for (f32, bf16)
 
     def activate(self) -> None:
         ov = import_openvino()
         if not self.path.is_file():
-            raise BadInputError(f"ONNX file not found: {self.path}", "check the path")
+            raise BadInputError(f"{'OpenVINO IR' if is_ir(self.path) else 'ONNX file'} not found: "
+                                f"{self.path}", "check the path")
+        self._core = ov.Core()
+        if is_ir(self.path):
+            self._activate_ir()
+            return
         meta = self.onnx_metadata(self.path)
         self.file_passes = file_passes(meta)
         self.score_mode = meta.score_mode if meta.has_spec else None
         todo = missing_passes(meta, self.target) if self.optimize else ()
         self.passes_at_load = list(todo)
         elastic_feed(meta, self.keep_rate, self.path.name)  # a rate this file cannot run: now
-        self._meta, self._core, self._pinned = meta, ov.Core(), {}
+        self._meta, self._pinned = meta, {}
         if meta.elastic:  # compiled per rate, on first use (_at_rate)
             self._base = self._edited(meta, todo)
             self._at_rate(self.keep_rate)
@@ -109,15 +118,55 @@ class OpenVinoRunner(Runner):
             self.compiled = self._compile(str(self.path))
         self.request = self.compiled.create_infer_request()
 
+    def _activate_ir(self) -> None:
+        """An IR: read, its selection exposed (selection=True), compiled as written."""
+        model = self._core.read_model(str(self.path))
+        meta = ir_metadata(model)
+        if meta.elastic:
+            raise BadInputError(f"{self.path.name} is the IR of an elastic file: its keep rate is "
+                                "pinned per compile on the ONNX file", f"run {self.path.stem}.onnx")
+        elastic_feed(meta, self.keep_rate, self.path.name)
+        self._meta, self._pinned = meta, {}
+        self.file_passes = file_passes(meta)
+        self.score_mode = meta.score_mode if meta.has_spec else None
+        if self.selection:
+            self._expose_ir(model, meta)
+        self.compiled = self._compile(model)
+        self.request = self.compiled.create_infer_request()
+
+    def _expose_ir(self, model, meta: OnnxMetadata) -> None:
+        """The IR's own selection_layer outputs, else each TopK's indices and scores as outputs."""
+        own = [n for o in model.outputs for n in sorted(o.get_names()) if n.startswith(SELECTION_PREFIX)]
+        if own:
+            self._cls_first = True
+            self._selection = [(name, name) for name in own]
+            return
+        topk = [op for op in model.get_ordered_ops() if op.get_type_name() == "TopK"]
+        if not topk:
+            raise BadInputError(f"{self.path.name} has no token selection (no TopK)",
+                                "check a dense file without selection, or pass the idle export")
+        layers = list(meta.spec.idle_layers) if meta.has_spec else []
+        layers = layers if len(layers) == len(topk) else list(range(len(topk)))
+        index = model.add_outputs([op.output(1) for op in topk])
+        scores = model.add_outputs([op.input_value(0) for op in topk])
+        self._selection = [(f"{SELECTION_PREFIX}{layer}", out.get_any_name())
+                           for layer, out in zip(layers, index, strict=True)]
+        self._scores = [out.get_any_name() for out in scores]
+
     def _compile(self, model):
+        """Compile an ov.Model, a path or serialized ONNX bytes for the CPU."""
         try:
-            return self._core.compile_model(self._core.read_model(model), "CPU",
-                                            openvino_config(self.threads, self.inference_precision))
+            if not hasattr(model, "get_ordered_ops"):
+                model = self._core.read_model(model)
+            compiled = self._core.compile_model(model, "CPU",
+                                                openvino_config(self.threads, self.inference_precision))
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or ["?"])[0][:200]
             raise BadInputError(f"OpenVINO cannot compile {self.path.name} ({first})",
                                 "export it with --target openvino (or portable): a --target ort "
                                 "file has ONNX Runtime-only ops") from None
+        self.runtime_precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        return compiled
 
     def _at_rate(self, rate: float | None) -> None:
         """An elastic file: the model compiled for `rate` (None: the runner's, else the file's

@@ -46,6 +46,9 @@ class Runtime:
     # the floating-point precision it computes an FP32 model in unless told otherwise ("f32";
     # OpenVINO: bf16 on CPUs with AMX or AVX-512 BF16): `runner(precision="default")` runs that
     default_precision: Callable[[], str] = field(repr=False, compare=False, default=lambda: "f32")
+    # the inference precisions one can ask it to compute an FP32 graph in (check --precision)
+    compute_precisions: tuple[str, ...] = ("f32",)
+    suffixes: tuple[str, ...] = (".onnx",)  # the model files it reads (ONNX runtimes)
 
     def unavailable(self) -> str | None:
         """Why it cannot run here (one line), or None when it can."""
@@ -148,7 +151,8 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
             triton_accelerator="tensorrt"),
     Runtime("openvino", "OpenVINO, CPU", ONNX, "openvino", "openvino", ("fp32", "bf16", "int8"), True, True,
             make=_openvino, needs=_openvino_needs, default_precision=_openvino_default,
-            triton_accelerator="openvino"),
+            triton_accelerator="openvino", compute_precisions=("f32", "bf16", "f16"),
+            suffixes=(".onnx", ".xml")),
     Runtime("trt", "a TensorRT engine from idle-export trt, NVIDIA GPU", ENGINE, "trt", "tensorrt",
             ("fp32", "fp16", "int8"), True, False, make=_tensorrt, needs=_tensorrt_needs),
     Runtime("torch", "eager PyTorch from the checkpoint, CPU", MODEL, None, None, ("fp32",), True, True,

@@ -117,3 +117,27 @@ def test_a_real_selection_disagreement_is_not_a_tie():
     far = compare_outputs(swapped_far, ref, scores, tol, cand_scores=[scores[0] + 0.01])
     assert far["selection"] == 0.0 and not far["passed"]
     assert "token-selection agreement" in " ".join(far["failures"])
+
+
+def test_bf16_judges_where_divergence_starts_and_counts_top1_near_ties():
+    """bf16 (after_tie): an image's first differing kept set must be a near-tie; its later layers
+    are not held (a token kept in one run only changes everything after it). A first
+    divergence that is no tie fails; raw agreement per layer is reported beside."""
+    tol = TOLERANCES["bf16"]
+    scores = [np.array([[5.0, 3.0, 3.0 + 1e-4, 1.0]])] * 2
+    logits = {"logits": np.array([[1.0, 1.01, -3.0]])}  # classes 0 and 1 within 0.05
+    ref = {"logits": np.array([[1.0, 1.02, -3.0]]), "selection_layer3": np.array([[0, 2]]),
+           "selection_layer4": np.array([[0, 1]])}
+    tie_then_other = {**logits, "selection_layer3": np.array([[0, 1]]),
+                      "selection_layer4": np.array([[0, 3]])}
+    case = compare_outputs(tie_then_other, ref, scores, tol)
+    assert case["passed"] and case["selection"] == 1.0 and case["selection_ties"] == 1
+    assert case["selection_raw_per_layer"] == {"3": 0.0, "4": 0.0}
+    first_far = {**logits, "selection_layer3": np.array([[0, 3]]), "selection_layer4": np.array([[0, 1]])}
+    case = compare_outputs(first_far, ref, scores, tol)
+    assert not case["passed"] and case["selection_per_layer"]["3"] == 0.0
+    flipped = {"logits": np.array([[1.0, 0.99, -3.0]]), "selection_layer3": np.array([[0, 2]]),
+               "selection_layer4": np.array([[0, 1]])}
+    case = compare_outputs(flipped, ref, scores, tol)  # top-1 class 0 vs 1, reference 0.02 apart
+    assert case["top1"] == 1.0 and case["top1_raw"] == 0.0 and case["top1_ties"] == 1
+    assert compare_outputs(flipped, ref, scores, TOLERANCES["fp16"])["top1"] == 0.0  # fp16: no such rule
