@@ -151,11 +151,16 @@ def test_show_maps_positions_to_patches(files):
         assert a.kept[layer].max() <= 196 + 2 and a.kept[layer].min() >= 0
 
 
-def test_sweep_is_refused(files, tmp_path):
-    result = run_cli("sweep", files["evit"], "--ratios", "0.5,0.7")
-    lines = error_lines(result.stderr)
-    assert result.exit_code == 2 and len(lines) == 1 and "sweep is not supported for EViT" in lines[0], \
-        result.output
+def test_sweep_and_plugin_engines_are_refused(files, tmp_path):
+    sweep = ["sweep", files["evit"], "--ratios", "0.5,0.7"]
+    for args, message in ((sweep, "sweep is not supported for EViT"),
+                          (["trt", files["dyn_idle"], "--plugin", "-o", tmp_path / "x.engine"],
+                           "--plugin is not supported for DynamicViT models"),
+                          (["trt", files["evit_sel"], "--elastic", "-o", tmp_path / "x.engine"],
+                           "--elastic is not supported for EViT models")):
+        result = run_cli(*args)
+        lines = error_lines(result.stderr)
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
 
 
 def test_calibrate_keeps_the_score_path_fp32(files, tmp_path):
