@@ -81,7 +81,13 @@ def load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
 def seeded_spread(state_dict: dict, seed: int, *, qk_std: float = 0.12, std: float = 0.05) -> dict:
     """Seeded weights with a real spread (timm's init makes attention nearly uniform, so every
     token ranks alike): LayerNorm gains around 1, q/k projections wide enough for peaked
-    attention, the rest small enough that FP32 logits stay within 1e-5 of float64."""
+    attention, the rest small enough that FP32 logits stay within 1e-5 of float64. Both spreads
+    are for deit_tiny's width 192 and scale by sqrt(192 / width) for wider models, so the
+    activations (and FP32's rounding of them) stay as small: deit_small's demo then stays under
+    1e-5 too (unscaled: 1.7e-5, dense included)."""
+    cls = state_dict.get("cls_token")
+    scale = (192 / int(cls.shape[-1])) ** 0.5 if cls is not None else 1.0
+    std, qk_std = std * scale, qk_std * scale
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in state_dict.items():
