@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from idle_export import api
 from idle_export.errors import BadInputError, CheckpointError
 from idle_export.model.build import build_model
 from idle_export.model.checkpoint import load_checkpoint
@@ -147,6 +148,7 @@ def test_checkpoint_specs(weights, tmp_path):
     with pytest.raises(BadInputError, match="no keep rate: bare.pth has no EViT args"):
         bare.spec(arch="evit_tiny")  # bare weights say no family: --arch chooses
     assert bare.spec(arch="evit_tiny", keep_rate=0.5).keep_k == (98, 49, 25)
+    assert api.model_spec(bare, keep=0.7, family="evit") == bare.spec(method="evit", keep_rate=0.7)
 
     dyn = DynamicViTSpec("deit_tiny", 0.7, num_classes=10)
     torch.manual_seed(0)
