@@ -73,16 +73,18 @@ def _checkpoint(checkpoint: CheckpointLike, ema: bool) -> Checkpoint:
 
 def model_spec(checkpoint: CheckpointLike, *, arch: str | None = None, keep: float | None = None,
                schedule: str = "eval", idle_layers: Sequence[int] | None = None,
-               keep_k: Sequence[int] | None = None, ema: bool = False) -> ModelSpec:
+               keep_k: Sequence[int] | None = None, ema: bool = False,
+               family: str | None = None) -> ModelSpec:
     """The ModelSpec (architecture, idle layers, K per idle layer) of a checkpoint.
 
     `arch` and `keep` default to the checkpoint's `args.arch` / `args.base_rate`; `schedule` is
     "eval" (idle layers 3..11, the official evaluation script) or "train" (4..11); `idle_layers`
     and `keep_k` set the layers and the kept tokens per layer explicitly, as the CLI's
-    `--idle-layers` and `--keep-k` do.
+    `--idle-layers` and `--keep-k` do. `family` ("idlevit", "evit", "dynamicvit") reads the
+    checkpoint as that family, as `--family` does; by default its keys and args tell.
     """
     ckpt = _checkpoint(checkpoint, ema)
-    return ckpt.spec(arch=arch, keep_rate=keep, schedule=schedule,
+    return ckpt.spec(arch=arch, keep_rate=keep, schedule=schedule, method=family,
                      idle_layers=list(idle_layers) if idle_layers is not None else None,
                      keep_k=list(keep_k) if keep_k is not None else None)
 
@@ -98,8 +100,8 @@ def torch_model(checkpoint: CheckpointLike, *, dense: bool = False, scores: str 
     return build.build_model(spec or ckpt.spec(), ckpt.state_dict, dense=dense, score_mode=scores)
 
 
-def _check_scores(scores: str) -> None:
-    if scores not in SCORE_MODES:
+def _check_scores(scores: str | None) -> None:
+    if scores is not None and scores not in SCORE_MODES:
         raise BadInputError(f"scores={scores!r} is not one of {', '.join(SCORE_MODES)}",
                             "use scores=folded (the default export) or scores=official")
 
@@ -107,16 +109,17 @@ def _check_scores(scores: str) -> None:
 def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = False,
                 arch: str | None = None, keep: float | None = None, schedule: str = "eval",
                 idle_layers: Sequence[int] | None = None, keep_k: Sequence[int] | None = None,
-                spec: ModelSpec | None = None, ema: bool = False, scores: str = "folded",
+                spec: ModelSpec | None = None, ema: bool = False, scores: str | None = None,
                 emit_selection: bool = False, plugin: bool = False, opset: int = DEFAULT_OPSET,
                 external_data: bool = False, target: str = "portable", elastic: bool = False,
-                openvino_ir: bool = True) -> Path:
+                openvino_ir: bool = True, family: str | None = None) -> Path:
     """Export a checkpoint to ONNX (`idle-export onnx`); returns the path written.
 
     The idle graph (TopK + GatherElements + ScatterElements, dynamic batch) by default, the
     dense baseline of the same weights with `dense=True`. The model is `spec` if given, else
     `model_spec(checkpoint, arch=..., keep=..., schedule=..., idle_layers=..., keep_k=...)`.
-    `scores`: "folded" (the same top-K without keys for idle tokens) or "official";
+    `scores`: "folded" (the same top-K without keys for idle tokens; IdleViT's default) or
+    "official" (EViT's and DynamicViT's only one); `family` as in `model_spec`;
     `emit_selection` adds each idle layer's kept token indices as outputs; `plugin` writes the
     plugin form (fused idle-select kernels); `external_data` puts the weights in OUTPUT.data.
     `target`: where the file runs, its graph passes written into it: "portable" (none, the
@@ -132,7 +135,7 @@ def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = F
     ckpt = _checkpoint(checkpoint, ema)
     if spec is None:
         spec = model_spec(ckpt, arch=arch, keep=keep, schedule=schedule, idle_layers=idle_layers,
-                          keep_k=keep_k)
+                          keep_k=keep_k, family=family)
     path = export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                              score_mode=scores, opset=opset, external_data=external_data, plugin=plugin,
                              target=target, elastic=elastic)

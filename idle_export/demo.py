@@ -1,5 +1,5 @@
-"""`idle-export demo`: a seeded IdleViT checkpoint (DeiT or LV-ViT) in the official training
-format, exported idle and dense, each checked against torch."""
+"""`idle-export demo`: a seeded checkpoint (IdleViT on DeiT or LV-ViT, EViT, DynamicViT) in its
+authors' training format, exported idle (or pruned) and dense, each checked against torch."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from idle_export.errors import BadInputError
 from idle_export.lazy import lazy_module
 from idle_export.model.checkpoint import load_checkpoint
 from idle_export.model.config import ModelSpec, canonical_arch, check_keep_rate
+from idle_export.model.families import family_of
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import onnx_summary
 from idle_export.parity.check import check_onnx
@@ -18,15 +19,20 @@ from idle_export.parity.check import check_onnx
 build = lazy_module("idle_export.model.build")  # torch
 
 DEMO_SEED = 0
-SCORE_MODE = "folded"  # the default export: the same top-K as the paper's scores, fewer FLOPs
 
 
 def write_demo_checkpoint(path: Path, arch: str = "deit_small", keep_rate: float = 0.7) -> Path:
-    """Seeded random weights (DeiT or LV-ViT; model.build.seeded_state_dict) saved like the
-    authors' main.py does (model, model_ema, args)."""
+    """Seeded random weights (model.build.seeded_state_dict) saved like the authors' main.py
+    does (IdleViT: model, model_ema, args); a family whose torch module writes its authors' own
+    format (EViT, DynamicViT: write_demo_checkpoint) writes it there."""
     import torch
 
     spec = ModelSpec.create(arch, keep_rate)
+    own = getattr(family_of(spec.arch).torch_module(), "write_demo_checkpoint", None)
+    if own is not None:
+        tmp = own(path.with_name(f".{path.name}.tmp"), spec, DEMO_SEED)
+        tmp.replace(path)
+        return path
     sd = build.seeded_state_dict(spec, DEMO_SEED)
     args = argparse.Namespace(arch=spec.arch, base_rate=keep_rate, input_size=spec.img_size,
                               model_ema=True)
@@ -47,6 +53,7 @@ def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
     except OSError as e:
         raise BadInputError(f"cannot create {folder} ({e.strerror})", "pass -o a writable folder") from None
     ckpt_path = folder / f"{arch}_r{keep_rate:g}_demo.pth"
+    scores = family_of(arch).default_scores  # IdleViT: folded, the same top-K with fewer FLOPs
     with status(f"writing seeded checkpoint {ckpt_path}"):
         write_demo_checkpoint(ckpt_path, arch, keep_rate)
         ckpt = load_checkpoint(ckpt_path)
@@ -55,7 +62,7 @@ def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
     for dense in (False, True):
         out = folder / f"{arch}_{'dense' if dense else 'idle'}.onnx"
         with status(f"exporting {out.name}"):
-            export_checkpoint(ckpt, spec, out, dense=dense, score_mode=SCORE_MODE)
+            export_checkpoint(ckpt, spec, out, dense=dense, score_mode=scores)
         with status(f"checking {out.name} against torch at batch {','.join(map(str, batch_sizes))}"):
             report = check_onnx(out, ckpt_path=ckpt, batch_sizes=batch_sizes)  # loaded once, above
         summary = onnx_summary(out)
@@ -63,7 +70,7 @@ def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
         rows.append({
             "file": str(out),
             "topk": summary["ops"].get("TopK", 0),
-            "gmacs": spec.macs(dense=dense, folded_scores=SCORE_MODE == "folded") / 1e9,
+            "gmacs": spec.macs(dense=dense, folded_scores=scores == "folded") / 1e9,
             "max_abs": max(c["max_abs"] for c in cases),
             "top1": min(c["top1"] for c in cases),
             "selection": None if dense else min(c["selection"] for c in cases),
@@ -73,8 +80,8 @@ def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
     return {
         "model": spec.describe(),
         "keep_k": list(spec.keep_k),
-        "scores": SCORE_MODE,
-        "ideal": spec.macs(dense=True) / spec.macs(folded_scores=SCORE_MODE == "folded"),
+        "scores": scores,
+        "ideal": spec.macs(dense=True) / spec.macs(folded_scores=scores == "folded"),
         "folder": str(folder),
         "checkpoint": str(ckpt_path),
         "rows": rows,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from idle_export.errors import BadInputError
 from idle_export.model.checkpoint import load_checkpoint
+from idle_export.model.families import family_of
 from idle_export.onnx.discover import dense_twin, pick_idle_onnx, source_checkpoint
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import load_onnx
@@ -133,6 +134,8 @@ def resolve_targets(paths: list[Path], *, backends: list[str], score_modes: list
             raise BadInputError(f"{ckpts[0].name} ({cspec.describe()}) does not match the ONNX "
                                 f"targets ({spec.describe()})", "bench one model at a time")
         spec = cspec
+        family = family_of(spec.arch)  # EViT, DynamicViT: their own scores only
+        score_modes = [m for m in score_modes if m in family.score_modes] or [family.default_scores]
         wanted = dict.fromkeys(r.target for r in _file_runtimes(backends))
         if wanted and not onnx:  # each backend's own export target, as `onnx --target` writes it
             for target in wanted:

@@ -114,6 +114,8 @@ def _at_rate(factory, rate: float):
 def _make_variants(targets: Targets, backends: list[str], *, threads: int | None,
                    score_modes: list[str], optimize: bool, official_repo: Path | None) -> list[Variant]:
     variants: list[Variant] = []
+    family = family_of(targets.spec.arch)  # EViT, DynamicViT: their own scores only
+    score_modes = [m for m in score_modes if m in family.score_modes] or [family.default_scores]
     for backend in backends:
         runtime = registry.get(backend)
         if runtime.runs == registry.ONNX:

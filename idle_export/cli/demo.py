@@ -24,7 +24,8 @@ def demo_cmd(
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes to check.")] = "1,7,32",
     json_out: JsonOut = None,
 ):
-    """Seeded IdleViT checkpoint (official training format) → idle and dense ONNX → checks."""
+    """Seeded checkpoint (IdleViT, EViT or DynamicViT, its authors' training format) → idle (or
+    pruned) and dense ONNX → checks."""
 
     sizes = batch_list(batch)
     report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=status)

@@ -11,6 +11,7 @@ from idle_export.cli.app import command
 from idle_export.cli.options import (
     Arch,
     Ema,
+    FamilyOpt,
     IdleLayers,
     JsonOut,
     Keep,
@@ -25,6 +26,7 @@ from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
 from idle_export.model.checkpoint import load_checkpoint
 from idle_export.model.config import SCORE_MODES
+from idle_export.model.families import family_of
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import check_opset, onnx_summary
 from idle_export.onnx.targets import TARGET_PASSES, check_target
@@ -34,11 +36,13 @@ from idle_export.runtime.openvino_ir import ir_skipped, write_ir
 
 @command("onnx")
 def onnx_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="IdleViT checkpoint (.pth or .safetensors).")],
+    checkpoint: Annotated[Path, typer.Argument(help="IdleViT, EViT or DynamicViT checkpoint (.pth or "
+                                               ".safetensors).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="ONNX file to write "
                                                    "(default: CHECKPOINT_idle.onnx / _dense.onnx / "
                                                    "_idle_plugin.onnx / _idle_elastic.onnx).")] = None,
     arch: Arch = None,
+    family: FamilyOpt = None,
     keep: Keep = None,
     schedule: Schedule = "eval",
     idle_layers: IdleLayers = None,
@@ -47,11 +51,13 @@ def onnx_cmd(
     dense: Annotated[bool, typer.Option("--dense", help="Export the dense baseline (every token "
                                         "in every layer) from the same weights.")] = False,
     emit_selection: Annotated[bool, typer.Option("--emit-selection", help="Add the kept token "
-                                                 "indices of each idle layer as outputs.")] = False,
-    scores: Annotated[str, typer.Option("--scores", help="How idle layers rank tokens. folded: the "
-                                        "paper's q_cls·k ranking computed as xn·(Wkᵀq_cls), the same "
-                                        "top-K without keys for idle tokens (fewer FLOPs); official: "
-                                        "keys for every token, as in the paper's code.")] = "folded",
+                                                 "indices of each idle (or drop) layer as outputs.")] = False,
+    scores: Annotated[str | None, typer.Option("--scores", help="How idle layers rank tokens. folded "
+                                               "(IdleViT's default): the paper's q_cls·k ranking "
+                                               "computed as xn·(Wkᵀq_cls), the same top-K without keys "
+                                               "for idle tokens (fewer FLOPs); official: keys for every "
+                                               "token, as in the paper's code (EViT and DynamicViT: "
+                                               "their own scores, official only).")] = None,
     plugin: Annotated[bool, typer.Option("--plugin", help="Plugin form: each idle layer's "
                                          "selection as one idle_export.IdleSelect node and its "
                                          "scatter as one IdleScatter node, both also model-local "
@@ -83,9 +89,10 @@ def onnx_cmd(
                                                   "NaN or inf values (refused otherwise).")] = False,
     json_out: JsonOut = None,
 ):
-    """Export a checkpoint to ONNX with the idle path (TopK + GatherElements + ScatterElements)."""
+    """Export a checkpoint to ONNX with the idle path (TopK + GatherElements + ScatterElements),
+    or EViT's / DynamicViT's token dropping (TopK + GatherElements)."""
 
-    if scores not in SCORE_MODES:
+    if scores is not None and scores not in SCORE_MODES:
         raise BadInputError(f"--scores {scores!r} is not one of {', '.join(SCORE_MODES)}",
                             "use --scores official or --scores folded")
     check_target(target)
@@ -97,14 +104,16 @@ def onnx_cmd(
     check_opset(opset)
     with status(f"loading {checkpoint.name}"):
         ckpt = load_checkpoint(checkpoint, ema=ema)
-        spec = spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k)
+        spec = spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k, family)
+    scores = family_of(spec.arch).scores(scores)
     with status(f"exporting {spec.describe()}{' dense' if dense else ''} to {output}"):
         export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
                           score_mode=scores, opset=opset, external_data=external_data,
                           plugin=plugin, target=target, elastic=elastic, allow_nonfinite=allow_nonfinite)
     summary = onnx_summary(output)
+    title = family_of(spec.arch).title
     what = (f"dense baseline of {spec.arch}" if dense else
-            f"{spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")
+            f"{title} {spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")
     if plugin:
         what = (f"{spec.describe()}; plugin form, {summary['ops'].get('IdleSelect', 0)} IdleSelect "
                 f"+ {summary['ops'].get('IdleScatter', 0)} IdleScatter")

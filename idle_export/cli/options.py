@@ -12,7 +12,7 @@ import typer
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_write_text
 from idle_export.hardware import MAX_THREADS
-from idle_export.model.families import ARCH_NAMES
+from idle_export.model.families import ARCH_NAMES, METHODS
 from idle_export.numerics import json_safe
 from idle_export.onnx.io import check_batch_sizes
 
@@ -93,6 +93,13 @@ Arch = Annotated[str | None, typer.Option("--arch", help=f"{'|'.join(ARCH_NAMES)
                                              "args.arch of the checkpoint, else its shapes.")]
 
 
+FamilyOpt = Annotated[str | None, typer.Option("--family", metavar="|".join(METHODS), help="Read the "
+                                               "checkpoint as this token-reduction family. Default: "
+                                               "what its keys and training args say (EViT: args "
+                                               "model *_shrink*, base_keep_rate, drop_loc; DynamicViT: "
+                                               "score_predictor.* weights; else IdleViT).")]
+
+
 Keep = Annotated[float | None, typer.Option("--keep", help="Keep rate r in (0, 1]; default: "
                                                "args.base_rate of the checkpoint.")]
 
@@ -124,8 +131,8 @@ Threads = Annotated[int | None, typer.Option("--threads", metavar="N", help="CPU
                                                 "and ONNX Runtime (default: all usable cores).")]
 
 
-def spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k):
-    return ckpt.spec(arch=arch, keep_rate=keep, schedule=schedule,
+def spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k, family=None):
+    return ckpt.spec(arch=arch, keep_rate=keep, schedule=schedule, method=family,
                      idle_layers=int_list(idle_layers, "--idle-layers"),
                      keep_k=int_list(keep_k, "--keep-k"))
 

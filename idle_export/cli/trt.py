@@ -10,6 +10,7 @@ import typer
 from idle_export.cli.app import command
 from idle_export.cli.options import JsonOut, echo_err, report_console, status, write_json
 from idle_export.errors import BadInputError, CheckFailedError
+from idle_export.model.families import family_of
 from idle_export.onnx.discover import pick_idle_onnx
 from idle_export.onnx.io import load_onnx
 from idle_export.onnx.lint import lint_file
@@ -98,6 +99,9 @@ def trt_cmd(
         onnx = pick_idle_onnx(Path("."), "trt")
         echo_err(f"trt: building from {onnx.name} (the idle export in this folder)")
     meta = OnnxMetadata.read(onnx)
+    if meta.has_spec and (plugin or elastic):  # EViT, DynamicViT: neither form exists for them
+        family_of(meta.spec.arch).refuse("--plugin" if plugin else "--elastic",
+                                         "build the standard form: drop --plugin / --elastic")
     shapes = (min_shapes, opt_shapes, max_shapes)
     if any(shapes) and not all(shapes):
         raise BadInputError("give --minShapes, --optShapes and --maxShapes together",

@@ -35,10 +35,12 @@ def display_images(images: np.ndarray, spec) -> np.ndarray:
 
 
 def kept_mask(kept: np.ndarray, spec) -> np.ndarray:
-    """bool [H, W]: True on the pixels of kept patches (patch j is row j // side, column j % side)."""
+    """bool [H, W]: True on the pixels of kept patches (patch j is row j // side, column j % side);
+    an index past the patches (EViT's fused token) is no patch."""
     side = spec.img_size // spec.patch_size
     grid = np.zeros(side * side, dtype=bool)
-    grid[np.asarray(kept, dtype=np.int64)] = True
+    kept = np.asarray(kept, dtype=np.int64)
+    grid[kept[kept < grid.size]] = True
     mask = np.zeros((spec.img_size, spec.img_size), dtype=bool)
     full = np.kron(grid.reshape(side, side), np.ones((spec.patch_size, spec.patch_size), dtype=bool))
     mask[: full.shape[0], : full.shape[1]] = full

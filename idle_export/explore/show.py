@@ -4,6 +4,9 @@ MODEL is a checkpoint or an ONNX file exported with `--emit-selection`:
   * a checkpoint runs in eager PyTorch (the paper's score formulation, keys for every token);
   * an ONNX file runs on ONNX Runtime, and its own `selection_layer{L}` outputs ([B, K+1], CLS
     first) say what was kept: the picture shows what the deployed file does.
+EViT and DynamicViT drop tokens: their outputs are [B, K] positions in the sequence the previous
+drop layer left, mapped to patch numbers here (parity.compare.to_patch_ids; EViT's fused token
+is no patch and is not drawn).
 The result is a `Selection` (predictions and kept patch indices per idle layer); picture.py
 draws it.
 """
@@ -24,6 +27,7 @@ from idle_export.model.checkpoint import load_checkpoint
 from idle_export.model.config import ModelSpec
 from idle_export.onnx.io import SELECTION_PREFIX
 from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.parity.compare import to_patch_ids
 from idle_export.runtime import registry
 
 build = lazy_module("idle_export.model.build")  # torch
@@ -108,6 +112,16 @@ def _patch_indices(raw: np.ndarray, k: int, name: str) -> np.ndarray:
     return raw[:, 1:] - 1
 
 
+def _kept_patches(spec: ModelSpec, outputs: list, names: list[str]) -> list[np.ndarray]:
+    """Kept patch indices [n, K] per idle layer from the selection outputs named `names`:
+    IdleViT's [n, K+1] (CLS first), or a dropping family's positions as patch numbers."""
+    if spec.drops_tokens:
+        raw = {n: np.asarray(o, dtype=np.int64) for n, o in zip(names, outputs, strict=True)}
+        mapped, _ = to_patch_ids(raw, None, spec)
+        return [mapped[n] for n in names]
+    return [_patch_indices(o, k, n) for o, k, n in zip(outputs, spec.keep_k, names, strict=True)]
+
+
 def select_checkpoint(ckpt, spec: ModelSpec, images: np.ndarray) -> tuple[np.ndarray, dict]:
     """Logits and kept patches of the checkpoint's model in eager PyTorch."""
     import torch
@@ -118,8 +132,10 @@ def select_checkpoint(ckpt, spec: ModelSpec, images: np.ndarray) -> tuple[np.nda
         for i in range(0, len(images), CHUNK):
             out = model(torch.from_numpy(np.ascontiguousarray(images[i:i + CHUNK])))
             logits.append(out[0].numpy())
-            for layer, k, idx in zip(spec.idle_layers, spec.keep_k, out[1:], strict=True):
-                kept[layer].append(_patch_indices(idx.numpy(), k, f"{SELECTION_PREFIX}{layer}"))
+            names = [f"{SELECTION_PREFIX}{layer}" for layer in spec.idle_layers]
+            for layer, idx in zip(spec.idle_layers, _kept_patches(spec, [o.numpy() for o in out[1:]], names),
+                                  strict=True):
+                kept[layer].append(idx)
     return np.concatenate(logits), {layer: np.concatenate(v) for layer, v in kept.items()}
 
 
@@ -151,8 +167,8 @@ def select_onnx(path: Path, meta: OnnxMetadata, images: np.ndarray, threads: int
         for i in range(0, len(images), CHUNK):
             values = runner.session.run(["logits", *names], {runner.input_name: images[i:i + CHUNK]})
             logits.append(values[0])
-            for layer, k, name, idx in zip(spec.idle_layers, spec.keep_k, names, values[1:], strict=True):
-                kept[layer].append(_patch_indices(idx, k, name))
+            for layer, idx in zip(spec.idle_layers, _kept_patches(spec, values[1:], names), strict=True):
+                kept[layer].append(idx)
     return np.concatenate(logits), {layer: np.concatenate(v) for layer, v in kept.items()}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from idle_export.errors import CheckpointError
 from idle_export.model.config import ModelSpec
-from idle_export.model.families import ARCH_NAMES, canonical_arch, family_of, infer_arch
+from idle_export.model.families import ARCH_NAMES, canonical_arch, family_of, infer_arch, resolve_family
 from idle_export.numerics import nonfinite_counts
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -71,8 +71,36 @@ class Checkpoint:
         names = self.args.get("classes")
         return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
 
-    def spec(self, *, arch: str | None = None, keep_rate: float | None = None, **kwargs) -> ModelSpec:
-        """ModelSpec from the checkpoint, with the user's --arch / --keep taking precedence."""
+    def family(self, *, arch: str | None = None, method: str | None = None):
+        """The family to read it as (families.resolve_family: its keys and args, or --arch /
+        --family where they are explicit)."""
+        return resolve_family(self.state_dict, self.args, arch=arch, method=method, name=self.path.name)
+
+    def spec(self, *, arch: str | None = None, keep_rate: float | None = None, method: str | None = None,
+             **kwargs) -> ModelSpec:
+        """ModelSpec from the checkpoint, with the user's --arch / --keep / --family (`method`)
+        taking precedence. A family whose torch module reads the authors' args (EViT, DynamicViT)
+        builds it there; its K follows from the rate, so explicit idle layers or K are refused."""
+        family = self.family(arch=arch, method=method)
+        if family.reads_args:
+            given = [f"--{k.replace('_', '-')}" for k in ("idle_layers", "keep_k")
+                     if kwargs.get(k) is not None]
+            if given:
+                raise CheckpointError(f"{' and '.join(given)} set idle layers; {family.a_title} "
+                                      "model's drop layers and K come from its checkpoint and --keep",
+                                      f"drop {' and '.join(given)}")
+            if keep_rate is not None:
+                keep_rate = float(keep_rate)
+            spec = family.torch_module().spec_from_checkpoint(
+                self, keep_rate=keep_rate, named=family.owns(self.state_dict) or family.claims(self.args))
+            if arch and canonical_arch(arch) != spec.arch:
+                raise CheckpointError(f"weights do not fit {canonical_arch(arch)}: {self.path.name} is "
+                                      f"{spec.arch}", f"pass --arch {spec.arch}")
+            return spec
+        if arch is None and not (isinstance(self.args.get("arch"), str) and self.args["arch"]):
+            cls = self.state_dict.get("cls_token")  # the chosen family's arch of that width
+            if cls is not None and cls.ndim == 3:
+                arch = family.infer_arch(self.state_dict, int(cls.shape[-1]))
         arch = arch or self.arch
         if arch is None:
             raise CheckpointError(

@@ -10,10 +10,15 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from idle_export.errors import BadInputError
-from idle_export.model.families import SCHEDULE_NAMES, SPEC_DIMS, canonical_arch, family_of
-
-# How idle layers rank tokens (model.IdleBlock): the paper's q_cls·k, or xn·(Wkᵀq_cls) (same top-K).
-SCORE_MODES = ("official", "folded")
+from idle_export.model.families import (  # noqa: F401 - SCORE_MODES and schedule_k are read from here
+    SCHEDULE_NAMES,
+    SCORE_MODES,
+    SPEC_DIMS,
+    SPEC_EXTRAS,
+    canonical_arch,
+    family_of,
+    schedule_k,
+)
 
 # timm's eval preprocessing for DeiT (resize 224/0.875 bicubic, centre crop, ImageNet mean/std)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,12 +45,6 @@ def schedule_exponents(arch: str, num_idle: int) -> tuple[int, ...]:
     return tuple(i // group + 1 for i in range(num_idle))
 
 
-def schedule_k(num_patches: int, keep_rate: float, exponents) -> tuple[int, ...]:
-    """The official K rule, K = int(N * keep_rate ** p) in Python floats, per exponent: the one
-    place it is written (the elastic graph's threshold tables, onnx.elastic, are derived from it)."""
-    return tuple(int(num_patches * keep_rate**p) for p in exponents)
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild the deployed graph (and its FLOP count) from weights."""
@@ -61,6 +60,7 @@ class ModelSpec:
     depth: int = field(default=0)
     num_heads: int = field(default=0)
     stem_width: int = field(default=0)  # LV-ViT's conv stem (0 for DeiT, which has none)
+    fuse_token: bool = False  # EViT: the dropped tokens summed into one extra token
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -108,16 +108,19 @@ class ModelSpec:
         num_classes: int = 1000,
         img_size: int = 224,
         dims: dict[str, int] | None = None,
+        fuse_token: bool = False,
     ) -> ModelSpec:
         """The official K rule, K = int(N * keep_rate ** p) in Python floats, or explicit K.
         LV-ViT has one schedule per arch (the official eval and training scripts agree), so
         `schedule` only chooses for DeiT; `dims` (embed_dim, depth, num_heads, stem_width)
-        describes a narrower LV-ViT than the arch's, as read from its weights."""
+        describes a narrower LV-ViT than the arch's, as read from its weights. The family's K
+        rule (Family.keep_k; EViT's leaves out drop layers that would keep every token)."""
         arch = canonical_arch(arch)
+        family = family_of(arch)
         n = (img_size // 16) ** 2
         if schedule not in SCHEDULE_NAMES:
             raise BadInputError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULE_NAMES)}")
-        preset_layers, preset_pows = family_of(arch).schedule(arch, schedule)
+        preset_layers, preset_pows = family.schedule(arch, schedule)
         layers = tuple(preset_layers if idle_layers is None else idle_layers)
         if keep_k is not None:
             if keep_rate is not None:
@@ -131,15 +134,27 @@ class ModelSpec:
                 )
             keep_rate = check_keep_rate(keep_rate)
             pows = preset_pows if idle_layers is None else schedule_exponents(arch, len(layers))
-            ks = schedule_k(n, keep_rate, pows)
+            layers, ks = family.keep_k(n, keep_rate, layers, pows, fuse_token)
+        extras = {"fuse_token": bool(fuse_token)} if "fuse_token" in family.extra_fields else {}
         return cls(arch=arch, keep_rate=keep_rate, idle_layers=layers, keep_k=ks,
-                   num_classes=num_classes, img_size=img_size, **(dims or {}))
+                   num_classes=num_classes, img_size=img_size, **(dims or {}), **extras)
 
     # ------------------------------------------------------------------ derived
     @property
     def family(self) -> str:
         """The name of the arch's model family (families.FAMILIES: "deit", "lvvit")."""
         return family_of(self.arch).name
+
+    @property
+    def method(self) -> str:
+        """The token reduction (families.METHODS): idlevit, evit, dynamicvit."""
+        return family_of(self.arch).method
+
+    @property
+    def drops_tokens(self) -> bool:
+        """Unselected tokens are dropped (EViT, DynamicViT): the selections are positions in an
+        already reduced, reordered sequence (parity.compare maps them to patch numbers)."""
+        return family_of(self.arch).drops_tokens
 
     @property
     def mlp_ratio(self) -> float:
@@ -157,13 +172,15 @@ class ModelSpec:
     @property
     def follows_schedule(self) -> bool:
         """Whether K per layer is the schedule's at keep_rate (not explicit --keep-k)."""
-        return (self.keep_rate is not None
-                and self.keep_k == schedule_k(self.num_patches, self.keep_rate, self.exponents))
+        return (self.keep_rate is not None and (self.idle_layers, self.keep_k) == family_of(self.arch).keep_k(
+            self.num_patches, self.keep_rate, self.idle_layers, self.exponents, self.fuse_token))
 
     def at_rate(self, keep_rate: float) -> ModelSpec:
         """The same model at another keep rate: K per idle layer recomputed by the schedule."""
         rate = check_keep_rate(keep_rate)
-        return replace(self, keep_rate=rate, keep_k=schedule_k(self.num_patches, rate, self.exponents))
+        layers, ks = family_of(self.arch).keep_k(self.num_patches, rate, self.idle_layers, self.exponents,
+                                                 self.fuse_token)
+        return replace(self, keep_rate=rate, idle_layers=layers, keep_k=ks)
 
     @property
     def k_by_layer(self) -> dict[int, int]:
@@ -176,33 +193,19 @@ class ModelSpec:
 
     def macs(self, dense: bool = False, folded_scores: bool = False) -> int:
         """Multiply-accumulates of one image: the FLOP model bench uses (LayerNorm, softmax,
-        GELU, ReLU and adds are not counted; they are O(N·C)). The patch embedding (LV-ViT: the
-        conv stem), every block's linears and attention matmuls over its tokens, the selection
-        score per mode, the CLS head and LV-ViT's aux head over every patch token."""
-        c, n, hidden = self.embed_dim, self.num_patches + 1, int(self.embed_dim * self.mlp_ratio)
-        heads = family_of(self.arch).head_tokens(self)  # LV-ViT: + aux_head over every patch
-        total = self.embed_macs() + heads * c * self.num_classes
-        k_by_layer = {} if dense else self.k_by_layer
-        for layer in range(self.depth):
-            if layer not in k_by_layer:
-                total += n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * hidden
-                continue
-            s = k_by_layer[layer] + 1  # selected tokens, CLS included
-            if folded_scores:  # w = Wkᵀ q_cls, score = xn·w, keys only for the selected tokens
-                select = c * c + c * c + n * c
-                qkv = s * c * 3 * c
-            else:  # official: q_cls, keys for every token, q_cls·k
-                select = c * c + n * c * c + n * c
-                qkv = s * c * 2 * c
-            total += select + qkv + 2 * s * s * c + s * c * c + 2 * s * c * hidden
-        return total
+        GELU, ReLU and adds are not counted; they are O(N·C)), the family's (Family.macs): the
+        patch embedding (LV-ViT: the conv stem), every block's linears and attention matmuls over
+        its tokens, the selection score per mode, the CLS head and LV-ViT's aux head over every
+        patch token; EViT and DynamicViT count their shrinking sequence."""
+        return family_of(self.arch).macs(self, dense=dense, folded_scores=folded_scores)
 
     # ------------------------------------------------------------------ metadata
     def to_metadata(self) -> dict[str, str]:
+        family = family_of(self.arch)
         d = asdict(self)
-        for key in set(SPEC_DIMS) - set(family_of(self.arch).dim_keys):
-            del d[key]  # DeiT files keep the metadata they always had (no stem_width)
-        return {f"idle_export.{k}": json.dumps(v) for k, v in d.items()}
+        for key in (set(SPEC_DIMS) - set(family.dim_keys)) | (set(SPEC_EXTRAS) - set(family.extra_fields)):
+            del d[key]  # DeiT files keep the metadata they had (no stem_width), plus the family
+        return {f"idle_export.{k}": json.dumps(v) for k, v in {"family": family.name, **d}.items()}
 
     @classmethod
     def from_metadata(cls, props: dict[str, str]) -> ModelSpec:
@@ -217,10 +220,15 @@ class ModelSpec:
                 "the ONNX file has no idle-export metadata",
                 "export it with `idle-export onnx` or pass the checkpoint and --keep",
             )
+        family = json.loads(props.get(prefix + "family", "null"))
+        if family is not None and family != family_of(canonical_arch(args["arch"])).name:
+            raise BadInputError(f"the ONNX metadata says family {family!r} but arch {args['arch']!r}",
+                                "re-export the model with `idle-export onnx`")
         return cls(**args)
 
     def describe(self) -> str:
         rate = "explicit K" if self.keep_rate is None else f"keep {self.keep_rate:g}"
+        fused = ", fused token" if self.fuse_token else ""
         ks = ",".join(str(k) for k in self.keep_k)
         layers = ",".join(str(i) for i in self.idle_layers)
         arch = self.arch
@@ -228,7 +236,8 @@ class ModelSpec:
         if any(getattr(self, k) != info[k] for k in ("embed_dim", "depth", "stem_width") if k in info):
             arch += f" (width {self.embed_dim}, {self.depth} blocks" + (
                 f", stem {self.stem_width})" if "stem_width" in family_of(arch).dim_keys else ")")
-        return f"{arch} {rate}, idle layers {layers or '-'}, K {ks or '-'}"
+        what = "drop layers" if self.drops_tokens else "idle layers"
+        return f"{arch} {rate}, {what} {layers or '-'}, K {ks or '-'}{fused}"
 
 
 @dataclass(frozen=True)

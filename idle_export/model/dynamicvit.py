@@ -13,6 +13,9 @@ tokens x_1..x_n of the current (already pruned) sequence:
 The rest are dropped. K is a constant per stage: TopK + Gather, dynamic batch.
 
 State dict: timm DeiT's keys + `score_predictor.{s}.in_conv.{0,1}`, `.out_conv.{0,2,4}`.
+The family registry's entry is families.DynamicViTFamily (arch dynamicvit_<size>, MACs; its K
+rule is the IdleViT schedule rule with r, r², r³); build_model, seeded_state_dict,
+spec_from_checkpoint and write_demo_checkpoint are what the pipeline calls, on a ModelSpec.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ import torch
 from torch import nn
 
 from idle_export.errors import BadInputError
-from idle_export.model.config import check_keep_rate
+from idle_export.model.config import ModelSpec, check_keep_rate
+from idle_export.model.families import DYNAMICVIT
 from idle_export.model.pruning_common import (
     DeitDims,
     arch_from_width,
     args_dict,
-    block_macs,
     create_deit,
     deit_dims,
     load_strict,
+    model_spec,
     save_authors_checkpoint,
+    seeded_spread,
 )
 
 DEFAULT_PRUNING_LOC = (3, 6, 9)  # main.py and infer.py for deit-s / deit-b / deit-256
@@ -112,6 +117,8 @@ class PredictorLG(nn.Module):
             nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
             nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
             nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1))
+        self.record_scores = False  # eager only: keep the last log p(keep) for tie analysis
+        self.last_scores: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_conv(x)
@@ -123,7 +130,12 @@ class PredictorLG(nn.Module):
 
 class DynamicViT(nn.Module):
     """timm DeiT with DynamicViT's predictors. dense=True: the same weights, no pruning (the
-    predictors are kept, unused, so the state dict is the same)."""
+    predictors are kept, unused, so the state dict is the same). `spec`: a DynamicViTSpec or a
+    ModelSpec of a dynamicvit_* arch (idle_layers: the pruning layers). The emitted selections
+    are the TopK positions themselves (no CLS column, cls_in_selection)."""
+
+    score_mode = "official"  # the predictor's log p(keep)
+    cls_in_selection = False
 
     def __init__(self, vit: nn.Module, spec: DynamicViTSpec, *, dense: bool = False,
                  emit_selection: bool = False):
@@ -132,13 +144,21 @@ class DynamicViT(nn.Module):
         self.spec = spec
         self.dense = dense
         self.emit_selection = emit_selection and not dense
-        self.score_predictor = nn.ModuleList(PredictorLG(spec.embed_dim) for _ in spec.pruning_loc)
-        self.stage_of = {} if dense else {layer: s for s, layer in enumerate(spec.pruning_loc)}
+        self.score_predictor = nn.ModuleList(PredictorLG(spec.embed_dim) for _ in spec.idle_layers)
+        self.stage_of = {} if dense else {layer: s for s, layer in enumerate(spec.idle_layers)}
+
+    @property
+    def idle_blocks(self) -> list[PredictorLG]:
+        """The predictors in use, in layer order (TorchRunner records their scores)."""
+        return [] if self.dense else list(self.score_predictor)
 
     def prune(self, x: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, c = x.shape
         keep = self.spec.keep_k[stage]
-        score = self.score_predictor[stage](x[:, 1:])[:, :, 0]  # log p(keep)
+        predictor = self.score_predictor[stage]
+        score = predictor(x[:, 1:])[:, :, 0]  # log p(keep)
+        if predictor.record_scores:
+            predictor.last_scores = score.detach()
         idx = torch.topk(score, keep, dim=1, largest=True, sorted=True).indices
         kept = torch.gather(x[:, 1:], 1, idx.unsqueeze(-1).expand(b, keep, c))
         return torch.cat([x[:, :1], kept], dim=1), idx
@@ -185,18 +205,10 @@ def predictor_macs(n: int, c: int) -> int:
 
 
 def macs(spec: DynamicViTSpec, dense: bool = False) -> int:
-    """MACs of one image (ModelSpec.macs' conventions): each predictor over the tokens entering
-    its stage, then every block from there on over 1 + K_s tokens."""
-    c, hidden = spec.embed_dim, 4 * spec.embed_dim
-    total = spec.num_patches * 3 * spec.patch_size**2 * c + c * spec.num_classes
-    k_by_layer = {} if dense else spec.k_by_layer
-    n = spec.num_patches + 1
-    for layer in range(spec.depth):
-        if layer in k_by_layer:
-            total += predictor_macs(n - 1, c)
-            n = 1 + k_by_layer[layer]
-        total += block_macs(n, c, hidden)
-    return total
+    """MACs of one image (families.DynamicViTFamily.macs, ModelSpec.macs' conventions): each
+    predictor over the tokens entering its stage, then every block from there on over 1 + K_s
+    tokens."""
+    return model_spec(spec).macs(dense=dense)
 
 
 def build_dynamicvit(spec: DynamicViTSpec, state_dict: dict | None = None, *, dense: bool = False,
@@ -207,6 +219,23 @@ def build_dynamicvit(spec: DynamicViTSpec, state_dict: dict | None = None, *, de
     if state_dict is not None:
         model.load_authors_state_dict(state_dict)
     return model.eval()
+
+
+def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool = False,
+                emit_selection: bool = False, score_mode: str = "official",
+                fold_bn: bool = True) -> DynamicViT:
+    """build.build_model's entry: DynamicViT of a dynamicvit_* ModelSpec (the predictors'
+    scores only; no BatchNorm to fold)."""
+    if score_mode not in DYNAMICVIT.score_modes:
+        raise BadInputError(f"DynamicViT ranks tokens by its score predictors: no {score_mode} scores",
+                            "use --scores official")
+    return build_dynamicvit(spec, state_dict, dense=dense, emit_selection=emit_selection)
+
+
+def seeded_state_dict(spec: ModelSpec, seed: int = 0) -> dict:
+    """Seeded weights in the authors' flat keys, with a real spread (seeded_spread)."""
+    torch.manual_seed(seed)
+    return seeded_spread(build_dynamicvit(spec).authors_state_dict(), seed)
 
 
 # ---------------------------------------------------------------------- checkpoint format
@@ -237,6 +266,18 @@ def dynamicvit_spec_from_checkpoint(state_dict: dict, args=None, *, keep_rate: f
     if num_classes is None:
         num_classes = int(state_dict["head.weight"].shape[0])
     return DynamicViTSpec(arch=arch, keep_rate=float(keep_rate), num_classes=num_classes)
+
+
+def spec_from_checkpoint(ckpt, *, keep_rate: float | None = None, named: bool = True) -> ModelSpec:
+    """The dynamicvit_* ModelSpec of a loaded checkpoint (model.checkpoint.Checkpoint), read as
+    dynamicvit_spec_from_checkpoint does; `keep_rate` overrides args.base_rate."""
+    return model_spec(dynamicvit_spec_from_checkpoint(ckpt.state_dict, ckpt.args, keep_rate=keep_rate,
+                                                      num_classes=ckpt.num_classes))
+
+
+def write_demo_checkpoint(path: str | Path, spec: ModelSpec, seed: int = 0) -> Path:
+    """The demo's checkpoint of a dynamicvit_* spec: seeded weights in the authors' format."""
+    return write_dynamicvit_demo_checkpoint(path, spec, seed, seeded_state_dict(spec, seed))
 
 
 def write_dynamicvit_demo_checkpoint(path: str | Path, spec: DynamicViTSpec, seed: int = 0,

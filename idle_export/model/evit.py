@@ -12,14 +12,15 @@ count shrinks layer by layer; K is a constant per layer, so the graph is TopK + 
 ScatterElements that zeroes the kept weights for the fused sum) with dynamic batch.
 
 EViT adds no parameters: the state dict is timm DeiT's (authors' checkpoints load as they are).
+The family registry's entry is families.EViTFamily (arch evit_<size>, its K rule and MACs);
+build_model, seeded_state_dict, spec_from_checkpoint and write_demo_checkpoint are what the
+pipeline calls, on a ModelSpec; EViTSpec is this module's own, the authors' options.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -28,17 +29,18 @@ import torch
 from torch import nn
 
 from idle_export.errors import BadInputError
-from idle_export.model.config import canonical_arch, check_keep_rate
+from idle_export.model.config import ModelSpec, canonical_arch, check_keep_rate
+from idle_export.model.families import EVIT, EVIT_MODEL_NAME
 from idle_export.model.pruning_common import (
     DeitDims,
     arch_from_width,
     args_dict,
-    attention_macs,
-    block_macs,
     create_deit,
     deit_dims,
     load_strict,
+    model_spec,
     save_authors_checkpoint,
+    seeded_spread,
 )
 
 DEFAULT_DROP_LOC = (3, 6, 9)  # main.py --drop_loc '(3, 6, 9)'
@@ -46,7 +48,7 @@ DEFAULT_KEEP_RATE = 0.7  # main.py --base_keep_rate
 
 # The authors' registered models: name → (keep rate, drop_loc), None where main.py's
 # --base_keep_rate / --drop_loc apply. Several names ignore --base_keep_rate (hard-coded rates).
-_SHRINK = re.compile(r"^deit_(tiny|small|base)_patch16_(?:(\d+)_)?shrink(_base|\d\d)?$")
+_SHRINK = EVIT_MODEL_NAME
 _FIXED = {
     "deit_small_patch16_224_shrink_base": (None, DEFAULT_DROP_LOC),
     "deit_small_patch16_224_shrink": (0.7, DEFAULT_DROP_LOC),
@@ -83,15 +85,7 @@ class EViTSpec(DeitDims):
     def k_by_layer(self) -> dict[int, int]:
         """Kept non-CLS tokens per pruning layer. A drop layer where ceil(r·(N-1)) == N-1 does
         nothing (the authors return no index there) and is left out; so is every layer at r = 1."""
-        out, n = {}, self.num_patches  # n: non-CLS tokens entering the layer (fused included)
-        if self.keep_rate >= 1:
-            return out
-        for layer in self.drop_loc:
-            k = math.ceil(self.keep_rate * n)
-            if k < n:
-                out[layer] = k
-                n = k + int(self.fuse_token)
-        return out
+        return dict(zip(*EVIT.keep_k(self.num_patches, self.keep_rate, self.drop_loc, (), self.fuse_token)))
 
     @property
     def idle_layers(self) -> tuple[int, ...]:
@@ -124,6 +118,8 @@ class EViTBlock(nn.Module):
         self.num_heads = block.attn.num_heads
         self.head_dim = block.attn.head_dim
         self.scale = self.head_dim**-0.5
+        self.record_scores = False  # eager only: keep the last CLS attention for tie analysis
+        self.last_scores: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         blk = self.block
@@ -135,6 +131,8 @@ class EViTBlock(nn.Module):
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, c)
         x = x + blk.ls1(blk.attn.proj(out))
         cls_attn = attn[:, :, 0, 1:].mean(dim=1)  # [B, N-1]
+        if self.record_scores:
+            self.last_scores = cls_attn.detach()
         idx = torch.topk(cls_attn, self.keep, dim=1, largest=True, sorted=True).indices
         non_cls = x[:, 1:]
         kept = torch.gather(non_cls, 1, idx.unsqueeze(-1).expand(b, self.keep, c))
@@ -149,7 +147,12 @@ class EViTBlock(nn.Module):
 
 
 class EViT(nn.Module):
-    """timm DeiT with EViT's token dropping. dense=True: the same weights, no pruning."""
+    """timm DeiT with EViT's token dropping. dense=True: the same weights, no pruning. `spec`: an
+    EViTSpec or a ModelSpec of an evit_* arch (both have k_by_layer and fuse_token). The emitted
+    selections are the TopK positions themselves (no CLS column, cls_in_selection)."""
+
+    score_mode = "official"  # the CLS attention: EViT has one way to rank
+    cls_in_selection = False
 
     def __init__(self, vit: nn.Module, spec: EViTSpec, *, dense: bool = False,
                  emit_selection: bool = False):
@@ -162,6 +165,11 @@ class EViT(nn.Module):
         # a plain list: the wrappers have no parameters, the state dict stays timm's (under vit.)
         self.layers = [EViTBlock(blk, k_by_layer[i], spec.fuse_token) if i in k_by_layer else blk
                        for i, blk in enumerate(vit.blocks)]
+
+    @property
+    def idle_blocks(self) -> list[EViTBlock]:
+        """The drop layers, in layer order (TorchRunner records their scores)."""
+        return [layer for layer in self.layers if isinstance(layer, EViTBlock)]
 
     def forward(self, images: torch.Tensor):
         vit = self.vit
@@ -192,22 +200,10 @@ def original_ids(selections, spec: EViTSpec) -> list[torch.Tensor]:
 
 
 def macs(spec: EViTSpec, dense: bool = False) -> int:
-    """MACs of one image (ModelSpec.macs' conventions). A pruning layer attends over all its N
-    tokens, then its MLP runs on 1 + K (+1 fused) tokens; fusing costs (N-1-K)·C; the CLS
-    ranking (a mean over heads of one softmax row) is not counted."""
-    c, hidden = spec.embed_dim, 4 * spec.embed_dim
-    total = spec.num_patches * 3 * spec.patch_size**2 * c + c * spec.num_classes
-    k_by_layer = {} if dense else spec.k_by_layer
-    n = spec.num_patches + 1
-    for layer in range(spec.depth):
-        if layer not in k_by_layer:
-            total += block_macs(n, c, hidden)
-            continue
-        k = k_by_layer[layer]
-        total += attention_macs(n, c) + (n - 1 - k) * c * spec.fuse_token
-        n = 1 + k + int(spec.fuse_token)
-        total += 2 * n * c * hidden
-    return total
+    """MACs of one image (families.EViTFamily.macs, ModelSpec.macs' conventions). A pruning
+    layer attends over all its N tokens, then its MLP runs on 1 + K (+1 fused) tokens; fusing
+    costs (N-1-K)·C; the CLS ranking (a mean over heads of one softmax row) is not counted."""
+    return model_spec(spec).macs(dense=dense)
 
 
 def build_evit(spec: EViTSpec, state_dict: dict | None = None, *, dense: bool = False,
@@ -217,6 +213,28 @@ def build_evit(spec: EViTSpec, state_dict: dict | None = None, *, dense: bool = 
     if state_dict is not None:
         load_strict(vit, state_dict, f"EViT {spec.arch}")
     return EViT(vit, spec, dense=dense, emit_selection=emit_selection).eval()
+
+
+def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool = False,
+                emit_selection: bool = False, score_mode: str = "official", fold_bn: bool = True) -> EViT:
+    """build.build_model's entry: EViT of an evit_* ModelSpec (CLS-attention scores only; no
+    BatchNorm to fold)."""
+    if score_mode not in EVIT.score_modes:
+        raise BadInputError(f"EViT ranks tokens by CLS attention: no {score_mode} scores",
+                            "use --scores official")
+    return build_evit(spec, state_dict, dense=dense, emit_selection=emit_selection)
+
+
+def seeded_state_dict(spec: ModelSpec, seed: int = 0) -> dict:
+    """Seeded timm DeiT weights with a real spread (pruning_common.seeded_spread)."""
+    torch.manual_seed(seed)
+    return seeded_spread(create_deit(spec.arch, spec.num_classes, spec.img_size).state_dict(), seed)
+
+
+def evit_spec(spec: ModelSpec) -> EViTSpec:
+    """The EViTSpec of an evit_* ModelSpec (the authors' options)."""
+    return EViTSpec(deit_dims(spec.arch)[0], spec.keep_rate, drop_loc=spec.idle_layers,
+                    fuse_token=spec.fuse_token, num_classes=spec.num_classes, img_size=spec.img_size)
 
 
 # ---------------------------------------------------------------------- checkpoint format
@@ -278,6 +296,23 @@ def evit_args(spec: EViTSpec) -> dict:
             "drop_loc": str(tuple(spec.drop_loc)), "fuse_token": spec.fuse_token,
             "input_size": spec.img_size, "nb_classes": spec.num_classes,
             "shrink_start_epoch": 10, "shrink_epochs": 0}
+
+
+def spec_from_checkpoint(ckpt, *, keep_rate: float | None = None, named: bool = True) -> ModelSpec:
+    """The evit_* ModelSpec of a loaded checkpoint (model.checkpoint.Checkpoint), as the
+    authors' main.py builds it from its args (evit_spec_from_checkpoint); `keep_rate` overrides.
+    named=False (chosen by --family / --arch, the args are not EViT's): the rate must be given."""
+    if keep_rate is None and not named:
+        raise BadInputError(f"no keep rate: {ckpt.path.name} has no EViT args (base_keep_rate)",
+                            "pass --keep 0.7 (the rate the model was trained with)")
+    args = ckpt.args if named else {"input_size": ckpt.img_size}
+    return model_spec(evit_spec_from_checkpoint(ckpt.state_dict, args, keep_rate=keep_rate,
+                                                num_classes=ckpt.num_classes))
+
+
+def write_demo_checkpoint(path: str | Path, spec: ModelSpec, seed: int = 0) -> Path:
+    """The demo's checkpoint of an evit_* spec: seeded weights in the authors' format."""
+    return write_evit_demo_checkpoint(path, evit_spec(spec), seed, seeded_state_dict(spec, seed))
 
 
 def write_evit_demo_checkpoint(path: str | Path, spec: EViTSpec, seed: int = 0,

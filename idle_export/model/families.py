@@ -1,10 +1,11 @@
 """Model families: the one place that knows which architectures exist and how they differ.
 
-One Family per model family (DeiT on timm, LV-ViT): its archs and their dims, the checkpoint
-keys that say "this is one of mine", the arch its weights look like, its K schedule, the parts
-of the MAC count that differ, and the name of its torch module (imported only when a model is
-built). Light module (no torch): the CLI and ModelSpec read it. The token selection all
-families share is model/selection.py. Adding a family: docs/design.md, "Adding a model family".
+One Family per model family (IdleViT on DeiT and on LV-ViT, EViT, DynamicViT): its archs and
+their dims, the checkpoint keys (and training args) that say "this is one of mine", the arch its
+weights look like, its K rule and schedule, its MAC count, what it cannot do yet, and the name
+of its torch module (imported only when a model is built). Light module (no torch): the CLI and
+ModelSpec read it. The token selection the IdleViT families share is model/selection.py.
+Adding a family: docs/families.md.
 
 A family's torch module offers build_model(spec, state_dict=None, *, dense, emit_selection,
 score_mode, fold_bn) and seeded_state_dict(spec, seed) (model/build.py calls them).
@@ -12,71 +13,22 @@ score_mode, fold_bn) and seeded_state_dict(spec, seed) (model/build.py calls the
 
 from __future__ import annotations
 
-import importlib
+import math
+import re
 
 from idle_export.errors import BadInputError, CheckpointError
-
-# What a preset schedule is called; DeiT has one of each, LV-ViT one per arch for both names.
-SCHEDULE_NAMES = ("eval", "train")
-SPEC_DIMS = ("embed_dim", "depth", "num_heads", "stem_width")  # ModelSpec fields read from weights
-
-
-def block_count(state_dict: dict) -> int:
-    """Transformer blocks in the weights (1 + the largest N of `blocks.N.` keys, 0 if none)."""
-    found = [int(k.split(".")[1]) for k in state_dict
-             if k.startswith("blocks.") and k.split(".")[1].isdigit()]
-    return max(found, default=-1) + 1
-
-
-class Family:
-    """What one model family is; subclasses fill in the tables and override what differs."""
-
-    name = ""  # ModelSpec.family
-    module = ""  # its torch module (build_model, seeded_state_dict), imported lazily
-    archs: dict[str, dict] = {}  # official short name → embed_dim, depth, num_heads, …
-    aliases: dict[str, str] = {}  # other accepted names → short name
-    hint_aliases = False  # list the aliases in the unknown-arch hint (the timm names)
-    marker_keys: tuple[str, ...] = ()  # checkpoint keys only this family has (none: the default)
-    dim_keys: tuple[str, ...] = ("embed_dim", "depth", "num_heads")  # the ModelSpec dims it uses
-    official_code = False  # the authors' code runs it (bench's torch-official backend)
-    weights_hint = ""  # what to pass when the keys do not fit
-
-    def torch_module(self):
-        """The family's torch module (imports torch)."""
-        return importlib.import_module(self.module)
-
-    def owns(self, state_dict: dict) -> bool:
-        """The weights carry this family's marker keys."""
-        return bool(self.marker_keys) and all(k in state_dict for k in self.marker_keys)
-
-    def infer_arch(self, state_dict: dict, width: int) -> str | None:
-        """The arch of this family that weights with a `width`-wide cls_token look like."""
-        return next((a for a, i in self.archs.items() if i["embed_dim"] == width), None)
-
-    def dims_from_weights(self, state_dict: dict, arch: str, name: str) -> dict[str, int] | None:
-        """ModelSpec dims read from the weights (a narrower model than the arch's), or None: the
-        arch's own. `name`: the checkpoint's file name, for messages."""
-        return None
-
-    def schedule(self, arch: str, schedule: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The preset `schedule` (SCHEDULE_NAMES): (idle layers, exponent p of keep_rate**p per
-        idle layer)."""
-        raise NotImplementedError
-
-    def group(self, arch: str) -> int:
-        """Idle layers per power of r (config.schedule_exponents): the official groups."""
-        return 3
-
-    def mlp_ratio(self, arch: str) -> float:
-        return float(self.archs[arch].get("mlp_ratio", 4.0))
-
-    def embed_macs(self, spec) -> int:
-        """MACs of the patch embedding of one image: a linear patch projection."""
-        return spec.num_patches * 3 * spec.patch_size**2 * spec.embed_dim
-
-    def head_tokens(self, spec) -> int:
-        """Tokens that go through a classifier head (the CLS token)."""
-        return 1
+from idle_export.model.family_base import (  # noqa: F401 - read from here by config and the CLI
+    METHODS,
+    SCHEDULE_NAMES,
+    SCORE_MODES,
+    SPEC_DIMS,
+    SPEC_EXTRAS,
+    Family,
+    attention_macs,
+    block_count,
+    block_macs,
+    schedule_k,
+)
 
 
 class DeiTFamily(Family):
@@ -176,9 +128,109 @@ class LVViTFamily(Family):
         return 1 + spec.num_patches
 
 
+class DroppingFamily(Family):
+    """A DeiT that drops the tokens it does not keep (EViT, DynamicViT): archs `<name>_<size>`
+    on the DeiT backbones, the authors' checkpoint format read by the torch module."""
+
+    drops_tokens = reads_args = True
+    score_modes = ("official",)
+    default_scores = "official"
+    unsupported = {
+        "--elastic": "K is computed in the graph only for idle layers (onnx.elastic)",
+        "--plugin": "the IdleSelect/IdleScatter plugin form is written for idling; dropping "
+                    "needs its own variant",
+        "sweep": "it re-exports the IdleViT schedule at each rate",
+    }
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.archs = {f"{cls.name}_{a.split('_')[1]}": {**v, "backbone": a}
+                     for a, v in DeiTFamily.archs.items()}
+        cls.weights_hint = f"pass a DeiT {cls.name} checkpoint with timm VisionTransformer keys"
+
+    def arch_of(self, backbone: str) -> str:
+        """The arch of this family on the DeiT `backbone`."""
+        return next(a for a, v in self.archs.items() if v["backbone"] == backbone)
+
+    def schedule(self, arch, schedule):
+        """The authors' default pruning layers 3, 6, 9 (whatever the name), keeping r, r², r³."""
+        return (3, 6, 9), (1, 2, 3)
+
+
+# The authors' EViT model names (evit.py): deit_{size}_patch16[_{res}]_shrink[_base|NN]
+EVIT_MODEL_NAME = re.compile(r"^deit_(tiny|small|base)_patch16_(?:(\d+)_)?shrink(_base|\d\d)?$")
+
+
+class EViTFamily(DroppingFamily):
+    """EViT (model/evit.py): no weights of its own, so its args tell it from a DeiT."""
+
+    name, module, method, title = "evit", "idle_export.model.evit", "evit", "EViT"
+    marker_args = ("base_keep_rate", "drop_loc", "fuse_token")
+    extra_fields = ("fuse_token",)
+
+    def claims(self, args):
+        return super().claims(args) or bool(EVIT_MODEL_NAME.match(str((args or {}).get("model", ""))))
+
+    def group(self, arch):
+        return 3
+
+    def keep_k(self, num_patches, keep_rate, layers, exponents, fuse_token=False):
+        """K = ceil(r·(N−1)) of the N−1 non-CLS tokens entering each drop layer (a fused token
+        counts); a layer where that keeps all of them does nothing and is left out."""
+        out_layers, out_k, n = [], [], num_patches
+        for layer in layers if keep_rate < 1 else ():
+            k = math.ceil(keep_rate * n)
+            if k < n:
+                out_layers.append(layer)
+                out_k.append(k)
+                n = k + int(fuse_token)
+        return tuple(out_layers), tuple(out_k)
+
+    def macs(self, spec, dense=False, folded_scores=False):
+        """A drop layer attends over all its N tokens, fuses (N−1−K)·C, then runs its MLP on
+        1 + K (+1 fused) tokens; later blocks run on those. The CLS ranking is not counted."""
+        c, hidden, fuse = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio), int(spec.fuse_token)
+        total = self.embed_macs(spec) + c * spec.num_classes
+        k_by_layer = {} if dense else spec.k_by_layer
+        n = spec.num_patches + 1
+        for layer in range(spec.depth):
+            if layer not in k_by_layer:
+                total += block_macs(n, c, hidden)
+                continue
+            k = k_by_layer[layer]
+            total += attention_macs(n, c) + (n - 1 - k) * c * fuse
+            n = 1 + k + fuse
+            total += 2 * n * c * hidden
+        return total
+
+
+class DynamicViTFamily(DroppingFamily):
+    """DynamicViT (model/dynamicvit.py): its score predictors are its marker keys."""
+
+    name, module, method, title = "dynamicvit", "idle_export.model.dynamicvit", "dynamicvit", "DynamicViT"
+    marker_keys = ("score_predictor.0.in_conv.0.weight",)
+
+    def group(self, arch):
+        return 1  # stage s keeps int(P·r^s)
+
+    def macs(self, spec, dense=False, folded_scores=False):
+        """Each predictor over the patch tokens entering its stage (C→C, C→C/2, C/2→C/4, C/4→2
+        per token), then every block from there on over 1 + K_s tokens."""
+        c, hidden = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio)
+        total = self.embed_macs(spec) + c * spec.num_classes
+        k_by_layer = {} if dense else spec.k_by_layer
+        n = spec.num_patches + 1
+        for layer in range(spec.depth):
+            if layer in k_by_layer:
+                total += (n - 1) * (c * c + c * (c // 2) + (c // 2) * (c // 4) + (c // 4) * 2)
+                n = 1 + k_by_layer[layer]
+            total += block_macs(n, c, hidden)
+        return total
+
+
 # The registry: a new family is one entry here (and its torch module).
-DEIT, LVVIT = DeiTFamily(), LVViTFamily()
-FAMILIES: dict[str, Family] = {f.name: f for f in (DEIT, LVVIT)}
+DEIT, LVVIT, EVIT, DYNAMICVIT = DeiTFamily(), LVViTFamily(), EViTFamily(), DynamicViTFamily()
+FAMILIES: dict[str, Family] = {f.name: f for f in (DEIT, LVVIT, EVIT, DYNAMICVIT)}
 ARCH_FAMILY: dict[str, Family] = {a: f for f in FAMILIES.values() for a in f.archs}
 ARCH_NAMES: tuple[str, ...] = tuple(ARCH_FAMILY)
 ALIASES: dict[str, str] = {k: v for f in FAMILIES.values() for k, v in f.aliases.items()}
@@ -202,16 +254,57 @@ def family_of(arch: str) -> Family:
     return ARCH_FAMILY[arch]
 
 
-def detect_family(state_dict: dict) -> Family:
-    """The family whose marker keys the weights carry, else the one without markers (DeiT)."""
-    marked = [f for f in FAMILIES.values() if f.owns(state_dict)]
-    return marked[0] if marked else next(f for f in FAMILIES.values() if not f.marker_keys)
+def detect_family(state_dict: dict, args: dict | None = None) -> Family:
+    """The family whose marker keys the weights carry (or whose marker args the training args
+    have), else the default one (DeiT). Two families at once is a CheckpointError: a
+    checkpoint is never read as the wrong one."""
+    marked = [f for f in FAMILIES.values() if f.owns(state_dict) or f.claims(args)]
+    if len(marked) > 1:
+        raise CheckpointError(f"the checkpoint looks like {' and '.join(f.method for f in marked)} at once "
+                              "(its weights' keys and its training args disagree)",
+                              f"pass --family {marked[0].method} or --family {marked[1].method}")
+    return marked[0] if marked else next(f for f in FAMILIES.values() if f.is_default)
 
 
-def infer_arch(state_dict: dict) -> str | None:
+def infer_arch(state_dict: dict, args: dict | None = None) -> str | None:
     """The arch the weights look like: their family (detect_family) and, within it, the arch
     of their width (and depth); None without a cls_token."""
     cls = state_dict.get("cls_token")
     if cls is None or cls.ndim != 3:
         return None
-    return detect_family(state_dict).infer_arch(state_dict, int(cls.shape[-1]))
+    return detect_family(state_dict, args).infer_arch(state_dict, int(cls.shape[-1]))
+
+
+def resolve_family(state_dict: dict, args: dict | None, *, arch: str | None = None,
+                   method: str | None = None, name: str = "the checkpoint") -> Family:
+    """The family to read a checkpoint as: the one its keys and args say (detect_family), unless
+    --arch or --family (`method`) choose. Where the user's choice and the checkpoint disagree
+    the choice must be explicit: --arch of another family than the detected one needs --family
+    too, so an EViT checkpoint is never exported as IdleViT by accident."""
+    if method is not None and method not in METHODS:
+        raise BadInputError(f"--family {method!r} is not one of {', '.join(METHODS)}",
+                            f"use --family {' or '.join(METHODS)}")
+    detected = detect_family(state_dict, args)
+    chosen = family_of(canonical_arch(arch)) if arch else None
+    if chosen is not None and method is not None and chosen.method != method:
+        raise BadInputError(f"--arch {arch} is {chosen.a_title} arch, not --family {method}",
+                            f"drop --arch, or pass a {method} arch")
+    if chosen is None and method is not None:
+        if detected.method == method:
+            chosen = detected
+        else:  # within the method, the family the weights' keys fit (IdleViT: DeiT or LV-ViT)
+            of_method = [f for f in FAMILIES.values() if f.method == method]
+            chosen = next((f for f in of_method if f.owns(state_dict)),
+                          next((f for f in of_method if not f.marker_keys), of_method[0]))
+    if chosen is None:
+        return detected
+    if chosen.marker_keys and not chosen.owns(state_dict):
+        raise BadInputError(f"{name} is not {chosen.a_title} checkpoint: it has no "
+                            f"{chosen.marker_keys[0].split('.')[0]}.* weights",
+                            f"drop --family / --arch: it reads as {detected.method}")
+    says = detected.owns(state_dict) or detected.claims(args) or bool(args)  # not just bare weights
+    if chosen.method != detected.method and method is None and says:
+        raise BadInputError(f"{name} is {detected.a_title} checkpoint; --arch {arch} is "
+                            f"{chosen.a_title} arch", f"pass --family {chosen.method} to read it "
+                            f"as {chosen.title} anyway, or drop --arch")
+    return chosen

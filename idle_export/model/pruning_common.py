@@ -1,6 +1,7 @@
 """What EViT (model/evit.py) and DynamicViT (model/dynamicvit.py) share: the DeiT backbone by
-arch name, strict weight loading with named keys, the MAC count of one ViT block, seeded weights
-and the argparse.Namespace the authors' main.py scripts save as `args`.
+arch name, strict weight loading with named keys, seeded weights, the argparse.Namespace the
+authors' main.py scripts save as `args`, and the ModelSpec side of both (their MAC counts and K
+rules are Family.macs / Family.keep_k in model/families.py).
 
 Torch module (torch and timm imported at the top): named lazily by others."""
 
@@ -13,12 +14,15 @@ import torch
 from torch import nn
 
 from idle_export.errors import BadInputError
-from idle_export.model.families import DEIT, canonical_arch
+from idle_export.model.config import ModelSpec
+from idle_export.model.families import DEIT, FAMILIES, canonical_arch, family_of
 
 
 def deit_dims(arch: str) -> tuple[str, dict]:
-    """Canonical DeiT arch name and its timm settings (LV-ViT is not a backbone here)."""
+    """Canonical DeiT arch name and its timm settings (LV-ViT is not a backbone here); an EViT or
+    DynamicViT arch (evit_small …) names its DeiT backbone."""
     arch = canonical_arch(arch)
+    arch = family_of(arch).backbone(arch)
     if arch not in DEIT.archs:
         raise BadInputError(f"{arch} is not a DeiT", f"use one of {', '.join(DEIT.archs)}")
     return arch, DEIT.archs[arch]
@@ -74,21 +78,16 @@ def load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
     module.load_state_dict(state_dict, strict=True)
 
 
-def block_macs(n: int, c: int, hidden: int) -> int:
-    """One ViT block over n tokens: qkv, q·kᵀ, attn·v, proj, MLP (ModelSpec.macs' conventions:
-    LayerNorm, softmax, GELU and adds are not counted)."""
-    return n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * hidden
-
-
-def attention_macs(n: int, c: int) -> int:
-    """The attention half of a block over n tokens (qkv, two matmuls, proj)."""
-    return n * c * 3 * c + 2 * n * n * c + n * c * c
-
-
 def seeded_spread(state_dict: dict, seed: int, *, qk_std: float = 0.12, std: float = 0.05) -> dict:
     """Seeded weights with a real spread (timm's init makes attention nearly uniform, so every
     token ranks alike): LayerNorm gains around 1, q/k projections wide enough for peaked
-    attention, the rest small enough that FP32 logits stay within 1e-5 of float64."""
+    attention, the rest small enough that FP32 logits stay within 1e-5 of float64. Both spreads
+    are for deit_tiny's width 192 and scale by sqrt(192 / width) for wider models, so the
+    activations (and FP32's rounding of them) stay as small: deit_small's demo then stays under
+    1e-5 too (unscaled: 1.7e-5, dense included)."""
+    cls = state_dict.get("cls_token")
+    scale = (192 / int(cls.shape[-1])) ** 0.5 if cls is not None else 1.0
+    std, qk_std = std * scale, qk_std * scale
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in state_dict.items():
@@ -114,6 +113,16 @@ def save_authors_checkpoint(path: Path, state_dict: dict, args: dict, **extra) -
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state_dict, "args": argparse.Namespace(**args), **extra}, path)
     return path
+
+
+def model_spec(spec) -> ModelSpec:
+    """The ModelSpec (arch `<family>_<size>`) of an EViTSpec or DynamicViTSpec: what the ONNX
+    metadata, the CLI and bench read."""
+    family = FAMILIES[spec.family]
+    layers = spec.drop_loc if hasattr(spec, "drop_loc") else spec.pruning_loc
+    return ModelSpec.create(family.arch_of(spec.arch), spec.keep_rate, idle_layers=list(layers),
+                            num_classes=spec.num_classes, img_size=spec.img_size,
+                            fuse_token=getattr(spec, "fuse_token", False))
 
 
 def args_dict(args) -> dict:

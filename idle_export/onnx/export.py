@@ -8,6 +8,7 @@ from idle_export import __version__
 from idle_export.errors import BadInputError
 from idle_export.fileio import check_free_space, check_output_path, mapped_disk_full, output_folder, work_dir
 from idle_export.lazy import lazy_module
+from idle_export.model.families import FAMILIES, family_of
 from idle_export.numerics import describe_nonfinite
 from idle_export.onnx.elastic import check_elastic_spec, to_elastic
 from idle_export.onnx.io import (
@@ -29,7 +30,8 @@ build = lazy_module("idle_export.model.build")  # torch
 def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                 external_data: bool = False, metadata: dict[str, str] | None = None,
                 plugin: bool = False, target: str = DEFAULT_TARGET, elastic: bool = False) -> Path:
-    """Export an IdleViT or LV-ViT (or its dense twin; a model of model.build.build_model) and
+    """Export a model of model.build.build_model (IdleViT, LV-ViT, EViT, DynamicViT, or its dense
+    twin; with a ModelSpec, or an EViTSpec/DynamicViTSpec of their own modules) and
     write `path` (+ `path.data`) atomically. plugin: rewrite each idle layer's selection into
     IdleSelect/IdleScatter nodes that are also model-local functions (onnx.plugin_form).
     target: the graph passes of where the file runs (onnx.targets; portable writes none).
@@ -64,7 +66,8 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
                       **(metadata or {})}).write(proto)
         proto.producer_name = "idle-export"
         proto.producer_version = __version__
-        proto.doc_string = f"IdleViT {spec.describe()}{' (dense baseline)' if model.dense else ''}"
+        title = FAMILIES[spec.family].title  # ModelSpec, EViTSpec and DynamicViTSpec name theirs
+        proto.doc_string = f"{title} {spec.describe()}{' (dense baseline)' if model.dense else ''}"
         if plugin:
             proto = to_plugin_form(proto)
         if elastic:
@@ -75,17 +78,24 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
 
 
 def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
-                      emit_selection: bool = False, score_mode: str = "folded",
+                      emit_selection: bool = False, score_mode: str | None = None,
                       opset: int = DEFAULT_OPSET, external_data: bool = False,
                       plugin: bool = False, target: str = DEFAULT_TARGET, elastic: bool = False,
                       allow_nonfinite: bool = False) -> Path:
     """Checkpoint (already loaded) → ONNX with the full idle-export metadata; plugin: the
     plugin form (IdleSelect/IdleScatter, folded scores only); elastic: one file for every keep
-    rate (a keep_rate input, onnx.elastic). Weights with NaN or inf are refused unless
-    `allow_nonfinite`."""
+    rate (a keep_rate input, onnx.elastic). score_mode None: the family's default (folded for
+    IdleViT). Weights with NaN or inf are refused unless `allow_nonfinite`. What a family
+    cannot do (EViT and DynamicViT: plugin, elastic) is refused first."""
     import json
 
     output = check_output_path(Path(output), stream_ok=not external_data)
+    family = family_of(spec.arch)
+    if plugin:
+        family.refuse("--plugin", "drop --plugin")
+    if elastic:
+        family.refuse("--elastic", "drop --elastic (export one file per --keep)")
+    score_mode = family.scores(score_mode)
     if plugin and dense:
         raise BadInputError("--plugin fuses the idle layers' token selection; the dense baseline "
                             "has none", "drop --plugin (or --dense)")

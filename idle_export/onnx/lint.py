@@ -12,6 +12,7 @@ TensorRT-RTX parse the same set) and from what we saw fail in practice:
   layernorm-outputs    LayerNormalization: only output Y is supported
   opset                opset < 17 splits LayerNormalization (FP16 overflow); > 20 may be too new
   idle-ops             with expect_idle: TopK + GatherElements + ScatterElements per idle layer
+                       (EViT / DynamicViT drop tokens: TopK + GatherElements)
   elastic              an elastic file (`onnx --elastic`): each TopK's K is computed from the
                        keep rate by the elastic K subgraph (allowed: TensorRT ≥ 8.6 takes a K
                        shape tensor ≤ 3840); the float keep_rate input is a constant to TensorRT
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from idle_export.errors import BadInputError
 from idle_export.numerics import describe_nonfinite
 from idle_export.onnx.elastic import ELASTIC_K_PREFIX
 from idle_export.onnx.graph import constant_tensors, mixed_float_inputs, producers, tensor_types
@@ -285,7 +287,8 @@ def _idle_findings(model) -> list[dict]:
         out.append(_finding("idle-ops", "no idle layers: the graph has no TopK (found "
                             + ", ".join(f"{k} {v}" for k, v in found.items()) + ")"))
         return out
-    if found["GatherElements"] == 0 or found["ScatterElements"] == 0:
+    drops = _drops_tokens(meta)  # EViT, DynamicViT: TopK + GatherElements, nothing scattered back
+    if found["GatherElements"] == 0 or (found["ScatterElements"] == 0 and not drops):
         out.append(_finding("idle-ops", "TopK without GatherElements/ScatterElements: not the idle-layer "
                             "pattern (" + ", ".join(f"{k} {v}" for k, v in found.items()) + ")"))
     layers = meta.idle_layers
@@ -293,6 +296,14 @@ def _idle_findings(model) -> list[dict]:
         out.append(_finding("idle-ops", f"metadata lists {len(layers)} idle layers but the graph has "
                             f"{found['TopK']} TopK"))
     return out
+
+
+def _drops_tokens(meta: OnnxMetadata) -> bool:
+    """The file's family drops tokens (its metadata's spec; False when it has none)."""
+    try:
+        return meta.has_spec and meta.spec.drops_tokens
+    except BadInputError:
+        return False
 
 
 def lint_file(path: str | Path, *, expect_idle: bool = False) -> dict:

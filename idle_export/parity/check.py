@@ -124,13 +124,14 @@ def check_onnx(onnx_path, *, ckpt_path=None, against=None, ema: bool = False,
     inputs = {name: input_set(name, n, spec, seed=seed) for name in input_sets}
     with candidate, reference:  # one session each for the input sets and the images
         if inputs or real is None:
-            report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol)
+            report = compare_runners(candidate, reference, inputs, list(batch_sizes), tol, spec=spec)
         else:
             report = {"a": candidate.name, "b": reference.name, "cases": [],
                       "tolerance": {k: (v if np.isfinite(v) else None) for k, v in asdict(tol).items()}}
         if real is not None:
             labels = labels_from_folders(real.files, meta.get("classes"))
-            cases = compare_on_images(candidate, reference, real.array, list(batch_sizes), tol, labels)
+            cases = compare_on_images(candidate, reference, real.array, list(batch_sizes), tol, labels,
+                                      spec=spec)
             report["cases"].extend(cases)
             report["passed"] = all(c["passed"] for c in report["cases"])
             report["images"] = real.summary()
@@ -217,7 +218,7 @@ def check_engine_against(engine: str | Path, onnx_path: str | Path | None, *, ba
         reference = _cpu_reference(onnx_path, selection=selection, threads=threads, keep_rate=keep_rate)
     if save_outputs is not None:
         candidate, reference = Recorder(candidate), Recorder(reference)
-    report = compare_runners(candidate, reference, inputs, sizes, tol)
+    report = compare_runners(candidate, reference, inputs, sizes, tol, spec=spec)
     if save_outputs is not None:
         save_outputs_of(save_outputs, [candidate, reference], inputs, sizes, seed, None, 0)
     report["model"] = spec.describe()

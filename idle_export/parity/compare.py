@@ -10,6 +10,11 @@ counted as agreeing); only the second is held to the tolerance. With `after_tie`
 image's layers after its first tie count as agreeing: a token kept in one run and idle in the
 other leaves that layer with another value, so later scores differ by more than rounding.
 Reference scores come from whichever runner records them (torch and ONNX Runtime runners do).
+
+EViT and DynamicViT drop tokens: each selection is a TopK position in the sequence the previous
+drop layer left, in its order. Given the spec, both runs are first mapped to patch numbers
+(to_patch_ids), so a later layer compares the same tokens even where an earlier one kept the
+same set in another order.
 """
 
 from __future__ import annotations
@@ -114,25 +119,57 @@ def _top1(a: np.ndarray, b: np.ndarray, tol: Tolerances) -> tuple[float, dict]:
 
 def _is_tie(scores: np.ndarray, differing: set, k: int, tol: Tolerances,
             cand: np.ndarray | None = None) -> bool:
-    kth = np.sort(scores)[::-1][k - 1]
-    limit = tol.tie_atol + tol.tie_rtol * float(np.abs(scores).max())
+    """NaN scores (tokens a dropping family no longer had; to_patch_ids) are never ties."""
+    valid = scores[np.isfinite(scores)]
+    if len(valid) < k:
+        return False
+    kth = np.sort(valid)[::-1][k - 1]
+    limit = tol.tie_atol + tol.tie_rtol * float(np.abs(valid).max())
     if cand is not None and cand.shape == scores.shape:
         # a swap of tokens j and the K-th needs |s_j - s_K| < |e_j| + |e_K| ≤ 2·max|e|
-        limit = max(limit, 2.0 * float(np.abs(cand - scores).max()))
+        moved = np.abs(cand - scores)
+        if np.isfinite(moved).any():
+            limit = max(limit, 2.0 * float(np.nanmax(moved)))
     return all(abs(scores[j] - kth) <= limit for j in differing)
 
 
+def to_patch_ids(out: dict, scores: list[np.ndarray] | None, spec) -> tuple[dict, list | None]:
+    """A dropping family's selections (TopK positions in the sequence the previous drop layer
+    left, highest score first) as patch numbers 0..P-1 (EViT's token fused at the d-th drop layer:
+    P+d), and its scores per layer placed at those numbers (NaN for tokens already gone).
+    Unchanged without a spec or for an idling family (positions are patch numbers there)."""
+    keys = sorted((k for k in out if k.startswith(SELECTION_PREFIX)),
+                  key=lambda k: int(k[len(SELECTION_PREFIX):]))
+    if spec is None or not spec.drops_tokens or not keys:
+        return out, scores
+    p, b = spec.num_patches, out[keys[0]].shape[0]
+    ids = np.broadcast_to(np.arange(p), (b, p))
+    mapped, placed = dict(out), []
+    for d, key in enumerate(keys):
+        if scores is not None and d < len(scores) and np.shape(scores[d]) == ids.shape:
+            full = np.full((b, p + len(keys)), np.nan)
+            np.put_along_axis(full, ids, scores[d], axis=1)
+            placed.append(full)
+        kept = np.take_along_axis(ids, out[key].astype(np.int64), axis=1)
+        mapped[key] = kept
+        ids = np.concatenate([kept, np.full((b, 1), p + d)], axis=1) if spec.fuse_token else kept
+    return mapped, placed if scores is not None and len(placed) == len(keys) else None
+
+
 def compare_runners(runner_a, runner_b, inputs: dict[str, np.ndarray], batch_sizes: list[int],
-                    tol: Tolerances) -> dict:
-    """Run both runners on the first `bs` images of every input set for each batch size."""
+                    tol: Tolerances, spec=None) -> dict:
+    """Run both runners on the first `bs` images of every input set for each batch size; `spec`:
+    the model's, for a dropping family's selections (to_patch_ids)."""
     cases = []
     with runner_a, runner_b:
         for set_name, images in inputs.items():
             for bs in batch_sizes:
                 feed = {"images": images[:bs]}
-                out_a, out_b = runner_a.infer(feed), runner_b.infer(feed)
-                scores, cand = _tie_scores(runner_a, runner_b, getattr(runner_a, "last_scores", None),
-                                           getattr(runner_b, "last_scores", None))
+                out_a, scores_a = to_patch_ids(runner_a.infer(feed), getattr(runner_a, "last_scores", None),
+                                               spec)
+                out_b, scores_b = to_patch_ids(runner_b.infer(feed), getattr(runner_b, "last_scores", None),
+                                               spec)
+                scores, cand = _tie_scores(runner_a, runner_b, scores_a, scores_b)
                 case = compare_outputs(out_a, out_b, scores, tol, cand)
                 cases.append({"inputs": set_name, "batch": int(bs), **case})
     return {
@@ -198,13 +235,13 @@ def selection_overlap(out_a: dict, out_b: dict) -> dict[str, float]:
 
 
 def compare_on_images(candidate, reference, images: np.ndarray, batch_sizes: list[int], tol: Tolerances,
-                      labels: np.ndarray | None = None, set_name: str = "images") -> list[dict]:
+                      labels: np.ndarray | None = None, set_name: str = "images", spec=None) -> list[dict]:
     """One case per batch size over *all* images (run in chunks of that size); with labels,
-    the top-1 accuracy of both runners and the drop."""
+    the top-1 accuracy of both runners and the drop; `spec` as compare_runners."""
     cases = []
     for bs in batch_sizes:
-        out_a, scores_a = _run_chunked(candidate, images, bs)
-        out_b, scores_b = _run_chunked(reference, images, bs)
+        out_a, scores_a = to_patch_ids(*_run_chunked(candidate, images, bs), spec)
+        out_b, scores_b = to_patch_ids(*_run_chunked(reference, images, bs), spec)
         scores, cand = _tie_scores(candidate, reference, scores_a, scores_b)
         case = {"inputs": set_name, "batch": int(bs), "images": int(len(images)),
                 **compare_outputs(out_a, out_b, scores, tol, cand)}

@@ -9,9 +9,12 @@ from idle_export.runtime.base import Runner
 
 
 class TorchRunner(Runner):
-    """An IdleViT or LV-ViT (or its dense twin) in eager PyTorch, FP32, CPU: any model of
-    model.build.build_model (`.spec`, `.dense`, `.emit_selection`, `.idle_blocks` whose
-    `record_scores` / `last_scores` keep the token scores for tie analysis)."""
+    """An IdleViT, LV-ViT, EViT or DynamicViT (or its dense twin) in eager PyTorch, FP32, CPU:
+    any model of model.build.build_model (`.spec`, `.dense`, `.emit_selection`, `.idle_blocks`
+    whose `record_scores` / `last_scores` keep the token scores for tie analysis). The
+    selections come out as the TopK positions an ONNX file's TopK gives (IdleViT's emitted
+    indices have a CLS column first; EViT's and DynamicViT's are the positions: a model with
+    cls_in_selection False)."""
 
     def __init__(self, model, *, name: str = "torch", selection: bool = False, threads: int | None = None):
         self.model = model
@@ -42,7 +45,8 @@ class TorchRunner(Runner):
         if not self.selection:
             return {"logits": out.numpy()}
         result = {"logits": out[0].numpy()}
+        with_cls = getattr(self.model, "cls_in_selection", True)
         for layer, idx in zip(self.model.spec.idle_layers, out[1:]):
-            result[f"{SELECTION_PREFIX}{layer}"] = idx[:, 1:].numpy() - 1
+            result[f"{SELECTION_PREFIX}{layer}"] = idx[:, 1:].numpy() - 1 if with_cls else idx.numpy()
         self.last_scores = [b.last_scores.numpy() for b in blocks]
         return result

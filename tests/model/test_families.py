@@ -36,8 +36,8 @@ def test_every_arch_has_exactly_one_family():
             assert family_of(arch) is family and ModelSpec.create(arch, 0.7).family == name
     for alias, arch in ALIASES.items():
         assert canonical_arch(alias) == arch and family_of(arch).aliases[alias] == arch
-    # exactly one family detects weights that carry no family's marker keys
-    assert sum(not f.marker_keys for f in FAMILIES.values()) == 1
+    # exactly one family detects weights and args that carry no family's markers
+    assert sum(f.is_default for f in FAMILIES.values()) == 1
 
 
 def _seeded(arch: str, *, meta: bool = False, **dims) -> dict:
@@ -60,10 +60,15 @@ NARROW = dict(embed_dim=128, depth=16, num_heads=2, stem_width=8)  # a narrow LV
 ])
 def test_detection_on_seeded_weights(arch, meta, dims):
     """The weights of each family are its own: detect_family and infer_arch read the family and
-    arch back from the keys and shapes alone."""
+    arch back from the keys and shapes alone, or, for a family without weights of its own
+    (EViT: DeiT's keys), from its training args too."""
     sd = _seeded(arch, meta=meta, **dims)
-    assert detect_family(sd) is family_of(arch)
-    assert infer_arch(sd) == arch
+    family = family_of(arch)
+    args = {family.marker_args[0]: 0.7} if family.marker_args else None
+    assert detect_family(sd, args) is family
+    assert infer_arch(sd, args) == arch
+    if args:  # without them: the default family (the weights are DeiT's)
+        assert detect_family(sd).is_default
     assert [f.name for f in FAMILIES.values() if f.owns(sd)] in ([], [family_of(arch).name])
     assert infer_arch({k: v for k, v in sd.items() if k != "cls_token"}) is None
 
