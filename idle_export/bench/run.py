@@ -137,7 +137,7 @@ def graph_notes(variants, optimize: bool) -> list[str]:
         if lacking and not optimize:
             notes.append(f"{backend}: {', '.join(Path(v.file).name for v in lacking)} timed without the "
                          f"{target} target's passes (export with `idle-export onnx CKPT --target {target}`, "
-                         "or optimize=True to apply them in memory)")
+                         "or apply them in memory: bench --optimize, api.bench(optimize=True))")
     return notes
 
 
