@@ -324,12 +324,19 @@ def test_many_large_requests_at_once_get_503_and_memory_stays_bounded(server, po
         finally:
             conn.close()
 
-    with ThreadPoolExecutor(50) as ex:
-        answers = list(ex.map(send, range(50)))
-    statuses = [a[0] for a in answers]
-    assert set(statuses) <= {400, 503, "reset"}, statuses
-    assert 400 in statuses  # some got through to Triton (batch 12 > max batch 8)
-    busy = [a for a in answers if a[0] == 503]
+    # The 50 bodies overlap only as far as thread scheduling lets them: on a quick, idle machine
+    # the guard can finish each request before the next one arrives (one full run here saw only
+    # 400s). Up to three rounds; at least one must overlap enough to be refused.
+    for _round in range(3):
+        start.reset()
+        with ThreadPoolExecutor(50) as ex:
+            answers = list(ex.map(send, range(50)))
+        statuses = [a[0] for a in answers]
+        assert set(statuses) <= {400, 503, "reset"}, statuses
+        assert 400 in statuses  # some got through to Triton (batch 12 > max batch 8)
+        busy = [a for a in answers if a[0] == 503]
+        if busy:
+            break
     assert busy and all(a[1] == "1" and "server busy" in a[2] for a in busy), statuses
     grown = _peak_rss(server.proc.pid) - before
     assert grown < 50 * len(body) * 0.75, f"peak memory grew by {grown / 1e6:.0f} MB"
