@@ -104,7 +104,6 @@ def sweep_cmd(
     layers = int_list(idle_layers, "--idle-layers")
     with status(f"loading {checkpoint.name}"):
         ckpt = load_checkpoint(checkpoint, ema=ema)
-        ckpt.family(arch=arch).refuse("sweep", "export one file per rate: idle-export onnx CKPT --keep R")
         if choosing and output is None:  # the default CHECKPOINT_idle_rR.onnx goes beside it
             check_output_path(checkpoint.with_name(f"{checkpoint.stem}_idle.onnx"))
 

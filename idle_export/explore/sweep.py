@@ -31,6 +31,7 @@ from idle_export.data.images import CalibrationImages, ImagesSkippedWarning, loa
 from idle_export.data.inputs import PHOTO_NAMES
 from idle_export.errors import BadInputError
 from idle_export.hardware import default_threads, environment
+from idle_export.model.families import family_of
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.compare import labels_from_folders
@@ -96,7 +97,8 @@ def export_or_reuse(ckpt, spec, path: Path, *, dense: bool = False, elastic: boo
             same = (meta.has_spec and meta.spec == spec and meta.dense == dense
                     and meta.get("checkpoint_sha256") == ckpt.sha256
                     and meta.get("checkpoint_weights") == ckpt.source
-                    and meta.score_mode == ("official" if dense else "folded") and meta.precision == "fp32"
+                    and meta.score_mode == ("official" if dense else family_of(spec.arch).scores(None))
+                    and meta.precision == "fp32"
                     and (meta.elastic is not None) == elastic)
         except BadInputError:  # not an ONNX file, or unreadable metadata: export over it
             same = False
@@ -148,12 +150,19 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
         dense_runs: dict[int, list[dict]] = {b: [] for b in batches}
         rows = []
         default = ckpt.keep_rate if ckpt.keep_rate is not None and 0 < ckpt.keep_rate <= 1 else max(ratios)
-        step(0, "exporting the elastic model (every ratio runs it)")
-        path = export_or_reuse(ckpt, spec_for(default), workdir / f"{stem}_idle_elastic.onnx", elastic=True)
+        elastic = family_of(base.arch).elastic  # else (EViT, DynamicViT) one fixed-K file per ratio
+        path = None
+        if elastic:
+            step(0, "exporting the elastic model (every ratio runs it)")
+            path = export_or_reuse(ckpt, spec_for(default), workdir / f"{stem}_idle_elastic.onnx",
+                                   elastic=True)
         for i, r in enumerate(ratios):
             spec = spec_for(r)
             step(i, f"keep {r:g}: K {','.join(map(str, spec.keep_k))}")
-            with make_runner(backend, path, threads=threads, optimize=optimize, keep_rate=r) as runner:
+            if not elastic:
+                path = export_or_reuse(ckpt, spec, workdir / f"{stem}_idle_r{r:g}.onnx")
+            with make_runner(backend, path, threads=threads, optimize=optimize,
+                             keep_rate=r if elastic else None) as runner:
                 step(i + 0.3, f"keep {r:g}: {len(x)} images")
                 logits = predict(runner, x)
                 row = {
@@ -212,7 +221,7 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
                      "min_time_s": min_time, "threads": threads,
                      "optimize": optimize,
                      "score_mode": "folded", "timing": "bench.timing.bench_batch, interleaved with dense",
-                     "elastic": path.name},
+                     "elastic": path.name if elastic else None},
         "environment": env,
         "results": rows,
         "dense": dense,

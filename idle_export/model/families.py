@@ -139,8 +139,8 @@ class DroppingFamily(Family):
         "--elastic": "K is computed in the graph only for idle layers (onnx.elastic)",
         "--plugin": "the IdleSelect/IdleScatter plugin form is written for idling; dropping "
                     "needs its own variant",
-        "sweep": "it re-exports the IdleViT schedule at each rate",
     }
+    elastic = False  # sweep exports one fixed-K file per ratio
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -62,6 +62,7 @@ class Family:
     score_modes = SCORE_MODES  # the token scores it can be exported with
     default_scores = "folded"  # the export's default (the same top-K as the paper's, fewer FLOPs)
     reads_args = False  # its torch module reads the spec from the checkpoint (spec_from_checkpoint)
+    elastic = True  # it has the elastic form (onnx --elastic); sweep runs that one file at each ratio
     # What the family cannot do yet: feature → the reason (`refuse(feature)`, exit 2)
     unsupported: dict[str, str] = {}
 

@@ -151,16 +151,30 @@ def test_show_maps_positions_to_patches(files):
         assert a.kept[layer].max() <= 196 + 2 and a.kept[layer].min() >= 0
 
 
-def test_sweep_and_plugin_engines_are_refused(files, tmp_path):
-    sweep = ["sweep", files["evit"], "--ratios", "0.5,0.7"]
-    for args, message in ((sweep, "sweep is not supported for EViT"),
-                          (["trt", files["dyn_idle"], "--plugin", "-o", tmp_path / "x.engine"],
+def test_plugin_and_elastic_engines_are_refused(files, tmp_path):
+    for args, message in ((["trt", files["dyn_idle"], "--plugin", "-o", tmp_path / "x.engine"],
                            "--plugin is not supported for DynamicViT models"),
                           (["trt", files["evit_sel"], "--elastic", "-o", tmp_path / "x.engine"],
                            "--elastic is not supported for EViT models")):
         result = run_cli(*args)
         lines = error_lines(result.stderr)
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+
+
+def test_sweep_exports_one_fixed_k_file_per_ratio(files, tmp_path):
+    """EViT has no elastic form: sweep exports each ratio's fixed-K file (K from the ratio) and
+    runs it against the dense export; at ratio 1 nothing is dropped, so it agrees with dense."""
+    out = tmp_path / "s.json"
+    result = run_cli("sweep", files["evit"], "--ratios", "0.5,1", "--num", "8", "--batch", "1", "--runs", "1",
+                     "--warmup", "1", "--min-time", "0.01", "--threads", "1", "--onnx-dir", tmp_path,
+                     "--json", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {r["keep_rate"]: r for r in report["results"]}
+    assert rows[0.5]["file"] != rows[1]["file"] and report["settings"]["elastic"] is None
+    assert rows[1]["agreement"] == 1.0 and rows[1]["max_abs_logit_diff"] < 1e-4
+    assert rows[0.5]["gmacs"] < rows[1]["gmacs"] <= report["dense"]["gmacs"] + 1e-9
+    assert (tmp_path / rows[0.5]["file"]).is_file()
 
 
 def test_calibrate_keeps_the_score_path_fp32(files, tmp_path):

@@ -109,13 +109,15 @@ def test_resolve_family_never_reads_one_family_as_another():
 
 def test_unsupported_features_are_refused_in_one_line():
     for family in (EVIT, DYNAMICVIT):
-        for feature in ("--elastic", "--plugin", "sweep"):
+        for feature in ("--elastic", "--plugin"):
             with pytest.raises(BadInputError, match=f"{feature} is not supported for {family.title}"):
                 family.refuse(feature)
         with pytest.raises(BadInputError, match="--scores folded is not a way"):
             family.scores("folded")
         assert family.scores(None) == "official"
+        assert not family.elastic  # sweep: one fixed-K file per ratio
     DEIT.refuse("--elastic")  # IdleViT can
+    assert DEIT.elastic
     assert DEIT.scores(None) == "folded"
 
 
