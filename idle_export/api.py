@@ -244,19 +244,23 @@ def build_engine(onnx: PathLike, output: PathLike | None = None, *, precision: s
 
 def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike | None = None,
              num: int | None = None, method: str = "minmax", target: str = "ort",
-             per_channel: bool = True, batch_size: int = 16, seed: int = 0) -> dict:
+             per_channel: bool = True, batch_size: int = 16, seed: int = 0, cache: bool = True,
+             progress=None) -> dict:
     """Calibrate an FP32 ONNX file and write the INT8 Q/DQ model (`idle-export calibrate`); the
     token-selection path stays FP32.
 
     `images`: a folder, a .txt list or one image (default: the built-in photos); `num`: how many
     (default up to 512; 0: all); `method`: "minmax", "percentile" or "entropy"; `target`: "ort"
     (the fastest placement for ONNX Runtime), "trt" (for `build_engine(precision="int8")`) or
-    "openvino" (NNCF, for OpenVINO; the `openvino` extra).
+    "openvino" (NNCF, for OpenVINO; the `openvino` extra). `cache`: reuse preprocessed images
+    from $IDLE_EXPORT_CACHE/calib; `progress(message)` is told each step.
     `output` defaults to MODEL.int8.TARGET.onnx. Returns the calibration report.
     """
-    output = output if output is not None else default_int8_path(onnx, target)
+    output = Path(output) if output is not None else default_int8_path(onnx, target)
+    check_output_path(output)
     return quantize_onnx(onnx, output, images=images, num=num, method=method, target=target,
-                         per_channel=per_channel, batch_size=batch_size, seed=seed)
+                         per_channel=per_channel, batch_size=batch_size, seed=seed,
+                         cache_dir=None if cache else False, status=progress)
 
 
 def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),

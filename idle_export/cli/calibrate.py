@@ -9,15 +9,15 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import command
 from idle_export.cli.options import JsonOut, echo_err, status, write_json
 from idle_export.data.images import ImagesSkippedWarning
 from idle_export.errors import BadInputError
-from idle_export.fileio import check_output_path
-from idle_export.quantize.qdq import DEFAULT_NUM, default_int8_path, quantize_onnx
+from idle_export.quantize.qdq import DEFAULT_NUM, default_int8_path
 
 
-@command("calibrate")
+@command("calibrate", api_names={"batch_size": "calib_batch"})
 def calibrate_cmd(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX file written by `idle-export onnx`.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="INT8 ONNX file to write "
@@ -57,12 +57,11 @@ def calibrate_cmd(
         raise BadInputError("calibrate's batch size is --calib-batch (--batch lists the batch sizes that "
                             "check and bench run)", f"e.g. --calib-batch {batch}")
     output = output or default_int8_path(model, target)
-    check_output_path(output)
     with status(f"calibrating {model.name}") as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", ImagesSkippedWarning)
-        report = quantize_onnx(model, output, images=images, num=num, method=method, target=target,
-                               per_channel=per_channel, batch_size=calib_batch, seed=seed,
-                               cache_dir=None if cache else False, status=progress.update)
+        report = api.quantize(model, output, images=images, num=num, method=method, target=target,
+                              per_channel=per_channel, batch_size=calib_batch, seed=seed, cache=cache,
+                              progress=progress.update)
     info = report["images"]
     if info["skipped_count"]:
         echo_err(f"warning: skipped {info['skipped_count']} unreadable file(s) in {info['source']}, e.g. "
