@@ -28,7 +28,7 @@ from idle_export.bench.targets import default_targets
 from idle_export.demo import run_demo
 from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
-from idle_export.hardware import MAX_THREADS
+from idle_export.hardware import check_threads
 from idle_export.model import build  # light: it imports the family's torch module when called
 from idle_export.model.checkpoint import Checkpoint
 from idle_export.model.checkpoint import load_checkpoint as _load_checkpoint
@@ -174,8 +174,7 @@ def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathL
     if unknown or (not sets and images is None):
         raise BadInputError(f"inputs={','.join(sets)}: unknown set {', '.join(unknown) or '(none)'}",
                             "use inputs=noise,photos (or images=DIR)")
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise BadInputError(f"threads={threads} must be between 1 and {MAX_THREADS}", "e.g. threads=2")
+    check_threads(threads)
     if max_abs is not None and not (math.isfinite(max_abs) and max_abs >= 0):
         raise BadInputError(f"max_abs={max_abs} must be a finite number ≥ 0",
                             "e.g. max_abs=1e-4 (0 demands identical logits)")
@@ -292,8 +291,7 @@ def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),
     if not 1 <= runs <= 1000 or not 1 <= warmup <= 1000:
         raise BadInputError(f"runs={runs} and warmup={warmup} must be between 1 and 1000",
                             "e.g. runs=5 warmup=3")
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise BadInputError(f"threads={threads} must be between 1 and {MAX_THREADS}", "e.g. threads=2")
+    check_threads(threads)
     modes = list(scores)
     for mode in modes or ["(none)"]:
         _check_scores(mode)

@@ -325,18 +325,21 @@ def folder_lock(folder: Path, wait_s: float = 120.0):
 
 def copy_hashing(src: Path, dst: Path) -> str:
     """Copy src to dst (a new file) and return src's sha256, reading src once."""
-    digest = hashlib.sha256()
-    with open(src, "rb") as f, open(dst, "wb") as out:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-            out.write(chunk)
-    return digest.hexdigest()
+    with open(dst, "wb") as out:
+        return _sha256_of(src, out.write)
 
 
 def sha256_file(path: Path) -> str:
+    return _sha256_of(path)
+
+
+def _sha256_of(path: Path, sink=None) -> str:
+    """The sha256 of the file, read in 1 MiB pieces, each also handed to `sink` when given."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+            if sink is not None:
+                sink(chunk)
     return digest.hexdigest()
 

@@ -87,6 +87,14 @@ def gpu_info() -> dict | None:
 MAX_THREADS = 1024  # the most --threads / threads= a command takes
 
 
+def check_threads(threads: int | None) -> int | None:
+    """`threads` when it is None or 1..MAX_THREADS; BadInputError naming `threads=` otherwise (the
+    CLI prints its --threads)."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BadInputError(f"threads={threads} must be between 1 and {MAX_THREADS}", "e.g. threads=2")
+    return threads
+
+
 def default_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))

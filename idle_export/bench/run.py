@@ -28,6 +28,7 @@ from idle_export.bench.variants import flop_model, make_variants
 from idle_export.data.inputs import input_set
 from idle_export.errors import BadInputError
 from idle_export.hardware import check_batch_fits, default_threads, environment
+from idle_export.onnx.io import check_batch_sizes
 from idle_export.onnx.targets import TARGET_PASSES
 from idle_export.runtime import registry
 
@@ -52,9 +53,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
 
     status = status or (lambda msg: contextlib.nullcontext())
     score_modes = score_modes or ["official"]
-    if not batches or min(batches) < 1:
-        raise BadInputError(f"batches={batches} needs positive sizes", "e.g. batches=1,8,64")
-    batches = list(dict.fromkeys(batches))
+    batches = list(dict.fromkeys(check_batch_sizes(batches, "batches", "1,8,64")))
     if runs < 1 or warmup < 0 or min_time <= 0:
         raise BadInputError("runs= must be ≥ 1, warmup= ≥ 0, min_time= > 0", "e.g. runs=5 warmup=3")
     if inputs not in ("noise", "photos"):

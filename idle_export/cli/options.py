@@ -11,7 +11,6 @@ import typer
 
 from idle_export.errors import BadInputError
 from idle_export.fileio import atomic_write_text
-from idle_export.hardware import MAX_THREADS
 from idle_export.model.families import ARCH_NAMES, METHODS
 from idle_export.numerics import json_safe
 from idle_export.onnx.io import check_batch_sizes
@@ -66,12 +65,6 @@ def byte_size(text: str | None, what: str) -> int | None:
     return int(m.group(1)) * 1024 ** "bkmg".index(unit)
 
 
-
-
-def check_threads(threads: int | None) -> int | None:
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise BadInputError(f"--threads {threads} must be between 1 and {MAX_THREADS}", "pass --threads 2")
-    return threads
 
 
 def write_json(report: dict, target: str) -> None:

@@ -12,13 +12,13 @@ from idle_export.cli.options import (
     JsonOut,
     Threads,
     byte_size,
-    check_threads,
     echo_err,
     int_list,
     report_console,
     status,
     write_json,
 )
+from idle_export.hardware import check_threads
 from idle_export.serve.client import query
 from idle_export.serve.repository import write_repository
 from idle_export.serve.server import serve_repository

@@ -14,7 +14,6 @@ from idle_export.cli.options import (
     Keep,
     Schedule,
     Threads,
-    check_threads,
     echo_err,
     int_list,
     status,
@@ -23,6 +22,7 @@ from idle_export.errors import BadInputError
 from idle_export.explore.picture import render, write_png
 from idle_export.explore.show import DEFAULT_MAX_IMAGES, run_show
 from idle_export.fileio import check_output_path
+from idle_export.hardware import check_threads
 
 
 @command("show")

@@ -19,7 +19,6 @@ from idle_export.cli.options import (
     JsonOut,
     Schedule,
     Threads,
-    check_threads,
     echo_err,
     int_list,
     report_console,
@@ -31,6 +30,7 @@ from idle_export.explore.choose import DEFAULT_RATIOS, check_choice_options, cho
 from idle_export.explore.pareto import import_matplotlib, mark_front, plot_sweep, print_sweep
 from idle_export.explore.sweep import check_backend, run_sweep, sweep_images
 from idle_export.fileio import check_output_path, mkdir_hint
+from idle_export.hardware import check_threads
 from idle_export.model.checkpoint import load_checkpoint
 from idle_export.onnx.export import export_checkpoint
 from idle_export.runtime import registry

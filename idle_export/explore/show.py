@@ -127,14 +127,14 @@ def select_checkpoint(ckpt, spec: ModelSpec, images: np.ndarray) -> tuple[np.nda
     import torch
 
     model = build.build_model(spec, ckpt.state_dict, emit_selection=True, score_mode="official")
+    names = [f"{SELECTION_PREFIX}{layer}" for layer in spec.idle_layers]
     logits, kept = [], {layer: [] for layer in spec.idle_layers}
     with torch.inference_mode():
         for i in range(0, len(images), CHUNK):
             out = model(torch.from_numpy(np.ascontiguousarray(images[i:i + CHUNK])))
             logits.append(out[0].numpy())
-            names = [f"{SELECTION_PREFIX}{layer}" for layer in spec.idle_layers]
-            for layer, idx in zip(spec.idle_layers, _kept_patches(spec, [o.numpy() for o in out[1:]], names),
-                                  strict=True):
+            kept_now = _kept_patches(spec, [o.numpy() for o in out[1:]], names)
+            for layer, idx in zip(spec.idle_layers, kept_now, strict=True):
                 kept[layer].append(idx)
     return np.concatenate(logits), {layer: np.concatenate(v) for layer, v in kept.items()}
 

@@ -171,25 +171,17 @@ def _read_raw(path: Path, data: bytes):
             f"{path.name} is not a PyTorch checkpoint (the unpickler stopped at: {_unpickler_reason(text)})",
             "pass the .pth file that torch.save wrote, or a .safetensors file",
         ) from None
-    except ValueError as e:  # a cut zip archive read from memory: "negative seek value"
-        if not data.startswith(b"PK"):
-            raise CheckpointError(
-                f"{path.name} is not a PyTorch checkpoint (ValueError: {str(e)[:120]})",
-                "pass the .pth file that torch.save wrote, or a .safetensors file",
-            ) from None
-        raise CheckpointError(
-            f"{path.name} is truncated or corrupt ({str(e)[:160]})",
-            "copy the checkpoint again; its download or save may have been cut short",
-        ) from None
-    except (RuntimeError, OSError) as e:  # a cut zip archive raises either, depending on where
+    except Exception as e:  # noqa: BLE001 - arbitrary bytes make the unpickler fail in any way
         if isinstance(e, OSError) and not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}", "check the path") from None
-        text = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(
-            f"{path.name} is truncated or corrupt ({text})",
-            "copy the checkpoint again; its download or save may have been cut short",
-        ) from None
-    except Exception as e:  # noqa: BLE001 - arbitrary bytes make the unpickler fail in any way
+        # a cut zip archive (torch.save's format) raises RuntimeError or OSError, depending on
+        # where it was cut, and ValueError ("negative seek value") when read from memory
+        if isinstance(e, (RuntimeError, OSError)) or (isinstance(e, ValueError) and data.startswith(b"PK")):
+            text = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise CheckpointError(
+                f"{path.name} is truncated or corrupt ({text})",
+                "copy the checkpoint again; its download or save may have been cut short",
+            ) from None
         raise CheckpointError(
             f"{path.name} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})",
             "pass the .pth file that torch.save wrote, or a .safetensors file",

@@ -226,9 +226,7 @@ def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool 
                 fold_bn: bool = True) -> DynamicViT:
     """build.build_model's entry: DynamicViT of a dynamicvit_* ModelSpec (the predictors'
     scores only; no BatchNorm to fold)."""
-    if score_mode not in DYNAMICVIT.score_modes:
-        raise BadInputError(f"DynamicViT ranks tokens by its score predictors: no {score_mode} scores",
-                            "use --scores official")
+    DYNAMICVIT.scores(score_mode)  # its own scores only: BadInputError for another
     return build_dynamicvit(spec, state_dict, dense=dense, emit_selection=emit_selection)
 
 

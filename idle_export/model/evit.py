@@ -219,9 +219,7 @@ def build_model(spec: ModelSpec, state_dict: dict | None = None, *, dense: bool 
                 emit_selection: bool = False, score_mode: str = "official", fold_bn: bool = True) -> EViT:
     """build.build_model's entry: EViT of an evit_* ModelSpec (CLS-attention scores only; no
     BatchNorm to fold)."""
-    if score_mode not in EVIT.score_modes:
-        raise BadInputError(f"EViT ranks tokens by CLS attention: no {score_mode} scores",
-                            "use --scores official")
+    EVIT.scores(score_mode)  # its own scores only: BadInputError for another
     return build_evit(spec, state_dict, dense=dense, emit_selection=emit_selection)
 
 

@@ -39,18 +39,13 @@ from idle_export.runtime.onnxruntime import expose_outputs, topk_index_outputs, 
 from idle_export.runtime.openvino_ir import OPENVINO_PIP, import_openvino, ir_metadata, is_ir
 
 __all__ = ["OPENVINO_PIP", "OpenVinoRunner", "import_openvino", "openvino_config",
-           "openvino_default_precision", "openvino_has_bf16"]
+           "openvino_default_precision"]
 
 
 def openvino_default_precision() -> str:
     """The floating-point precision OpenVINO's CPU plugin computes in unless told otherwise:
     bf16 on CPUs with AMX or AVX-512 BF16, f32 elsewhere."""
     return import_openvino().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-
-
-def openvino_has_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin can compute in bf16 here (AVX-512 BF16 or AMX)."""
-    return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def openvino_config(threads: int | None, precision: str | None = "f32") -> dict:
@@ -114,7 +109,7 @@ class OpenVinoRunner(Runner):
         if self.selection or todo:
             self.compiled = self._compile(self._edited(meta, todo).SerializeToString())
         else:
-            self._given = None  # OpenVINO reads the file itself
+            self.given()  # OpenVINO reads the file itself: drop a model handed over
             self.compiled = self._compile(str(self.path))
         self.request = self.compiled.create_infer_request()
 
