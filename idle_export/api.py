@@ -257,9 +257,16 @@ def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike
     """
     output = Path(output) if output is not None else default_int8_path(onnx, target)
     check_output_path(output)
-    return quantize_onnx(onnx, output, images=images, num=num, method=method, target=target,
-                         per_channel=per_channel, batch_size=batch_size, seed=seed,
-                         cache_dir=None if cache else False, status=progress)
+    report = quantize_onnx(onnx, output, images=images, num=num, method=method, target=target,
+                           per_channel=per_channel, batch_size=batch_size, seed=seed,
+                           cache_dir=None if cache else False, status=progress)
+    report["openvino_ir"] = None
+    if target == "openvino" and report.get("topk"):
+        # INT8 GEMMs, OpenVINO's default (bf16 where the CPU has it) elsewhere, token scores in f32
+        if progress:
+            progress("writing the OpenVINO IR")
+        report["openvino_ir"] = [str(p) for p in write_ir(output, fold=False)[:2]]
+    return report
 
 
 def bench(targets: Sequence[PathLike], *, backends: Sequence[str] = ("ort",),

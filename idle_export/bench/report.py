@@ -103,14 +103,16 @@ EXACT_PRECISIONS = ("fp32", "int8")  # idle variants whose token selection runs 
 
 
 def vs_fastest_dense(variants, batches) -> list[dict]:
-    """Per batch: the fastest idle whose selection is exact (FP32 or INT8 files: the score path
-    stays FP32) against the fastest dense of any CPU runtime at any precision it offers here
-    (OpenVINO's default bf16 on AMX included): the speed-up a user gets over the peer's best."""
+    """Per batch: the fastest idle whose selection is exact (FP32 or INT8 files, and the marked
+    OpenVINO IRs run in bf16: the score path stays FP32) against the fastest dense of any CPU
+    runtime at any precision it offers here (OpenVINO's default bf16 on AMX included): the
+    speed-up a user gets over the peer's best."""
     rows = []
     for bs in batches:
         cpu = [v for v in variants if on_cpu(v.backend) and bs in v.results]
         dense = [v for v in cpu if v.dense]
-        idle = [v for v in cpu if not v.dense and not v.official_code and v.precision in EXACT_PRECISIONS]
+        idle = [v for v in cpu if not v.dense and not v.official_code
+                and (v.precision in EXACT_PRECISIONS or v.selection_f32)]
         if not dense or not idle:
             continue
         fastest = max(dense, key=lambda v: v.results[bs]["images_per_s"])

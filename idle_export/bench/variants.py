@@ -13,6 +13,7 @@ from idle_export.model.families import family_of
 from idle_export.onnx.targets import file_passes, file_target
 from idle_export.runtime import registry
 from idle_export.runtime.official import build_official_model
+from idle_export.runtime.openvino_ir import ir_beside
 from idle_export.trt.sidecar import read_sidecar
 
 build = lazy_module("idle_export.model.build")  # torch
@@ -55,6 +56,7 @@ class Variant:
     file_passes: list[str] = field(default_factory=list)  # graph passes in the file as written
     keep_rate: float | None = None  # an elastic file (or engine) run at this rate (bench --keep-rate)
     spec: object = None  # the ModelSpec at keep_rate (its FLOP ideal)
+    selection_f32: bool = False  # an IR whose token scores stay f32 whatever the precision
 
     @property
     def passes_at_load(self) -> list[str]:
@@ -149,9 +151,11 @@ def _make_variants(targets: Targets, backends: list[str], *, threads: int | None
 
 
 def _file_variants(targets: Targets, runtime, threads, optimize) -> list[Variant]:
-    """The ONNX files `runtime` times (Targets.files_for), and, for the FP32 dense file, the same
-    file at the runtime's own default precision when that is not f32: the peer's best (OpenVINO's
-    dense in bf16 on AMX / AVX-512 BF16, which it would run unless told f32)."""
+    """The ONNX files `runtime` times (Targets.files_for), and, where the runtime's own default
+    precision is not f32: each dense file at that default, the peer's best (OpenVINO's dense in
+    bf16 on AMX / AVX-512 BF16, which it would run unless told f32; an INT8 dense file with bf16
+    between its INT8 GEMMs), and the marked IR beside each idle file (`onnx`/`calibrate --target
+    openvino`: X.xml) at that default, its token scores in f32."""
     backend = runtime.name
     files = targets.files_for(runtime)
     if targets.onnx and (not any(d for _, d, _ in files) or all(d for _, d, _ in files)):
@@ -169,10 +173,20 @@ def _file_variants(targets: Targets, runtime, threads, optimize) -> list[Variant
             backend, label, dense, mode, file=str(path),
             make_runner=_file_factory(runtime, path, threads, optimize, targets), precision=meta.precision,
             target=file_target(meta), file_passes=file_passes(meta)))
-        if dense and meta.precision == "fp32" and default not in ("f32", "fp32"):
+        if default in ("f32", "fp32"):
+            continue
+        at_default = default if meta.precision == "fp32" else f"{meta.precision}+{default}"
+        if dense:  # the peer's best: its dense (FP32 or INT8 file) at the runtime's default
             variants.append(Variant(
-                backend, f"{label}@{default}", dense, mode, file=str(path), precision=default,
+                backend, f"{label}@{default}", dense, mode, file=str(path), precision=at_default,
                 make_runner=_file_factory(runtime, path, threads, optimize, targets, precision="default"),
+                target=file_target(meta), file_passes=file_passes(meta)))
+        elif ".xml" in runtime.suffixes and (ir := ir_beside(path)) is not None:
+            # the marked IR beside the file: the runtime's default precision, the scores in f32
+            variants.append(Variant(
+                backend, f"{label}@{default}", dense, mode, file=str(ir), selection_f32=True,
+                precision=at_default,
+                make_runner=lambda ir=ir: runtime.runner(ir, threads=threads, precision="default"),
                 target=file_target(meta), file_passes=file_passes(meta)))
     return variants
 

@@ -75,5 +75,9 @@ def calibrate_cmd(
              f"{report['num_images']} image(s) from {info['source']}; score path FP32 in "
              f"{report['score_matmuls_fp32']}/{report['topk']} idle layers; "
              f"{report['size_bytes'] / 2**20:.1f} MiB, {report['seconds']:.0f} s)")
+    if report.get("openvino_ir"):
+        xml = Path(report["openvino_ir"][0])
+        echo_err(f"wrote {xml} + {xml.with_suffix('.bin').name} (OpenVINO IR: INT8 GEMMs, the token scores "
+                 f"in f32 where OpenVINO computes in bf16: compile {xml.name}, not {output.name})")
     if json_out:
         write_json(report, json_out)

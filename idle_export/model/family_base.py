@@ -124,8 +124,8 @@ class Family:
                 total += block_macs(n, c, hidden)
                 continue
             s = k_by_layer[layer] + 1  # selected tokens, CLS included
-            if folded_scores:  # w = Wkᵀ q_cls, score = xn·w, keys only for the selected tokens
-                select = c * c + c * c + n * c
+            if folded_scores:  # w = xn_0 (Wqᵀ Wk) + bq Wk, score = xn·w, keys only for the kept tokens
+                select = c * c + n * c
                 qkv = s * c * 3 * c
             else:  # official: q_cls, keys for every token, q_cls·k
                 select = c * c + n * c * c + n * c

@@ -2,7 +2,7 @@
 
   q_cls = xn[:,0] Wq + bq
   official: k = xn Wk + bk;  score_j = (q_cls · k_j) / H       (mean over heads of q_cls,h · k_j,h)
-  folded:   score_j = xn_j · (Wkᵀ q_cls)                       (the same top-K, no keys)
+  folded:   score_j = xn_j · w,  w = Wkᵀ q_cls = xn_0 (Wqᵀ Wk) + bq Wk   (the same top-K, no keys)
   idx = [0, topk(score, K) + 1]                                 (CLS first, then patch tokens)
 The folded score drops q_cls·bk, which is the same for every token, so both rank alike. The
 selected rows are gathered, computed by the family's block and scattered back out of place:
@@ -27,16 +27,18 @@ def select_tokens(xn: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Te
     c = xn.shape[-1]
     wq, wk = qkv_weight[:c], qkv_weight[c : 2 * c]
     bq, bk = (None, None) if qkv_bias is None else (qkv_bias[:c], qkv_bias[c : 2 * c])
-    q_cls = F.linear(xn[:, :1], wq, bq)  # [B, 1, C]
     if score_mode == "official":
+        q_cls = F.linear(xn[:, :1], wq, bq)  # [B, 1, C]
         keys = F.linear(xn, wk, bk)  # [B, N, C]
         # mean over heads of q_h·k_h == (q·k) / H
         scores = torch.matmul(q_cls, keys[:, 1:].transpose(1, 2)).squeeze(1) / num_heads
     elif score_mode == "folded":
         # q·(Wk xn_j + bk) = (Wkᵀ q)·xn_j + q·bk: the last term is the same for every token,
         # so ranking by xn_j·(Wkᵀ q) keeps the same top-K without any keys.
+        # One GEMV per sample: w = xn_0 (Wqᵀ Wk) + bq Wk, the query folded into the key weight
+        # ([C, C], a constant the runtimes and the export targets' passes fold).
         keys = None
-        w = torch.matmul(q_cls, wk)  # [B, 1, C]
+        w = F.linear(xn[:, :1], wk.t() @ wq, None if bq is None else bq @ wk)  # [B, 1, C]
         scores = torch.matmul(w, xn[:, 1:].transpose(1, 2)).squeeze(1)
     else:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}")

@@ -63,18 +63,17 @@ class IdleBlock(nn.Module):
         xn_sel = gather_rows(xn, gather_idx)
         x_sel = gather_rows(x, gather_idx)
         weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
-        # q, k, v as separate projections of the kept tokens: one [B, S, 3C] GEMM followed by a
-        # Split would copy its whole output once more
-        q = F.linear(xn_sel, weight[:c], bias[:c])
-        v = F.linear(xn_sel, weight[2 * c :], bias[2 * c :])
-        if keys is None:
-            k = F.linear(xn_sel, weight[c : 2 * c], bias[c : 2 * c])
-        else:
-            k = gather_rows(keys, gather_idx)
         h, d = self.num_heads, self.head_dim
-        q = q.reshape(b, s, h, d).transpose(1, 2)
-        k = k.reshape(b, s, h, d).transpose(1, 2)
-        v = v.reshape(b, s, h, d).transpose(1, 2)
+        if keys is None:
+            # one q|k|v GEMM, as timm's dense block: with bf16 GEMMs (AMX) each GEMM call has a
+            # fixed cost that three [C, C] calls pay three times (docs/benchmark.md, "Where the
+            # time goes at bf16")
+            qkv = F.linear(xn_sel, weight, bias).reshape(b, s, 3, h, d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:  # official scores: the keys of every token exist already
+            q = F.linear(xn_sel, weight[:c], bias[:c]).reshape(b, s, h, d).transpose(1, 2)
+            v = F.linear(xn_sel, weight[2 * c :], bias[2 * c :]).reshape(b, s, h, d).transpose(1, 2)
+            k = gather_rows(keys, gather_idx).reshape(b, s, h, d).transpose(1, 2)
         attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, s, c)
         res = x_sel + blk.ls1(blk.attn.proj(out))

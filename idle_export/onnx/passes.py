@@ -37,7 +37,7 @@ from idle_export.onnx.graph import producers as producers_of
 from idle_export.onnx.metadata import OnnxMetadata
 
 FOLDABLE_OPS = {"Slice", "Concat", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity",
-                "Split"}
+                "Split", "MatMul"}  # MatMul: the folded score weight Wqᵀ·Wk
 DEFAULT_PASSES = ("fold_initializer_ops", "gather_rows", "bias_gelu")
 
 

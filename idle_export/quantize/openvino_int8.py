@@ -31,7 +31,7 @@ from idle_export.fileio import mapped_disk_full, output_folder, work_dir
 from idle_export.onnx.io import install_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.targets import apply_target
-from idle_export.quantize.selection import dequantized_score_inputs, selection_path_nodes
+from idle_export.quantize.selection import activation_matmuls, dequantized_score_inputs, selection_path_nodes
 
 NNCF_PIP = pip_extra("openvino")
 
@@ -68,7 +68,7 @@ def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
     nncf = import_nncf()
     proto = apply_target(proto, "openvino")  # passes it lacks; metadata target = openvino
     meta = OnnxMetadata.of(proto)
-    ignored = selection_path_nodes(proto)
+    ignored = selection_path_nodes(proto) + activation_matmuls(proto)
     samples = [calib_array[i:i + 1] for i in range(len(calib_array))]
     dataset = nncf.Dataset(samples, lambda x: {proto.graph.input[0].name: x})
     advanced = None

@@ -70,6 +70,17 @@ def ir_skipped(output: str | Path, *, dense: bool, elastic: bool) -> str | None:
     return None
 
 
+def ir_beside(onnx_path: str | Path) -> Path | None:
+    """The marked IR that `onnx --target openvino` or `calibrate --target openvino` wrote beside
+    this ONNX file (X.xml and X.bin, not older than X.onnx), else None."""
+    xml, binary = ir_paths(onnx_path)
+    try:
+        fresh = xml.stat().st_mtime >= Path(onnx_path).stat().st_mtime and binary.is_file()
+    except OSError:
+        return None
+    return xml if fresh else None
+
+
 def is_ir(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".xml"
 
@@ -299,11 +310,14 @@ def read_ir_metadata(path: str | Path) -> OnnxMetadata:
     return ir_metadata(model)
 
 
-def write_ir(onnx_path: str | Path, xml_path: str | Path | None = None) -> tuple[Path, Path, int]:
+def write_ir(onnx_path: str | Path, xml_path: str | Path | None = None, *, fold: bool = True
+             ) -> tuple[Path, Path, int]:
     """Write the marked IR of an ONNX file (default: X.xml + X.bin beside X.onnx), both files
     atomically: saved into a temporary folder beside them, then renamed (bin first, so an
     X.xml never names a missing X.bin; on failure neither is touched). Returns (xml, bin,
-    number of marked ops)."""
+    number of marked ops). fold=False for an INT8 Q/DQ file: OpenVINO's constant folding would
+    turn each int8 weight and its DequantizeLinear into an f32 weight (FP32 GEMMs again); its
+    weights are constants already (quantized files have the openvino target's passes)."""
     ov = import_openvino()
     onnx_path = Path(onnx_path)
     xml, binary = (ir_paths(onnx_path) if xml_path is None else
@@ -315,7 +329,8 @@ def write_ir(onnx_path: str | Path, xml_path: str | Path | None = None) -> tuple
         first = (str(e).strip().splitlines() or ["?"])[0][:200]
         raise BadInputError(f"OpenVINO cannot read {onnx_path.name} ({first})",
                             "export with --no-ir, or check the file with `idle-export lint`") from None
-    fold_constants(model)  # weights as Constants (a portable file slices and transposes them)
+    if fold:
+        fold_constants(model)  # weights as Constants (a portable file slices and transposes them)
     mark_score_path(model, proto)
     settle_marked(model)
     marked = [op.get_friendly_name() for op in model.get_ordered_ops() if is_marked(op)]

@@ -29,8 +29,13 @@ def graph_macs(path: Path, spec) -> int:
     from idle_export.data.inputs import seeded_noise
 
     proto = onnx.load(str(path))
-    nodes = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
     init = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    constant = set(init)  # not per image: weight-only work (the folded score weight Wqᵀ·Wk), folded at load
+    for n in proto.graph.node:
+        if all(i in constant for i in n.input if i):
+            constant.update(n.output)
+    nodes = [n for n in proto.graph.node
+             if n.op_type in ("MatMul", "Gemm", "Conv") and n.output[0] not in constant]
     wanted = {i for n in nodes for i in list(n.input[:2]) + [n.output[0]] if i and i not in init}
     existing = {o.name for o in proto.graph.output}
     for name in sorted(wanted - existing):

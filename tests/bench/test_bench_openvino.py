@@ -151,3 +151,83 @@ def test_dense_at_openvinos_default_precision_and_the_fastest_dense(tiny_folded_
                key=lambda r: r["images_per_s"])
     assert row["speedup"] == pytest.approx(idle["images_per_s"] / fastest["images_per_s"])
     assert set(report["environment"]["cpu_matrix_features"]) <= set(MATRIX_FLAGS)
+
+
+def _forced_bf16(monkeypatch):
+    """OpenVINO's default precision forced to bf16, so the test does not depend on the CPU (where
+    the CPU has no bf16, OpenVINO computes such a model in f32)."""
+    import dataclasses
+
+    from idle_export.runtime import registry
+
+    forced = dataclasses.replace(registry.RUNTIMES["openvino"], default_precision=lambda: "bf16")
+    monkeypatch.setitem(registry.RUNTIMES, "openvino", forced)
+
+
+def test_the_marked_ir_beside_an_idle_file_is_timed_at_the_default_precision(tiny_folded_onnx,
+                                                                              tiny_dense_onnx, tmp_path,
+                                                                              monkeypatch):
+    """`onnx --target openvino` writes X.xml beside X.onnx; bench times it at OpenVINO's default
+    (what a user's compile_model of X.xml runs) and counts it as an exact idle (its scores are
+    f32) for the headline against the fastest dense. An IR older than its ONNX is not used."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    import os
+    import shutil
+
+    from idle_export.bench.run import run_bench
+    from idle_export.runtime.openvino_ir import write_ir
+
+    _forced_bf16(monkeypatch)
+    idle = tmp_path / "tiny_folded.onnx"
+    shutil.copy(tiny_folded_onnx, idle)
+    xml, _, marked = write_ir(idle)
+    assert marked > 0
+    report = run_bench([idle, tiny_dense_onnx], backends=["openvino"], batches=[1], threads=1, **FAST)
+    by_key = {(r["backend"], r["variant"]): r for r in report["results"]}
+    ir = by_key[("openvino", "idle-folded@bf16")]
+    assert ir["file"] == str(xml) and ir["precision"] == "bf16"
+    variants = ("idle-folded", "idle-folded@bf16", "dense", "dense@bf16")
+    assert set(by_key) == {("openvino", v) for v in variants}
+    (row,) = report["vs_fastest_dense"]
+    idle_rows = [r for r in report["results"] if r["variant"].startswith("idle")]
+    assert row["idle"] == "openvino:" + max(idle_rows, key=lambda r: r["images_per_s"])["variant"]
+    os.utime(idle, (xml.stat().st_mtime + 10,) * 2)  # the ONNX written again after its IR
+    report = run_bench([idle, tiny_dense_onnx], backends=["openvino"], batches=[1], threads=1, **FAST)
+    assert "idle-folded@bf16" not in {r["variant"] for r in report["results"]}
+
+
+def test_calibrate_for_openvino_writes_the_marked_int8_ir(tiny_folded_onnx, tmp_path):
+    """api.quantize(target="openvino") writes the Q/DQ file and its IR: the linear layers run in
+    INT8, the attention MatMuls are left unquantized (their Q/DQ cost more than they save in
+    OpenVINO), and compiled at bf16 the token scores stay f32."""
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'idle-export[openvino]')")
+    import openvino as ov
+
+    from idle_export import api
+    from idle_export.quantize.selection import activation_matmuls, score_matmuls
+
+    out = tmp_path / "tiny.int8.openvino.onnx"
+    report = api.quantize(tiny_folded_onnx, out, num=8, target="openvino", cache=False)
+    xml, binary = (tmp_path / "tiny.int8.openvino.xml", tmp_path / "tiny.int8.openvino.bin")
+    assert report["openvino_ir"] == [str(xml), str(binary)] and binary.is_file()
+    proto = onnx.load(str(out))
+    made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    from idle_export.onnx.targets import apply_target
+
+    attention = activation_matmuls(apply_target(onnx.load(str(tiny_folded_onnx)), "openvino"))
+    assert len(attention) >= 2 * 12 and {n.name for n in proto.graph.node} >= set(attention)
+    assert all(made_by.get(i) != "DequantizeLinear" for n in proto.graph.node if n.name in attention
+               for i in n.input)
+    scores = {m.name for m in score_matmuls(proto)}
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    precisions, int8_layers = {}, 0
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        prec = info["runtimePrecision"].astype(str)
+        for name in set(info["originalLayersNames"].astype(str).split(",")) & scores:
+            precisions[name] = prec
+        int8_layers += info["layerType"].astype(str) == "FullyConnected" and prec in ("i8", "u8")
+    assert precisions == dict.fromkeys(scores, "f32")
+    assert int8_layers >= 12 * 4  # qkv, proj, fc1, fc2 of every block
+    no_ir = api.quantize(tiny_folded_onnx, tmp_path / "q.int8.ort.onnx", num=8, target="ort", cache=False)
+    assert no_ir["openvino_ir"] is None and not (tmp_path / "q.int8.ort.xml").exists()

@@ -244,3 +244,28 @@ def test_photos10_int8_accuracy_on_held_out_crops(photos10_idle_onnx, tmp_path):
     assert set(case["selection_per_layer"]) == {str(i) for i in range(3, 12)}
     assert set(case["selection_overlap_per_layer"]) == set(case["selection_per_layer"])
     assert all(v > 0.8 for v in case["selection_overlap_per_layer"].values())
+
+
+@pytest.mark.slow
+def test_photos10_openvino_int8_ir_on_held_out_crops(photos10_idle_onnx, tmp_path):
+    """`calibrate --target openvino` on 64 crops; its IR (INT8 GEMMs, bf16 elsewhere where the
+    CPU has it, token scores f32) at OpenVINO's default on 200 held-out crops: top-1 agreement
+    with FP32 ≥ 99 %, accuracy drop ≤ 1 point, tie-tolerant selection reported per layer."""
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'idle-export[openvino]')")
+    calib = write_crops(tmp_path / "calib", 64, seed=1)
+    held_out = write_crops(tmp_path / "held_out", 200, seed=2)
+    out = tmp_path / "photos10_idle.int8.openvino.onnx"
+    runner = CliRunner()
+    r = runner.invoke(app, ["calibrate", str(photos10_idle_onnx), "--target", "openvino", "--images",
+                            str(calib), "--num", "64", "-o", str(out), "--no-cache"])
+    assert r.exit_code == 0, r.output
+    xml = out.with_suffix(".xml")
+    assert f"wrote {xml}" in r.output.replace("\n", " ")
+    r = runner.invoke(app, ["check", str(xml), "--against", str(photos10_idle_onnx), "--images",
+                            str(held_out), "--batch", "50", "--backend", "openvino", "--precision", "default",
+                            "--json", str(tmp_path / "check.json")])
+    assert r.exit_code == 0, r.output
+    (case,) = json.loads((tmp_path / "check.json").read_text())["cases"]
+    assert case["images"] == 200 and case["top1"] >= 0.99
+    assert case["accuracy"]["reference"] >= 0.9 and case["accuracy"]["drop"] <= 0.01
+    assert set(case["selection_per_layer"]) == {str(i) for i in range(3, 12)}
