@@ -236,8 +236,10 @@ def runtimes() -> list[dict]:
 
 
 def demo(folder: PathLike = "demo_out", *, arch: str = "deit_small", keep: float = 0.7,
-         batch_sizes: Sequence[int] = (1, 7, 32)) -> dict:
+         batch_sizes: Sequence[int] = (1, 7, 32), progress=None) -> dict:
     """The whole pipeline on a seeded model (`idle-export demo`): a checkpoint in the official
     training format, its idle and dense ONNX exports, each checked against PyTorch. Returns the
-    report; `report["passed"]` is the verdict and `report["checkpoint"]` the checkpoint's path."""
-    return run_demo(Path(folder), arch=arch, keep_rate=keep, batch_sizes=[int(b) for b in batch_sizes])
+    report; `report["passed"]` is the verdict and `report["checkpoint"]` the checkpoint's path.
+    `progress(message)`: a context manager shown around each step."""
+    return run_demo(Path(folder), arch=arch, keep_rate=keep, status=progress,
+                    batch_sizes=check_batch_sizes(batch_sizes, "batch_sizes", "1,7,32"))

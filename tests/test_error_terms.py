@@ -175,3 +175,11 @@ def test_serve_errors_name_parameters_and_the_cli_its_flags(tiny_folded_onnx, tm
         api.serve_query("http://127.0.0.1:9", [tiny_folded_onnx], top=0)
     assert "--top 0 must be at least 1" in _cli_error(["serve", "query", "http://127.0.0.1:9",
                                                        tiny_folded_onnx, "--top", "0"])
+
+
+def test_demo_errors_name_parameters_and_the_cli_its_flags(tmp_path):
+    with pytest.raises(BadInputError, match=r"batch_sizes=\[0\] needs positive sizes"):
+        api.demo(tmp_path / "d", batch_sizes=[0])
+    assert "--batch [0] needs positive sizes (hint: e.g. --batch 1,7,32)" in _cli_error(
+        ["demo", "-o", tmp_path / "d", "--batch", "0"])
+    assert list(tmp_path.iterdir()) == []

@@ -100,7 +100,7 @@ def write_repository(model: str | Path, output: str | Path, **kwargs) -> dict:
     if output.exists() and not output.is_dir():
         raise BadInputError(f"output {output} is a file", "give a folder for the model repository")
     if not output.exists() and parent.exists() and not parent.is_dir():
-        raise BadInputError(f"{parent} is a file, not a folder", "give -o a path inside a folder")
+        raise BadInputError(f"{parent} is a file, not a folder", "give output= a path inside a folder")
     if not output.exists() and not parent.is_dir():
         raise BadInputError(f"folder {parent} does not exist", mkdir_hint(parent))
     created = not output.exists()
