@@ -37,7 +37,7 @@ from idle_export.api_export import (
     torch_model,
     write_openvino_ir,
 )
-from idle_export.api_serve import serve_query, serve_repo
+from idle_export.api_serve import serve_bench, serve_query, serve_repo, serve_run
 from idle_export.bench.plot import plot_report, require_matplotlib
 from idle_export.bench.run import run_bench
 from idle_export.bench.targets import default_targets
@@ -56,7 +56,8 @@ from idle_export.runtime.base import Runner
 
 __all__ = ["Checkpoint", "ModelSpec", "bench", "build_engine", "check", "default_onnx_path", "demo",
            "export_onnx", "lint", "load_checkpoint", "model_spec", "open_model", "quantize", "runtimes",
-           "serve_query", "serve_repo", "show", "sweep", "torch_model", "write_openvino_ir"]
+           "serve_bench", "serve_query", "serve_repo", "serve_run", "show", "sweep", "torch_model",
+           "write_openvino_ir"]
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 

@@ -1,18 +1,28 @@
 """The serving half of the public API (`idle_export.api` re-exports every name): Triton model
-repositories and queries to a Triton server. Errors name the parameters as these functions
-spell them (`instances=`); the CLI prints its flags instead."""
+repositories, a local server, queries and load on a Triton server. Errors name the parameters
+as these functions spell them (`instances=`); the CLI prints its flags instead."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import math
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from idle_export.api_export import PathLike
+from idle_export.errors import BadInputError
+from idle_export.fileio import check_output_path
 from idle_export.hardware import check_threads
+from idle_export.onnx.io import check_batch_sizes
 from idle_export.serve.client import query
+from idle_export.serve.load import bench_server
+from idle_export.serve.load_plot import plot_load
 from idle_export.serve.repository import write_repository
+from idle_export.serve.server import serve_repository
 from idle_export.serve.tune import tune_batching
+
+MAX_CONCURRENCY = 256
 
 
 def serve_repo(model: PathLike, output: PathLike = "model_repository", *, name: str | None = None,
@@ -66,3 +76,63 @@ def serve_query(url: str, images: Sequence[PathLike], *, model: str | None = Non
     extra (tritonclient). Returns the report (`results`: top classes per image, `latency_ms`)."""
     return query(url, list(images), model=model, top=top, repeat=repeat, timeout_s=timeout, wait_s=wait,
                  keep_rate=keep_rate)
+
+
+def serve_run(repository: PathLike, *, host: str = "127.0.0.1", port: int = 8000,
+              models: Sequence[str] | None = None, threads: int | None = None, grpc_port: int | None = None,
+              metrics_port: int | None = None, exit_timeout: int = 10, log_file: PathLike | None = None,
+              max_input_bytes: int | None = None, in_flight_bytes: int | None = None,
+              on_start: Callable[[], None] | None = None, on_ready: Callable | None = None,
+              stop_event: threading.Event | None = None) -> dict:
+    """Serve a repository's ONNX models locally (`idle-export serve run`): Triton core via
+    pytriton, ONNX Runtime on the CPU, until SIGINT/SIGTERM (or `stop_event`). `models`: only
+    these (default all); `grpc_port`, `metrics_port`: also serve gRPC / Prometheus metrics;
+    `exit_timeout`: seconds (0-25) for the requests accepted before a stop; `log_file` keeps
+    tritonserver's log; `max_input_bytes`: the most bytes of inputs one HTTP request may declare
+    (default 64 MiB or a served model's full batch); `in_flight_bytes`: the most bytes of request
+    bodies held at once. `on_start()` is called as the server starts, `on_ready(handle)` once it
+    serves (handle: `url`, `models`, `warnings`, `max_input_bytes`). Needs the `serve` extra.
+    Returns the summary: `skipped` models, `signal`, `uptime_s`, `shutdown_s`."""
+    return serve_repository(repository, host=host, port=port, models=list(models) if models else None,
+                            threads=check_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
+                            exit_timeout_s=exit_timeout, log_file=log_file, max_input_bytes=max_input_bytes,
+                            in_flight_bytes=in_flight_bytes, on_start=on_start, on_ready=on_ready,
+                            stop_event=stop_event, handle_signals=stop_event is None)
+
+
+def serve_bench(url: str, models: Sequence[str], *, concurrency: Sequence[int] = (1, 2, 4, 8),
+                batches: Sequence[int] = (1, 8), protocol: str = "http", grpc_url: str | None = None,
+                warmup: float = 1.0, window: float = 2.0, max_windows: int = 8, stability: float = 0.1,
+                timeout: float = 60.0, plot: PathLike | None = None, progress=None) -> dict:
+    """Closed-loop load on a Triton server (`idle-export serve bench`): images/s and p50/p90/p99
+    latency of each model at each batch size and concurrency (clients in flight at once), the
+    first two models compared. `protocol`: "http" (binary tensors) or "grpc" (`grpc_url`, default
+    the HTTP host, port 8001); `warmup` seconds of load before measuring, windows of `window`
+    seconds until three agree within `stability` (at most `max_windows`); `timeout` per request.
+    `plot`: a PNG of throughput and p99 latency against concurrency (the `plot` extra);
+    `progress(message)`: a context manager around the load. Needs the `serve` extra.
+    Returns the report: `rows` (one per model, batch and concurrency), `ratios`."""
+    names = [m for m in models if m]
+    if not names:
+        raise BadInputError("models= names no model", "e.g. models=deit_s_idle,deit_s_dense")
+    levels = [int(c) for c in concurrency]
+    if not levels or min(levels) < 1 or max(levels) > MAX_CONCURRENCY:
+        raise BadInputError(f"concurrency={','.join(map(str, levels))} needs levels between 1 and "
+                            f"{MAX_CONCURRENCY}", "e.g. concurrency=1,2,4,8")
+    sizes = check_batch_sizes(batches, "batches", "1,8")
+    for value, what in ((warmup, "warmup"), (window, "window"), (timeout, "timeout")):
+        if not (math.isfinite(value) and 0 <= value <= 3600) or (what != "warmup" and value == 0):
+            raise BadInputError(f"{what}={value} must be a number of seconds in (0, 3600]", f"e.g. {what}=2")
+    if not 3 <= max_windows <= 100:
+        raise BadInputError(f"max_windows={max_windows} must be between 3 and 100", "e.g. max_windows=8")
+    if not 0 < stability < 1:
+        raise BadInputError(f"stability={stability} must lie in (0, 1)", "e.g. stability=0.1")
+    if plot is not None:
+        check_output_path(Path(plot), "plot=")
+    with (progress or (lambda m: contextlib.nullcontext()))(f"load on {url}") as shown:
+        report = bench_server(url, names, concurrency=levels, batch=sizes, protocol=protocol,
+                              grpc_url=grpc_url, warmup_s=warmup, window_s=window, max_windows=max_windows,
+                              stability=stability, timeout_s=timeout, progress=getattr(shown, "update", None))
+    if plot is not None:
+        plot_load(report, Path(plot))
+    return report

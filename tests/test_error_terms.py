@@ -183,3 +183,14 @@ def test_demo_errors_name_parameters_and_the_cli_its_flags(tmp_path):
     assert "--batch [0] needs positive sizes (hint: e.g. --batch 1,7,32)" in _cli_error(
         ["demo", "-o", tmp_path / "d", "--batch", "0"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_bench_errors_name_parameters_and_the_cli_its_flags(tmp_path):
+    with pytest.raises(BadInputError, match=r"max_windows=2 must be between 3 and 100"):
+        api.serve_bench("http://127.0.0.1:9", ["m"], max_windows=2)
+    assert "--max-windows 2 must be between 3 and 100 (hint: e.g. --max-windows 8)" in _cli_error(
+        ["serve", "bench", "http://127.0.0.1:9", "--models", "m", "--max-windows", "2"])
+    assert "--batch [0] needs positive sizes" in _cli_error(
+        ["serve", "bench", "http://127.0.0.1:9", "--models", "m", "--batch", "0"])
+    with pytest.raises(BadInputError, match=r"exit_timeout=26 must lie in 0..25"):
+        api.serve_run(tmp_path, exit_timeout=26)

@@ -19,8 +19,6 @@ from idle_export.cli.options import (
     status,
     write_json,
 )
-from idle_export.hardware import check_threads
-from idle_export.serve.server import serve_repository
 
 serve_app = typer.Typer(name="serve", no_args_is_help=True, add_completion=False,
                         help="Triton Inference Server: write a model repository, serve it locally "
@@ -95,7 +93,7 @@ def repo_cmd(
 
 
 @_serve_command("run", api_names={"max_input_bytes": "max_input", "in_flight_bytes": "in_flight",
-                                  "exit_timeout_s": "exit_timeout", "models": "model"})
+                                  "models": "model"})
 def run_cmd(
     repository: Annotated[Path, typer.Argument(help="Model repository written by `serve repo`.")],
     port: Annotated[int, typer.Option("--port", help="HTTP port (KServe v2).")] = 8000,
@@ -132,12 +130,12 @@ def run_cmd(
                  f"CPU; requests up to {handle.max_input_bytes / 2**20:.4g} MiB of inputs); stop with "
                  "Ctrl+C or SIGTERM")
 
-    summary = serve_repository(repository, host=host, port=port, models=model or None,
-                               threads=check_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
-                               exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready,
-                               max_input_bytes=byte_size(max_input, "--http-max-input-size"),
-                               in_flight_bytes=byte_size(in_flight, "--max-in-flight"),
-                               on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
+    summary = api.serve_run(repository, host=host, port=port, models=model or None, threads=threads,
+                            grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout=exit_timeout,
+                            log_file=log_file, on_ready=ready,
+                            max_input_bytes=byte_size(max_input, "--http-max-input-size"),
+                            in_flight_bytes=byte_size(in_flight, "--max-in-flight"),
+                            on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
     if summary["skipped"]:
         echo_err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")
     echo_err(f"stopped ({summary['signal'] or 'stop requested'}) after serving {summary['uptime_s']:.0f} s; "

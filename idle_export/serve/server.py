@@ -84,11 +84,12 @@ def check_run_options(exit_timeout_s: int, log_file: str | Path | None,
     lo, hi = MAX_INPUT_BOUNDS
     if max_input_bytes is not None and not lo <= max_input_bytes <= hi:
         raise BadInputError(f"max_input_bytes={max_input_bytes} must lie in {lo}..{hi} bytes",
-                            "e.g. max_input_bytes=64MiB (the default, or a served model's full batch)")
+                            "e.g. max_input_bytes=67108864 (64 MiB, the default, or a served model's full "
+                            "batch)")
     if not 0 <= exit_timeout_s <= MAX_EXIT_TIMEOUT_S:
-        raise BadInputError(f"exit_timeout_s={exit_timeout_s} must lie in 0..{MAX_EXIT_TIMEOUT_S} seconds",
+        raise BadInputError(f"exit_timeout={exit_timeout_s} must lie in 0..{MAX_EXIT_TIMEOUT_S} seconds",
                             "pytriton kills tritonserver 30 s after the stop request, cutting off what still "
-                            "runs; e.g. exit_timeout_s=10")
+                            "runs; e.g. exit_timeout=10")
     return None if log_file is None else check_output_path(Path(log_file), "log_file=").absolute()
 
 
