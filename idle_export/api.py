@@ -12,7 +12,10 @@ Importing this module loads no torch, onnx or ONNX Runtime; each function loads 
 when it is called. Failures raise the errors the CLI prints as one line
 (idle_export.errors): BadInputError for unusable input, MissingDependencyError when an extra is
 not installed (its `hint` is the pip command), CheckFailedError only where a function says so.
-Reports are the dicts that the commands write with `--json`.
+Reports are the dicts that the commands write with `--json`. The functions live in api.py
+(check, lint, quantize, bench, open_model, runtimes, demo), api_export.py (checkpoints, ONNX,
+OpenVINO IR, engines), api_explore.py (show, sweep) and api_serve.py (Triton repositories and
+queries); this module holds them all.
 """
 
 from __future__ import annotations
@@ -20,8 +23,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from idle_export.api_explore import show, sweep
+from idle_export.api_export import (
+    CheckpointLike,
+    PathLike,
+    _check_scores,
+    build_engine,
+    default_onnx_path,
+    export_onnx,
+    load_checkpoint,
+    model_spec,
+    torch_model,
+    write_openvino_ir,
+)
+from idle_export.api_serve import serve_bench, serve_query, serve_repo, serve_run
 from idle_export.bench.plot import plot_report, require_matplotlib
 from idle_export.bench.run import run_bench
 from idle_export.bench.targets import default_targets
@@ -29,119 +45,22 @@ from idle_export.demo import run_demo
 from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
 from idle_export.hardware import check_threads
-from idle_export.model import build  # light: it imports the family's torch module when called
 from idle_export.model.checkpoint import Checkpoint
-from idle_export.model.checkpoint import load_checkpoint as _load_checkpoint
-from idle_export.model.config import SCORE_MODES, ModelSpec, check_keep_rate
-from idle_export.onnx.export import export_checkpoint
-from idle_export.onnx.io import DEFAULT_OPSET, check_batch_sizes
+from idle_export.model.config import ModelSpec, check_keep_rate
+from idle_export.onnx.io import check_batch_sizes
 from idle_export.onnx.lint import lint_file
-from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.parity.check import check_engine_against, check_onnx
 from idle_export.quantize.qdq import default_int8_path, quantize_onnx
 from idle_export.runtime import registry
 from idle_export.runtime.base import Runner
-from idle_export.runtime.openvino_ir import ir_skipped, write_ir
-from idle_export.trt.build import build_engine as _build_engine
-from idle_export.trt.inputs import parse_keep_range
+from idle_export.runtime.openvino_ir import write_ir
 
-if TYPE_CHECKING:
-    import torch
+__all__ = ["Checkpoint", "ModelSpec", "bench", "build_engine", "check", "default_onnx_path", "demo",
+           "export_onnx", "lint", "load_checkpoint", "model_spec", "open_model", "quantize", "runtimes",
+           "serve_bench", "serve_query", "serve_repo", "serve_run", "show", "sweep", "torch_model",
+           "write_openvino_ir"]
 
-__all__ = ["Checkpoint", "ModelSpec", "bench", "build_engine", "check", "demo", "export_onnx", "lint",
-           "load_checkpoint", "model_spec", "open_model", "quantize", "runtimes", "torch_model"]
-
-PathLike = str | Path
-CheckpointLike = str | Path | Checkpoint
 ENGINE_SUFFIXES = (".engine", ".plan")
-
-
-def load_checkpoint(path: PathLike, *, ema: bool = False) -> Checkpoint:
-    """Read a checkpoint safely (`torch.load(weights_only=True)` or safetensors).
-
-    Every form IdleViT users have is accepted: the official training checkpoint, `{'model': sd}`,
-    `{'state_dict': sd}`, a bare state dict or a `.safetensors` file. `ema=True` takes the
-    `model_ema` weights. The result carries the weights, the training args (`arch`, `base_rate`)
-    and the file's sha256; `model_spec` turns it into the model to export.
-    """
-    return _load_checkpoint(path, ema=ema)
-
-
-def _checkpoint(checkpoint: CheckpointLike, ema: bool) -> Checkpoint:
-    return checkpoint if isinstance(checkpoint, Checkpoint) else _load_checkpoint(checkpoint, ema=ema)
-
-
-def model_spec(checkpoint: CheckpointLike, *, arch: str | None = None, keep: float | None = None,
-               schedule: str = "eval", idle_layers: Sequence[int] | None = None,
-               keep_k: Sequence[int] | None = None, ema: bool = False,
-               family: str | None = None) -> ModelSpec:
-    """The ModelSpec (architecture, idle layers, K per idle layer) of a checkpoint.
-
-    `arch` and `keep` default to the checkpoint's `args.arch` / `args.base_rate`; `schedule` is
-    "eval" (idle layers 3..11, the official evaluation script) or "train" (4..11); `idle_layers`
-    and `keep_k` set the layers and the kept tokens per layer explicitly, as the CLI's
-    `--idle-layers` and `--keep-k` do. `family` ("idlevit", "evit", "dynamicvit") reads the
-    checkpoint as that family, as `--family` does; by default its keys and args tell.
-    """
-    ckpt = _checkpoint(checkpoint, ema)
-    return ckpt.spec(arch=arch, keep_rate=keep, schedule=schedule, method=family,
-                     idle_layers=list(idle_layers) if idle_layers is not None else None,
-                     keep_k=list(keep_k) if keep_k is not None else None)
-
-
-def torch_model(checkpoint: CheckpointLike, *, dense: bool = False, scores: str = "official",
-                spec: ModelSpec | None = None, ema: bool = False) -> torch.nn.Module:
-    """The IdleViT (eval mode, on the CPU) that the export starts from, with the checkpoint's
-    weights: `model(images)` gives the logits. `dense=True` gives the dense baseline (every token
-    in every layer); `scores` is "official" (the paper's keys for every token) or "folded".
-    `spec` defaults to `model_spec(checkpoint)`."""
-    ckpt = _checkpoint(checkpoint, ema)
-    _check_scores(scores)
-    return build.build_model(spec or ckpt.spec(), ckpt.state_dict, dense=dense, score_mode=scores)
-
-
-def _check_scores(scores: str | None) -> None:
-    if scores is not None and scores not in SCORE_MODES:
-        raise BadInputError(f"scores={scores!r} is not one of {', '.join(SCORE_MODES)}",
-                            "use scores=folded (the default export) or scores=official")
-
-
-def export_onnx(checkpoint: CheckpointLike, output: PathLike, *, dense: bool = False,
-                arch: str | None = None, keep: float | None = None, schedule: str = "eval",
-                idle_layers: Sequence[int] | None = None, keep_k: Sequence[int] | None = None,
-                spec: ModelSpec | None = None, ema: bool = False, scores: str | None = None,
-                emit_selection: bool = False, plugin: bool = False, opset: int = DEFAULT_OPSET,
-                external_data: bool = False, target: str = "portable", elastic: bool = False,
-                openvino_ir: bool = True, family: str | None = None) -> Path:
-    """Export a checkpoint to ONNX (`idle-export onnx`); returns the path written.
-
-    The idle graph (TopK + GatherElements + ScatterElements, dynamic batch) by default, the
-    dense baseline of the same weights with `dense=True`. The model is `spec` if given, else
-    `model_spec(checkpoint, arch=..., keep=..., schedule=..., idle_layers=..., keep_k=...)`.
-    `scores`: "folded" (the same top-K without keys for idle tokens; IdleViT's default) or
-    "official" (EViT's and DynamicViT's only one); `family` as in `model_spec`;
-    `emit_selection` adds each idle layer's kept token indices as outputs; `plugin` writes the
-    plugin form (fused idle-select kernels); `external_data` puts the weights in OUTPUT.data.
-    `target`: where the file runs, its graph passes written into it: "portable" (none, the
-    default), "ort" (+ com.microsoft.BiasGelu), "openvino" or "tensorrt" (onnx.targets).
-    `elastic`: one file for every keep rate, K computed in the graph from an optional input
-    keep_rate (default the spec's rate; docs/export.md#elastic-keep-rate).
-    `openvino_ir`: with target "openvino", also write OUTPUT.xml + OUTPUT.bin, the OpenVINO IR
-    whose token-score path stays f32 when OpenVINO computes in bf16 (runtime.openvino_ir; not
-    for a dense or elastic file, nor without OpenVINO installed).
-    The file is written atomically, with the metadata that `check`, `bench` and `trt` read.
-    """
-    _check_scores(scores)
-    ckpt = _checkpoint(checkpoint, ema)
-    if spec is None:
-        spec = model_spec(ckpt, arch=arch, keep=keep, schedule=schedule, idle_layers=idle_layers,
-                          keep_k=keep_k, family=family)
-    path = export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
-                             score_mode=scores, opset=opset, external_data=external_data, plugin=plugin,
-                             target=target, elastic=elastic)
-    if target == "openvino" and openvino_ir and ir_skipped(path, dense=dense, elastic=elastic) is None:
-        write_ir(path)
-    return path
 
 
 def check(model: PathLike, *, ckpt: CheckpointLike | None = None, against: PathLike | None = None,
@@ -215,32 +134,6 @@ def lint(onnx: PathLike, *, expect_idle: bool = False) -> dict:
     return lint_file(onnx, expect_idle=expect_idle)
 
 
-def build_engine(onnx: PathLike, output: PathLike | None = None, *, precision: str = "fp16",
-                 batch: tuple[int, int, int] = (1, 32, 64), target: str | None = None,
-                 flavour: str | None = None, timing_cache: PathLike | None = None,
-                 workspace: int | None = None, selection: bool = False, plugin: bool = False,
-                 verbose: bool = False, keep_range: tuple[float, float, float] | None = None) -> dict:
-    """Build a TensorRT engine and its ENGINE.json sidecar (`idle-export trt`); needs the `trt`
-    extra (TensorRT-RTX, which builds without a GPU) or TensorRT 10/11 on an NVIDIA GPU.
-
-    `precision`: "fp32", "fp16" (token scores, TopK and indices stay FP32/INT64) or "int8" (a
-    Q/DQ ONNX from `quantize(..., target="trt")`); `batch`: the profile (min, opt, max);
-    `target`: a compute capability to cross-build for with TensorRT-RTX ("sm89"); `flavour`:
-    "tensorrt" or "tensorrt_rtx" (default: tensorrt when installed). `output` defaults to
-    ONNX_STEM.PRECISION.engine. `keep_range` (min, opt, max rates): an elastic file built with its
-    rate variable (`trt --elastic --keep-range`; the int64 shape input keep_permille). Returns the
-    sidecar dict (versions, profile, build time, the
-    equivalent trtexec command line).
-    """
-    profile = None
-    if keep_range is not None:
-        profile = parse_keep_range(":".join(f"{float(r):g}" for r in keep_range), OnnxMetadata.read(onnx))
-    return _build_engine(onnx, precision=precision, batch=batch, target=target,
-                         timing_cache=timing_cache, workspace=workspace, verbose=verbose,
-                         output=output, flavour=flavour, selection=selection, plugin=plugin,
-                         keep_range=profile)
-
-
 def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike | None = None,
              num: int | None = None, method: str = "minmax", target: str = "ort",
              per_channel: bool = True, batch_size: int = 16, seed: int = 0, cache: bool = True,
@@ -256,7 +149,7 @@ def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike
     `output` defaults to MODEL.int8.TARGET.onnx. Returns the calibration report.
     """
     output = Path(output) if output is not None else default_int8_path(onnx, target)
-    check_output_path(output)
+    check_output_path(output, "output=")
     report = quantize_onnx(onnx, output, images=images, num=num, method=method, target=target,
                            per_channel=per_channel, batch_size=batch_size, seed=seed,
                            cache_dir=None if cache else False, status=progress)
@@ -352,8 +245,10 @@ def runtimes() -> list[dict]:
 
 
 def demo(folder: PathLike = "demo_out", *, arch: str = "deit_small", keep: float = 0.7,
-         batch_sizes: Sequence[int] = (1, 7, 32)) -> dict:
+         batch_sizes: Sequence[int] = (1, 7, 32), progress=None) -> dict:
     """The whole pipeline on a seeded model (`idle-export demo`): a checkpoint in the official
     training format, its idle and dense ONNX exports, each checked against PyTorch. Returns the
-    report; `report["passed"]` is the verdict and `report["checkpoint"]` the checkpoint's path."""
-    return run_demo(Path(folder), arch=arch, keep_rate=keep, batch_sizes=[int(b) for b in batch_sizes])
+    report; `report["passed"]` is the verdict and `report["checkpoint"]` the checkpoint's path.
+    `progress(message)`: a context manager shown around each step."""
+    return run_demo(Path(folder), arch=arch, keep_rate=keep, status=progress,
+                    batch_sizes=check_batch_sizes(batch_sizes, "batch_sizes", "1,7,32"))

@@ -51,7 +51,8 @@ def run_demo(folder: Path, *, arch: str = "deit_small", keep_rate: float = 0.7,
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise BadInputError(f"cannot create {folder} ({e.strerror})", "pass -o a writable folder") from None
+        raise BadInputError(f"cannot create {folder} ({e.strerror})",
+                            "pass folder= a writable folder") from None
     ckpt_path = folder / f"{arch}_r{keep_rate:g}_demo.pth"
     scores = family_of(arch).default_scores  # IdleViT: folded, the same top-K with fewer FLOPs
     with status(f"writing seeded checkpoint {ckpt_path}"):

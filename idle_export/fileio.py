@@ -55,7 +55,12 @@ def is_stream(path: str | Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
-def resolve_output(path: str | Path, option: str = "-o/--output") -> Path:
+def _sep(option: str) -> str:
+    """No space after an API parameter's `name=` (`output=x.onnx`), one after a flag (`--json x`)."""
+    return "" if option.endswith("=") else " "
+
+
+def resolve_output(path: str | Path, option: str = "output=") -> Path:
     """Where an output file really goes: a symlink's target (replaced, the link kept), the path
     itself otherwise. Block devices and sockets are refused."""
     path = Path(path)
@@ -63,7 +68,7 @@ def resolve_output(path: str | Path, option: str = "-o/--output") -> Path:
     with contextlib.suppress(OSError):
         kind = _special_kind(os.stat(target).st_mode)
         if kind:
-            raise BadInputError(f"{option} {path} is {kind}, not a file",
+            raise BadInputError(f"{option}{_sep(option)}{path} is {kind}, not a file",
                                 f"give {option} a regular file path")
     return target
 
@@ -254,14 +259,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def check_output_path(path: Path, option: str = "-o/--output", *, stream_ok: bool = True) -> Path:
+def check_output_path(path: Path, option: str = "output=", *, stream_ok: bool = True) -> Path:
     """Fail before any work if the output cannot be written. Streams pass when `stream_ok` (one
     file written through); a symlink is checked at its target."""
     path = Path(path)
     if is_stream(path):
         if not stream_ok:
-            raise BadInputError(f"{option} {path} is not a regular file, and this output is written "
-                                "with files beside it", f"give {option} a file path")
+            raise BadInputError(f"{option}{_sep(option)}{path} is not a regular file, and this output is "
+                                "written with files beside it", f"give {option} a file path")
         return path
     target = resolve_output(path, option)
     folder = target.parent if str(target.parent) else Path(".")

@@ -120,7 +120,7 @@ def bytes_per_image(spec) -> int:
     return 4 * (3 * spec.img_size**2 + 4 * n * 4 * spec.embed_dim + 2 * spec.num_heads * n * n)
 
 
-def check_batch_fits(spec, batch: int, *, what: str = "--batch", runners: int = 2) -> None:
+def check_batch_fits(spec, batch: int, *, what: str = "batch_sizes=", runners: int = 2) -> None:
     """Refuse a batch size whose activations would not fit in this machine's memory (the kernel
     would kill the process), naming the limit and a batch that fits."""
     available = memory_available()
@@ -128,6 +128,6 @@ def check_batch_fits(spec, batch: int, *, what: str = "--batch", runners: int = 
     if available is None or need <= 0.8 * available:
         return
     fits = max(1, int(0.8 * available // (bytes_per_image(spec) * runners)))
-    raise BadInputError(f"{what} {batch} needs about {need / 2**30:.0f} GiB of memory for "
+    raise BadInputError(f"{what}{batch} needs about {need / 2**30:.0f} GiB of memory for "
                         f"{spec.arch}; this machine has {available / 2**30:.0f} GiB available",
-                        f"use {what} {fits} or less")
+                        f"use {what}{fits} or less")

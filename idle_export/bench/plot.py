@@ -16,7 +16,7 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependencyError("--plot needs matplotlib", pip_extra("plot")) from None
+        raise MissingDependencyError("plot= needs matplotlib", pip_extra("plot")) from None
     return matplotlib
 
 

@@ -68,7 +68,7 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
         targets = resolve_targets(paths, backends=backends, score_modes=score_modes, workdir=workdir,
                                   ema=ema, status=status)
         spec = targets.spec
-        check_batch_fits(spec, max(batches), runners=max(2, len(backends) * 2))
+        check_batch_fits(spec, max(batches), what="batches=", runners=max(2, len(backends) * 2))
         flops = flop_model(spec)
         env = environment(threads)
         if targets.engines and not any(r.runs == registry.ENGINE for r in runtimes):

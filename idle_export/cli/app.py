@@ -122,11 +122,17 @@ def _sigterm_as_interrupt():
 def in_flag_terms(text: str | None, flags: dict[str, str]) -> str | None:
     """An error text of the library, which names parameters as the API spells them (`backend=`,
     `max_abs=`), with each parameter the command has as a flag named as the flag (`--backend `,
-    `--max-abs `)."""
+    `--max-abs `): `name=True` is the bare switch, `name=` alone (before a space, a comma or the
+    end) the bare flag, and a key `name=value` (from `api_names`, e.g. `precision=int8`) a flag
+    that stands for that value (`--int8`)."""
     if not text:
         return text
     for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        if "=" in name:  # a value that is a flag of its own: precision=int8 → --int8
+            text = re.sub(rf"(?<![\w.-]){re.escape(name)}\b", flag, text)
+            continue
         text = re.sub(rf"(?<![\w.-]){re.escape(name)}=True\b", flag, text)  # a switch
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}=(?=[\s,;:)]|$)", flag, text)  # the option itself
         text = re.sub(rf"(?<![\w.-]){re.escape(name)}= ?", f"{flag} ", text)
     return text
 
@@ -134,7 +140,8 @@ def in_flag_terms(text: str | None, flags: dict[str, str]) -> str | None:
 def _command_flags(fn, api_names: dict[str, str]) -> dict[str, str]:
     """API parameter → the command's flag: its options by their Python names (from the
     `typer.Option` declarations of `fn`; arguments as NAME), and `api_names` (API name → the
-    command's parameter name) where the two differ."""
+    command's parameter name) where the two differ; a key `name=value` maps an API value to a
+    switch of the command (`{"precision=int8": "int8"}`)."""
     import typing
 
     flags = {}
@@ -144,10 +151,15 @@ def _command_flags(fn, api_names: dict[str, str]) -> dict[str, str]:
             names = [getattr(info, "default", None), *(getattr(info, "param_decls", None) or ())]
             decls = [d for d in names if isinstance(d, str) and d.startswith("--")]
             if isinstance(info, typer.models.OptionInfo) and decls:
-                flags[name] = max(decls, key=len)
+                flag = max(decls, key=len)
+                if "/" in flag:  # --ir/--no-ir: ir=True is --ir, ir=False --no-ir
+                    flag, flags[f"{name}=False"] = flag.split("/", 1)
+                flags[name] = flag
             elif isinstance(info, typer.models.ArgumentInfo):
                 flags[name] = name.upper()
     flags.update({api: flags[cli] for api, cli in api_names.items() if cli in flags})
+    flags.update({f"{api}=False": flags[f"{cli}=False"] for api, cli in api_names.items()
+                  if f"{cli}=False" in flags})
     return flags
 
 

@@ -73,7 +73,7 @@ def bench_cmd(
                        threads=threads, runs=runs, warmup=warmup, min_time=min_time, inputs=inputs,
                        scores=modes, optimize=optimize, official_repo=official_repo, independent=independent,
                        seed=seed, progress=status,
-                       keep_rates=None if keep_rate is None else parse_ratios(keep_rate, "--keep-rate"))
+                       keep_rates=None if keep_rate is None else parse_ratios(keep_rate, "keep_rates"))
     print_report(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)

@@ -7,14 +7,14 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import command
-from idle_export.cli.options import JsonOut, batch_list, report_console, status, write_json
-from idle_export.demo import run_demo
+from idle_export.cli.options import JsonOut, int_list, report_console, status, write_json
 from idle_export.errors import CheckFailedError
 from idle_export.model.families import ARCH_NAMES
 
 
-@command("demo")
+@command("demo", api_names={"folder": "output", "batch_sizes": "batch"})
 def demo_cmd(
     output: Annotated[Path, typer.Option("-o", "--output",
                                          help="Folder for the demo files.")] = Path("demo_out"),
@@ -27,8 +27,8 @@ def demo_cmd(
     """Seeded checkpoint (IdleViT, EViT or DynamicViT, its authors' training format) → idle (or
     pruned) and dense ONNX → checks."""
 
-    sizes = batch_list(batch)
-    report = run_demo(output, arch=arch, keep_rate=keep, batch_sizes=sizes, status=status)
+    report = api.demo(output, arch=arch, keep=keep, batch_sizes=int_list(batch, "--batch") or [],
+                      progress=status)
     print_demo(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)

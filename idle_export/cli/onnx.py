@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import command
 from idle_export.cli.options import (
     Arch,
@@ -18,23 +19,18 @@ from idle_export.cli.options import (
     KeepK,
     Schedule,
     echo_err,
-    spec_from_options,
+    int_list,
     status,
     write_json,
 )
-from idle_export.errors import BadInputError
-from idle_export.fileio import check_output_path
-from idle_export.model.checkpoint import load_checkpoint
-from idle_export.model.config import SCORE_MODES
 from idle_export.model.families import family_of
-from idle_export.onnx.export import export_checkpoint
-from idle_export.onnx.io import check_opset, onnx_summary
-from idle_export.onnx.targets import TARGET_PASSES, check_target
+from idle_export.onnx.io import onnx_summary
+from idle_export.onnx.metadata import OnnxMetadata
+from idle_export.onnx.targets import TARGET_PASSES
 from idle_export.runtime import registry
-from idle_export.runtime.openvino_ir import ir_skipped, write_ir
 
 
-@command("onnx")
+@command("onnx", api_names={"ir": "openvino_ir"})
 def onnx_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="IdleViT, EViT or DynamicViT checkpoint (.pth or "
                                                ".safetensors).")],
@@ -92,28 +88,20 @@ def onnx_cmd(
     """Export a checkpoint to ONNX with the idle path (TopK + GatherElements + ScatterElements),
     or EViT's / DynamicViT's token dropping (TopK + GatherElements)."""
 
-    if scores is not None and scores not in SCORE_MODES:
-        raise BadInputError(f"--scores {scores!r} is not one of {', '.join(SCORE_MODES)}",
-                            "use --scores official or --scores folded")
-    check_target(target)
-    if output is None:
-        kind = "dense" if dense else "idle_plugin" if plugin else "idle_elastic" if elastic else "idle"
-        suffix = "" if target == "portable" else f".{target}"
-        output = checkpoint.with_name(f"{checkpoint.stem}_{kind}{suffix}.onnx")
-    check_output_path(output, stream_ok=not external_data)
-    check_opset(opset)
-    with status(f"loading {checkpoint.name}"):
-        ckpt = load_checkpoint(checkpoint, ema=ema)
-        spec = spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k, family)
-    scores = family_of(spec.arch).scores(scores)
-    with status(f"exporting {spec.describe()}{' dense' if dense else ''} to {output}"):
-        export_checkpoint(ckpt, spec, output, dense=dense, emit_selection=emit_selection,
-                          score_mode=scores, opset=opset, external_data=external_data,
-                          plugin=plugin, target=target, elastic=elastic, allow_nonfinite=allow_nonfinite)
+    output = output or api.default_onnx_path(checkpoint, dense=dense, plugin=plugin, elastic=elastic,
+                                             target=target)
+    output = api.export_onnx(checkpoint, output, dense=dense, arch=arch, family=family, keep=keep,
+                             schedule=schedule, idle_layers=int_list(idle_layers, "--idle-layers"),
+                             keep_k=int_list(keep_k, "--keep-k"), ema=ema, scores=scores,
+                             emit_selection=emit_selection, plugin=plugin, opset=opset,
+                             external_data=external_data, target=target, elastic=elastic,
+                             openvino_ir=False, allow_nonfinite=allow_nonfinite, progress=status)
     summary = onnx_summary(output)
-    title = family_of(spec.arch).title
+    meta = OnnxMetadata(summary["metadata"])
+    spec = meta.spec
     what = (f"dense baseline of {spec.arch}" if dense else
-            f"{title} {spec.describe()}; {scores} scores, {summary['ops'].get('TopK', 0)} TopK")
+            f"{family_of(spec.arch).title} {spec.describe()}; {meta.score_mode} scores, "
+            f"{summary['ops'].get('TopK', 0)} TopK")
     if plugin:
         what = (f"{spec.describe()}; plugin form, {summary['ops'].get('IdleSelect', 0)} IdleSelect "
                 f"+ {summary['ops'].get('IdleScatter', 0)} IdleScatter")
@@ -123,7 +111,7 @@ def onnx_cmd(
     what += f"; target {target}" + (f" ({', '.join(passes)})" if passes else "")
     echo_err(f"wrote {output} ({what}; opset {summary['opset']}"
              f"{'; weights in ' + output.name + '.data' if external_data else ''})")
-    written = write_openvino_ir(output, target=target, wanted=ir, dense=dense, elastic=elastic)
+    written = write_openvino_ir(output, target=target, wanted=ir)
     faster = None if dense else registry.faster_target_here(target)
     if faster:
         echo_err(f"note: {faster}")
@@ -133,17 +121,17 @@ def onnx_cmd(
                     "openvino_ir": [str(p) for p in written] if written else None}, json_out)
 
 
-def write_openvino_ir(output: Path, *, target: str, wanted: bool, dense: bool, elastic: bool):
-    """The marked IR beside an openvino-target file, with its one line; None where none is written."""
+def write_openvino_ir(output: Path, *, target: str, wanted: bool):
+    """The marked IR beside an openvino-target file (api.write_openvino_ir), with its one line;
+    None where none is written."""
     if target != "openvino" or not wanted:
         return None
-    why = ir_skipped(output, dense=dense, elastic=elastic)
-    if why:
-        echo_err(f"note: no OpenVINO IR written ({why}); OpenVINO runs the .onnx as it is")
+    ir = api.write_openvino_ir(output, progress=status)
+    if "skipped" in ir:
+        echo_err(f"note: no OpenVINO IR written ({ir['skipped']}); OpenVINO runs the .onnx as it is")
         return None
-    with status(f"writing the OpenVINO IR of {output.name}"):
-        xml, binary, marked = write_ir(output)
+    xml, binary = ir["xml"], ir["bin"]
     echo_err(f"wrote {xml} + {binary.name} (OpenVINO IR: ONNX cannot carry OpenVINO's precision "
-             f"marking; its {marked} token-score ops stay f32 where OpenVINO computes in bf16: "
+             f"marking; its {ir['marked']} token-score ops stay f32 where OpenVINO computes in bf16: "
              f"compile {xml.name}, not {output.name})")
     return xml, binary

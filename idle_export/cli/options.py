@@ -124,12 +124,6 @@ Threads = Annotated[int | None, typer.Option("--threads", metavar="N", help="CPU
                                                 "and ONNX Runtime (default: all usable cores).")]
 
 
-def spec_from_options(ckpt, arch, keep, schedule, idle_layers, keep_k, family=None):
-    return ckpt.spec(arch=arch, keep_rate=keep, schedule=schedule, method=family,
-                     idle_layers=int_list(idle_layers, "--idle-layers"),
-                     keep_k=int_list(keep_k, "--keep-k"))
-
-
 QUIET = {"on": False}  # --quiet, or --json - (stdout is the report): no progress lines
 PIPED_WIDTH = 200  # tables printed to a file or pipe: wide enough that no number is cut
 

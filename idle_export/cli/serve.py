@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import app, command
 from idle_export.cli.options import (
     JsonOut,
@@ -18,11 +19,6 @@ from idle_export.cli.options import (
     status,
     write_json,
 )
-from idle_export.hardware import check_threads
-from idle_export.serve.client import query
-from idle_export.serve.repository import write_repository
-from idle_export.serve.server import serve_repository
-from idle_export.serve.tune import tune_batching
 
 serve_app = typer.Typer(name="serve", no_args_is_help=True, add_completion=False,
                         help="Triton Inference Server: write a model repository, serve it locally "
@@ -30,8 +26,8 @@ serve_app = typer.Typer(name="serve", no_args_is_help=True, add_completion=False
 app.add_typer(serve_app, name="serve")
 
 
-def _serve_command(name: str):
-    return command(name, target=serve_app)
+def _serve_command(name: str, api_names: dict[str, str] | None = None):
+    return command(name, target=serve_app, api_names=api_names)
 
 
 @_serve_command("repo")
@@ -73,24 +69,16 @@ def repo_cmd(
 ):
     """Write a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx|model.plan, labels."""
 
-    sizes = int_list(preferred, "--preferred")
-    tuned = None
-    if tune:
-        with status(f"tuning {model.name}") as progress:
-            tuned = tune_batching(model, max_batch or 64, threads=check_threads(threads),
-                                  progress=progress.update)
-        sizes = sizes or tuned["preferred"]
-        queue_delay_us = tuned["queue_delay_us"] if queue_delay_us is None else queue_delay_us
-        instances = tuned["instances"] if instances is None else instances
+    report = api.serve_repo(model, output, name=name, max_batch=max_batch,
+                            preferred=int_list(preferred, "--preferred"), queue_delay_us=queue_delay_us,
+                            instances=instances, tune=tune, threads=threads, kind=kind, version=version,
+                            onnx=onnx, force=force, accelerator=accelerator,
+                            accelerator_precision=accelerator_precision, progress=status)
+    tuned = report["tuned"]
+    if tuned:
         rates = ", ".join(f"{b}: {r:.1f}" for b, r in tuned["images_per_second"].items())
         echo_err(f"tuned on this CPU ({tuned['cores']} cores, {tuned['threads']} threads): images/s by batch "
                  f"{rates}; batch-1 latency {tuned['latency_ms']['1']:.1f} ms")
-    queue_delay_us = 100 if queue_delay_us is None else queue_delay_us
-    instances = 1 if instances is None else instances
-    report = write_repository(model, output, name=name, max_batch=max_batch, preferred=sizes,
-                              queue_delay_us=queue_delay_us, instances=instances, kind=kind,
-                              version=version, onnx=onnx, force=force, accelerator=accelerator,
-                              accelerator_precision=accelerator_precision)
     for w in report["warnings"]:
         echo_err(f"warning: {w}")
     check = "parsed back with Triton's model_config protobuf" if report["validated_with_triton_protobuf"] \
@@ -101,10 +89,11 @@ def repo_cmd(
              f"preferred {report['preferred_batch_sizes']}, {report['labels'] or 'no'} labels; "
              f"config.pbtxt {check})")
     if json_out:
-        write_json({**report, "tuned": tuned}, json_out)
+        write_json(report, json_out)
 
 
-@_serve_command("run")
+@_serve_command("run", api_names={"max_input_bytes": "max_input", "in_flight_bytes": "in_flight",
+                                  "models": "model"})
 def run_cmd(
     repository: Annotated[Path, typer.Argument(help="Model repository written by `serve repo`.")],
     port: Annotated[int, typer.Option("--port", help="HTTP port (KServe v2).")] = 8000,
@@ -141,12 +130,12 @@ def run_cmd(
                  f"CPU; requests up to {handle.max_input_bytes / 2**20:.4g} MiB of inputs); stop with "
                  "Ctrl+C or SIGTERM")
 
-    summary = serve_repository(repository, host=host, port=port, models=model or None,
-                               threads=check_threads(threads), grpc_port=grpc_port, metrics_port=metrics_port,
-                               exit_timeout_s=exit_timeout, log_file=log_file, on_ready=ready,
-                               max_input_bytes=byte_size(max_input, "--http-max-input-size"),
-                               in_flight_bytes=byte_size(in_flight, "--max-in-flight"),
-                               on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
+    summary = api.serve_run(repository, host=host, port=port, models=model or None, threads=threads,
+                            grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout=exit_timeout,
+                            log_file=log_file, on_ready=ready,
+                            max_input_bytes=byte_size(max_input, "--http-max-input-size"),
+                            in_flight_bytes=byte_size(in_flight, "--max-in-flight"),
+                            on_start=lambda: echo_err(f"starting Triton on {host}:{port} ..."))
     if summary["skipped"]:
         echo_err(f"not served here (need their Triton backend): {', '.join(summary['skipped'])}")
     echo_err(f"stopped ({summary['signal'] or 'stop requested'}) after serving {summary['uptime_s']:.0f} s; "
@@ -173,8 +162,8 @@ def query_cmd(
 ):
     """Top-k classes and latency from a Triton server; preprocessing identical to `check`."""
 
-    report = query(url, images, model=model, top=top, repeat=repeat, timeout_s=timeout, wait_s=wait,
-                   keep_rate=keep_rate)
+    report = api.serve_query(url, images, model=model, top=top, repeat=repeat, timeout=timeout, wait=wait,
+                             keep_rate=keep_rate)
     print_query(report, report_console(json_out))
     if json_out:
         write_json(report, json_out)

@@ -7,26 +7,13 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import command
-from idle_export.cli.options import (
-    JsonOut,
-    batch_list,
-    echo_err,
-    int_list,
-    report_console,
-    status,
-    write_json,
-)
+from idle_export.cli.options import JsonOut, echo_err, int_list, report_console, status, write_json
 from idle_export.cli.serve import serve_app
-from idle_export.errors import BadInputError
-from idle_export.fileio import check_output_path
-from idle_export.serve.load import bench_server
-from idle_export.serve.load_plot import plot_load
-
-MAX_CONCURRENCY = 256
 
 
-@command("bench", target=serve_app)
+@command("bench", target=serve_app, api_names={"batches": "batch"})
 def bench_cmd(
     url: Annotated[str, typer.Argument(help="HTTP address of the server, e.g. http://127.0.0.1:8000")],
     models: Annotated[str, typer.Option("--models", help="Served models to load, comma-separated; "
@@ -52,29 +39,13 @@ def bench_cmd(
     json_out: JsonOut = None,
 ):
     """Closed-loop load on a Triton server: images/s and p50/p90/p99 latency per concurrency."""
-    names = [m for m in models.replace(" ", "").split(",") if m]
-    if not names:
-        raise BadInputError("--models names no model", "e.g. --models deit_s_idle,deit_s_dense")
-    levels = int_list(concurrency, "--concurrency") or []
-    if not levels or min(levels) < 1 or max(levels) > MAX_CONCURRENCY:
-        raise BadInputError(f"--concurrency {concurrency!r} needs levels between 1 and {MAX_CONCURRENCY}",
-                            "e.g. --concurrency 1,2,4,8")
-    for value, what in ((warmup, "--warmup"), (window, "--window"), (timeout, "--timeout")):
-        if not 0 <= value <= 3600 or (what != "--warmup" and value == 0):
-            raise BadInputError(f"{what} {value} must be a number of seconds in (0, 3600]", f"e.g. {what} 2")
-    if not 3 <= max_windows <= 100:
-        raise BadInputError(f"--max-windows {max_windows} must be between 3 and 100", "e.g. --max-windows 8")
-    if not 0 < stability < 1:
-        raise BadInputError(f"--stability {stability} must lie in (0, 1)", "e.g. --stability 0.1")
-    if plot is not None:
-        check_output_path(plot, "--plot")
-    with status(f"load on {url}") as progress:
-        report = bench_server(url, names, concurrency=levels, batch=batch_list(batch), protocol=protocol,
-                              grpc_url=grpc_url, warmup_s=warmup, window_s=window, max_windows=max_windows,
-                              stability=stability, timeout_s=timeout, progress=progress.update)
+    report = api.serve_bench(url, models.replace(" ", "").split(","),
+                             concurrency=int_list(concurrency, "--concurrency") or [],
+                             batches=int_list(batch, "--batch") or [], protocol=protocol, grpc_url=grpc_url,
+                             warmup=warmup, window=window, max_windows=max_windows, stability=stability,
+                             timeout=timeout, plot=plot, progress=status)
     print_load(report, report_console(json_out))
     if plot is not None:
-        plot_load(report, plot)
         echo_err(f"wrote {plot}")
     if json_out:
         write_json(report, json_out)

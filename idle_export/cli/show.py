@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import command
 from idle_export.cli.options import (
     Arch,
@@ -18,11 +19,7 @@ from idle_export.cli.options import (
     int_list,
     status,
 )
-from idle_export.errors import BadInputError
-from idle_export.explore.picture import render, write_png
-from idle_export.explore.show import DEFAULT_MAX_IMAGES, run_show
-from idle_export.fileio import check_output_path
-from idle_export.hardware import check_threads
+from idle_export.explore.show import DEFAULT_MAX_IMAGES
 
 
 @command("show")
@@ -44,18 +41,15 @@ def show_cmd(
 ):
     """Draw which patch tokens each idle layer keeps: one row per image, kept patches bright."""
 
-    if output.suffix.lower() != ".png":
-        raise BadInputError(f"-o {output} is not a .png file", "e.g. -o selection.png")
-    check_output_path(output)
-    wanted = int_list(layers, "--layers")
     with status(f"running {model.name}"):
-        sel = run_show(model, images or None, layers=wanted, max_images=max_images, arch=arch, keep=keep,
-                       schedule=schedule, ema=ema, threads=check_threads(threads))
-        write_png(render(sel), output)
-    predicted = ", ".join(f"{name}: {label}" for name, (label, _) in zip(sel.names, sel.predicted()))
-    echo_err(f"wrote {output} ({len(sel.names)} image(s) × {len(sel.kept)} idle layer(s), "
-             f"{sel.runtime}; {sel.spec.describe()})")
+        report = api.show(model, images or None, output, layers=int_list(layers, "--layers"),
+                          max_images=max_images, arch=arch, keep=keep, schedule=schedule, ema=ema,
+                          threads=threads)
+    predicted = ", ".join(f"{p['image']}: {p['label']}" for p in report["predicted"])
+    echo_err(f"wrote {output} ({len(report['images'])} image(s) × {len(report['layers'])} idle layer(s), "
+             f"{report['runtime']}; {report['model']})")
     echo_err(f"predicted: {predicted}")
-    if sel.skipped:
-        echo_err(f"warning: skipped {len(sel.skipped)} unreadable file(s), e.g. {sel.skipped[0][0]} "
-                 f"({sel.skipped[0][1]})")
+    skipped = report["skipped"]
+    if skipped:
+        echo_err(f"warning: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]} "
+                 f"({skipped[0][1]})")

@@ -7,21 +7,15 @@ from typing import Annotated
 
 import typer
 
+from idle_export import api
 from idle_export.cli.app import command
 from idle_export.cli.options import JsonOut, echo_err, report_console, status, write_json
 from idle_export.errors import BadInputError, CheckFailedError
-from idle_export.model.families import family_of
-from idle_export.onnx.discover import pick_idle_onnx
-from idle_export.onnx.io import load_onnx
-from idle_export.onnx.lint import lint_file
-from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.quantize.qdq import default_int8_path, quantize_onnx
-from idle_export.quantize.selection import is_quantized
-from idle_export.trt.build import build_engine
-from idle_export.trt.inputs import default_engine_path, parse_keep_range, parse_profile
 
 
-@command("trt")
+@command("trt", api_names={"batch": "profile", "selection": "emit_selection", "images": "calib",
+                           "num": "calib_num", "precision=fp32": "fp32", "precision=fp16": "fp16",
+                           "precision=int8": "int8"})
 def trt_cmd(
     onnx: Annotated[Path | None, typer.Argument(
         help="ONNX file from `idle-export onnx` (or `calibrate --target trt` for "
@@ -91,46 +85,18 @@ def trt_cmd(
         raise BadInputError(f"choose one precision, not {' and '.join('--' + c for c in chosen)}",
                             "pass one of --fp32, --fp16, --int8")
     precision = chosen[0] if chosen else "fp16"
-    if calib is not None and precision != "int8":
-        raise BadInputError("--calib is for INT8 builds", "add --int8, or drop --calib")
-    if calib_num is not None and calib_num < 1:
-        raise BadInputError(f"--calib-num {calib_num} must be at least 1", "e.g. --calib-num 256")
-    if onnx is None:
-        onnx = pick_idle_onnx(Path("."), "trt")
-        echo_err(f"trt: building from {onnx.name} (the idle export in this folder)")
-    meta = OnnxMetadata.read(onnx)
-    if meta.has_spec and (plugin or elastic):  # EViT, DynamicViT: neither form exists for them
-        family_of(meta.spec.arch).refuse("--plugin" if plugin else "--elastic",
-                                         "build the standard form: drop --plugin / --elastic")
     shapes = (min_shapes, opt_shapes, max_shapes)
     if any(shapes) and not all(shapes):
         raise BadInputError("give --minShapes, --optShapes and --maxShapes together",
                             "e.g. --minShapes images:1x3x224x224 --optShapes images:32x3x224x224 "
                             "--maxShapes images:64x3x224x224")
-    size = meta.spec.img_size if meta.has_spec else None
-    batch_range = parse_profile(profile, shapes=shapes if all(shapes) else None,
-                                chw=(3, size, size) if size else None)
-    if keep_range is not None and not elastic:
-        raise BadInputError("--keep-range is the profile of an elastic engine", "add --elastic")
-    keep_profile = parse_keep_range(keep_range, meta) if elastic else None
-    if elastic and plugin:
-        raise BadInputError("--elastic builds the standard form; --plugin the plugin form",
-                            "drop one of them")
-    output = output or default_engine_path(onnx, precision)
-    source = onnx
-    if precision == "int8" and not plugin and not is_quantized(load_onnx(onnx)):
-        source = _calibrate_for_trt(onnx, output.parent / default_int8_path(onnx, "trt").name, calib,
-                                    calib_num)
-    try:
-        with status(f"building {output.name} ({precision}, batch {':'.join(map(str, batch_range))})"):
-            info = build_engine(source, precision=precision, batch=batch_range, target=target,
-                                timing_cache=timing_cache, workspace=workspace, verbose=verbose,
-                                output=output, flavour=flavour, selection=emit_selection,
-                                plugin=plugin, echo=echo_err, keep_range=keep_profile)
-    except BaseException:
-        if source != onnx:  # the INT8 graph calibrated for this build: nothing stays behind
-            source.unlink(missing_ok=True)
-        raise
+    info = api.build_engine(onnx, output, precision=precision, batch=profile,
+                            shapes=shapes if all(shapes) else None, target=target, flavour=flavour,
+                            timing_cache=timing_cache, workspace=workspace, selection=emit_selection,
+                            plugin=plugin, verbose=verbose, elastic=elastic, keep_range=keep_range,
+                            calib=calib, calib_num=calib_num, progress=status, echo=echo_err)
+    onnx = onnx or Path(info["onnx"]["path"])  # the idle export picked in this folder
+    output = output or onnx.with_name(info["engine"])
     if timing_cache is not None and str(info.get("timing_cache", "")).startswith("not used"):
         echo_err(f"note: --timing-cache {timing_cache} {info['timing_cache']}")
     echo_err(f"equivalent: {info['trtexec']}")
@@ -149,19 +115,6 @@ def trt_cmd(
         write_json(info, json_out)
 
 
-def _calibrate_for_trt(onnx: Path, dst: Path, calib: Path | None, num: int | None) -> Path:
-    """--int8 on an FP32 ONNX: calibrate it for TensorRT (symmetric Q/DQ, float biases) into `dst`
-    (the name `calibrate --target trt` gives it, beside the engine)."""
-    if calib is not None and not calib.exists():
-        raise BadInputError(f"--calib {calib} does not exist", "pass a folder of calibration images")
-    where = calib or "the built-in photos (pass --calib DIR for your own images)"
-    with status(f"calibrating {onnx.name} for TensorRT on {where}") as progress:
-        report = quantize_onnx(onnx, dst, images=calib, num=num, method="minmax", target="trt",
-                               status=progress.update)
-    echo_err(f"wrote {dst} (INT8 Q/DQ for TensorRT, {report['num_images']} calibration images from {where})")
-    return dst
-
-
 @command("lint")
 def lint_cmd(
     onnx: Annotated[Path, typer.Argument(help="ONNX file to check.")],
@@ -172,7 +125,7 @@ def lint_cmd(
     """Static check that TensorRT (10, 11, RTX) supports every op and attribute: exit 1 on errors."""
     from rich.table import Table
 
-    report = lint_file(onnx, expect_idle=expect_idle)
+    report = api.lint(onnx, expect_idle=expect_idle)
     console = report_console(json_out)
     ops = report["ops"]
     shown = ("IdleSelect", "IdleScatter") if report["form"] == "plugin" else (

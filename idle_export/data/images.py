@@ -88,7 +88,7 @@ def list_image_files(source: str | Path | list) -> list[Path]:
         return files
     path = Path(source)
     if not path.exists():
-        raise BadInputError(f"--images {path} does not exist", "pass a folder of JPEG/PNG images "
+        raise BadInputError(f"images={path} does not exist", "pass a folder of JPEG/PNG images "
                             "or a .txt file with one image path per line")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -240,13 +240,13 @@ def _cache_write(folder: Path, key: str, array: np.ndarray, info: dict) -> bool:
 
 # ----------------------------------------------------------------------------- entry point
 def load_images(source, num: int, spec, *, seed: int = 0, cache_dir: str | Path | None | bool = None,
-                what: str = "--images", at_most: bool = False) -> CalibrationImages:
+                what: str = "images=", at_most: bool = False) -> CalibrationImages:
     """Preprocessed images for calibration or checks. `source`: None (built-in set), a folder,
     a .txt list, an image file, a list of paths, or an already preprocessed [n,3,H,W] array.
     `num=0`: all usable images; `at_most=True`: up to `num` (fewer usable images are fine; the
     user did not ask for a number). `cache_dir=False` turns the cache off."""
     if num is None or int(num) < 0:
-        raise BadInputError(f"--num {num} must be ≥ 0", "e.g. --num 512 (0: all images)")
+        raise BadInputError(f"num={num} must be ≥ 0", "e.g. num=512 (0: all images)")
     num = int(num)
     if source is None:
 
@@ -260,8 +260,8 @@ def load_images(source, num: int, spec, *, seed: int = 0, cache_dir: str | Path 
                                 f"{spec.img_size}]",
                                 "pass preprocessed images or a folder")
         if num and arr.shape[0] < num and not at_most:
-            raise BadInputError(f"{arr.shape[0]} images given, fewer than --num {num}",
-                                f"pass --num {arr.shape[0]}")
+            raise BadInputError(f"{arr.shape[0]} images given, fewer than num={num}",
+                                f"pass num={arr.shape[0]}")
         return CalibrationImages(arr[:num] if num else arr, source="array")
     files = list_image_files(source)
     label = str(source) if not isinstance(source, (list, tuple)) else f"{len(files)} files"
@@ -284,9 +284,9 @@ def load_images(source, num: int, spec, *, seed: int = 0, cache_dir: str | Path 
         raise BadInputError(f"{what} {label}: none of its {len(files)} files is a readable image{example}",
                             "pass JPEG or PNG images")
     if num and len(arrays) < num and not at_most:
-        raise BadInputError(f"{what} {label} has {len(arrays)} usable images, fewer than --num {num}"
+        raise BadInputError(f"{what} {label} has {len(arrays)} usable images, fewer than num={num}"
                             + (f" ({len(skipped)} files skipped)" if skipped else ""),
-                            f"pass --num {len(arrays)} (or --num 0 for all) or add images")
+                            f"pass num={len(arrays)} (or num=0 for all) or add images")
     result = CalibrationImages(np.stack(arrays).astype(np.float32), source=label, files=used,
                                skipped=skipped, converted=converted,
                                cache="off" if folder is None else "miss")

@@ -21,10 +21,12 @@ from idle_export.errors import BadInputError
 DEFAULT_RATIOS = "0.5:1:0.1"
 
 
-def parse_ratios(text: str, what: str = "--ratios") -> list[float]:
-    """Sorted, distinct keep ratios from "start:stop:step" or a comma list; (0, 1] each."""
+def parse_ratios(text: str, name: str = "ratios") -> list[float]:
+    """Sorted, distinct keep ratios from "start:stop:step" or a comma list; (0, 1] each. Errors
+    name the parameter `name=` (the CLI prints its flag)."""
     text = (text or "").replace(" ", "")
-    hint = f"e.g. {what} 0.5:0.9:0.1 or {what} 0.5,0.6,0.7"
+    what = f"{name}="
+    hint = f"e.g. {what}0.5:0.9:0.1 or {what}0.5,0.6,0.7"
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
@@ -32,16 +34,16 @@ def parse_ratios(text: str, what: str = "--ratios") -> list[float]:
                 raise ValueError
             start, stop, step = parts
             if not step > 0 or stop < start:
-                raise BadInputError(f"{what} {text!r}: the step must be > 0 and stop ≥ start", hint)
+                raise BadInputError(f"{what}{text!r}: the step must be > 0 and stop ≥ start", hint)
             count = int(math.floor((stop - start) / step + 1e-9)) + 1
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(p) for p in text.split(",") if p != ""]
     except ValueError:
-        raise BadInputError(f"{what} {text!r} is not start:stop:step or a comma-separated list",
+        raise BadInputError(f"{what}{text!r} is not start:stop:step or a comma-separated list",
                             hint) from None
     if not values:
-        raise BadInputError(f"{what} names no ratio", hint)
+        raise BadInputError(f"{what}{text!r} names no ratio", hint)
     for v in values:
         if math.isnan(v) or not 0.0 < v <= 1.0:
             raise BadInputError(f"{what}: keep ratio {v:g} is outside (0, 1]",
@@ -77,20 +79,20 @@ def check_choice_options(batches: list[int], *, latency_ms: float | None = None,
                          min_agreement: float | None = None) -> None:
     """One-line errors for picking options that cannot work, before any sweep runs."""
     if latency_ms is not None and (math.isnan(latency_ms) or latency_ms <= 0):
-        raise BadInputError(f"--latency-ms {latency_ms:g} must be > 0", "e.g. --latency-ms 20")
+        raise BadInputError(f"latency_ms={latency_ms:g} must be > 0", "e.g. latency_ms=20")
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
-        raise BadInputError(f"--min-agreement {min_agreement:g} is outside [0, 1]",
-                            "a fraction of the images, e.g. --min-agreement 0.99")
+        raise BadInputError(f"min_agreement={min_agreement:g} is outside [0, 1]",
+                            "a fraction of the images, e.g. min_agreement=0.99")
     if latency_ms is not None and len(batches) != 1:
-        raise BadInputError(f"--latency-ms needs one batch size, got --batch {','.join(map(str, batches))}",
-                            "pass the batch size the budget is for, e.g. --batch 1")
+        raise BadInputError(f"latency_ms= needs one batch size, got batches={','.join(map(str, batches))}",
+                            "pass the batch size the budget is for, e.g. batches=1")
 
 
 def choose_ratio(rows: list[dict], batches: list[int], *, latency_ms: float | None = None,
                  min_agreement: float | None = None) -> Choice:
     """Pick the row for the constraint (see the module docstring)."""
     if latency_ms is None and min_agreement is None:
-        raise BadInputError("nothing to choose by", "pass --latency-ms X --batch N or --min-agreement A")
+        raise BadInputError("nothing to choose by", "pass latency_ms=X batches=N or min_agreement=A")
     check_choice_options(batches, latency_ms=latency_ms, min_agreement=min_agreement)
     batch = batches[0] if latency_ms is not None else None
     last = max(batches)

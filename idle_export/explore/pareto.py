@@ -89,7 +89,7 @@ def import_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependencyError("--plot needs matplotlib", pip_extra("plot")) from None
+        raise MissingDependencyError("plot= needs matplotlib", pip_extra("plot")) from None
     return matplotlib
 
 

@@ -70,7 +70,7 @@ def show_images(paths: list[Path] | None, spec: ModelSpec,
     folders given (folders searched, sorted; the first `max_images` files), or the scikit-image
     photos when none are given."""
     if max_images < 1:
-        raise BadInputError(f"--max-images {max_images} must be at least 1", "e.g. --max-images 4")
+        raise BadInputError(f"max_images={max_images} must be at least 1", "e.g. max_images=4")
     if not paths:
         n = min(max_images, len(PHOTO_NAMES))
         return builtin_photos(n, spec), list(PHOTO_NAMES[:n]), []
@@ -89,16 +89,17 @@ def check_layers(layers: list[int] | None, spec: ModelSpec) -> list[int]:
     idle = list(spec.idle_layers)
     if not idle:
         raise BadInputError("the model has no idle layers (it is the dense baseline)",
-                            "show an idle model: a checkpoint, or an idle export made with --emit-selection")
+                            "show an idle model: a checkpoint, or an idle export made with "
+                            "`idle-export onnx CKPT --emit-selection`")
     if layers is None:
         return idle
     if not layers:
-        raise BadInputError("--layers names no layer", f"e.g. --layers {','.join(map(str, idle[::3]))}")
+        raise BadInputError(f"layers={layers} names no layer", f"e.g. layers={','.join(map(str, idle[::3]))}")
     bad = [layer for layer in layers if layer not in idle]
     if bad:
         raise BadInputError(f"layer {bad[0]} is not an idle layer of this model "
                             f"(idle layers: {','.join(map(str, idle))})",
-                            f"choose --layers among {','.join(map(str, idle))}")
+                            f"choose layers= among {','.join(map(str, idle))}")
     return list(dict.fromkeys(layers))
 
 
@@ -179,7 +180,7 @@ def run_show(model: Path, images: list[Path] | None = None, *, layers: list[int]
     model = Path(model)
     if is_onnx(model):
         if arch is not None or keep is not None or ema or schedule != "eval":
-            raise BadInputError("--arch, --keep, --schedule and --ema apply to checkpoints; an ONNX "
+            raise BadInputError("arch=, keep=, schedule= and ema=True apply to checkpoints; an ONNX "
                                 "file's idle layers and K are fixed at export",
                                 "drop them, or pass the checkpoint")
         if not model.is_file():

@@ -53,7 +53,7 @@ def sweep_images(source: Path | None, num: int, spec, classes: list[str] | None,
         return images, None, "built-in photos; the checkpoint's classes do not name them"
     with warnings.catch_warnings():  # unreadable files are in images.skipped (and the report)
         warnings.simplefilter("ignore", ImagesSkippedWarning)
-        images = load_images(source, num, spec, seed=seed, what="--images")
+        images = load_images(source, num, spec, seed=seed, what="images=")
     root = Path(source)
     if not root.is_dir():
         return images, None, "not an image folder: no labels"
@@ -130,9 +130,9 @@ def run_sweep(ckpt, spec_for: Callable[[float], object], ratios: list[float], *,
     `progress(done, message)`: `done` ratios finished (fractions within one), message "" when a
     ratio has just finished; `on_row(row)` gets each ratio's figures when they are known."""
     if not batches or min(batches) < 1:
-        raise BadInputError(f"--batch {batches} needs positive sizes", "e.g. --batch 1,64")
+        raise BadInputError(f"batches={batches} needs positive sizes", "e.g. batches=1,64")
     if runs < 1 or warmup < 0 or min_time <= 0:
-        raise BadInputError("--runs must be ≥ 1, --warmup ≥ 0, --min-time > 0", "e.g. --runs 3")
+        raise BadInputError("runs= must be ≥ 1, warmup= ≥ 0, min_time= > 0", "e.g. runs=3")
     batches = list(dict.fromkeys(batches))
     threads = threads or default_threads()
     step = progress or (lambda done, msg: None)

@@ -44,7 +44,7 @@ class Checkpoint:
             return None
         if isinstance(rate, bool) or not isinstance(rate, (int, float)):
             raise CheckpointError(f"{self.path.name}: args.base_rate is {rate!r}, not a number",
-                                  "pass the keep rate the model was trained with: --keep 0.7")
+                                  "pass the keep rate the model was trained with: keep=0.7")
         return float(rate)
 
     def nonfinite(self) -> list[tuple[str, int, int, int]]:
@@ -83,11 +83,11 @@ class Checkpoint:
         builds it there; its K follows from the rate, so explicit idle layers or K are refused."""
         family = self.family(arch=arch, method=method)
         if family.reads_args:
-            given = [f"--{k.replace('_', '-')}" for k in ("idle_layers", "keep_k")
+            given = [f"{k}=" for k in ("idle_layers", "keep_k")
                      if kwargs.get(k) is not None]
             if given:
                 raise CheckpointError(f"{' and '.join(given)} set idle layers; {family.a_title} "
-                                      "model's drop layers and K come from its checkpoint and --keep",
+                                      "model's drop layers and K come from its checkpoint and keep=",
                                       f"drop {' and '.join(given)}")
             if keep_rate is not None:
                 keep_rate = float(keep_rate)
@@ -95,7 +95,7 @@ class Checkpoint:
                 self, keep_rate=keep_rate, named=family.owns(self.state_dict) or family.claims(self.args))
             if arch and canonical_arch(arch) != spec.arch:
                 raise CheckpointError(f"weights do not fit {canonical_arch(arch)}: {self.path.name} is "
-                                      f"{spec.arch}", f"pass --arch {spec.arch}")
+                                      f"{spec.arch}", f"pass arch={spec.arch}")
             return spec
         if arch is None and not (isinstance(self.args.get("arch"), str) and self.args["arch"]):
             cls = self.state_dict.get("cls_token")  # the chosen family's arch of that width
@@ -105,7 +105,7 @@ class Checkpoint:
         if arch is None:
             raise CheckpointError(
                 f"cannot tell the architecture of {self.path.name}: no args.arch and no cls_token",
-                f"pass --arch ({', '.join(ARCH_NAMES)})",
+                f"pass arch= one of {', '.join(ARCH_NAMES)}",
             )
         arch = canonical_arch(arch)
         dims = family_of(arch).dims_from_weights(self.state_dict, arch, self.path.name)
@@ -253,7 +253,7 @@ def load_checkpoint(path: str | Path, *, ema: bool = False) -> Checkpoint:
     if ema:
         if not isinstance(obj, dict) or not _is_state_dict(obj.get("model_ema")):
             raise CheckpointError(f"{path.name} has no EMA weights ('model_ema')",
-                                  "drop --ema to use the regular weights")
+                                  "drop ema=True to use the regular weights")
         state_dict, source = obj["model_ema"], "model_ema"
     elif _is_state_dict(obj):
         state_dict, source = obj, "file"
@@ -307,7 +307,7 @@ def load_weights(vit, state_dict: dict, spec: ModelSpec) -> None:
                 more = f" and {len(items) - 4} more" if len(items) > 4 else ""
                 parts.append(f"{label}: {', '.join(items[:4])}{more}")
         guess = infer_arch(state_dict)
-        hint = (f"the weights look like {guess}: pass --arch {guess}"
+        hint = (f"the weights look like {guess}: pass arch={guess}"
                 if guess and guess != spec.arch else
                 family_of(spec.arch).weights_hint)
         raise CheckpointError(f"weights do not fit {spec.arch}: {'; '.join(parts)}", hint)

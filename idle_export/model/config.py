@@ -29,10 +29,10 @@ def check_keep_rate(rate: float) -> float:
     try:
         rate = float(rate)
     except (TypeError, ValueError):
-        raise BadInputError(f"keep rate {rate!r} is not a number", "pass --keep 0.7") from None
+        raise BadInputError(f"keep rate {rate!r} is not a number", "pass a fraction such as 0.7") from None
     if math.isnan(rate) or not 0.0 < rate <= 1.0:
         raise BadInputError(
-            f"keep rate {rate} is outside (0, 1]", "pass a fraction such as --keep 0.7"
+            f"keep rate {rate} is outside (0, 1]", "pass a fraction such as 0.7"
         )
     return rate
 
@@ -130,7 +130,7 @@ class ModelSpec:
             if keep_rate is None:
                 raise BadInputError(
                     "no keep rate: the checkpoint has no args.base_rate",
-                    "pass --keep 0.7 (the rate the model was trained with) or --keep-k",
+                    "pass keep=0.7 (the rate the model was trained with) or keep_k=",
                 )
             keep_rate = check_keep_rate(keep_rate)
             pows = preset_pows if idle_layers is None else schedule_exponents(arch, len(layers))
@@ -218,7 +218,7 @@ class ModelSpec:
         if "arch" not in args:
             raise BadInputError(
                 "the ONNX file has no idle-export metadata",
-                "export it with `idle-export onnx` or pass the checkpoint and --keep",
+                "export it with `idle-export onnx`, or pass the checkpoint",
             )
         family = json.loads(props.get(prefix + "family", "null"))
         if family is not None and family != family_of(canonical_arch(args["arch"])).name:

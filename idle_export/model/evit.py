@@ -302,7 +302,7 @@ def spec_from_checkpoint(ckpt, *, keep_rate: float | None = None, named: bool = 
     named=False (chosen by --family / --arch, the args are not EViT's): the rate must be given."""
     if keep_rate is None and not named:
         raise BadInputError(f"no keep rate: {ckpt.path.name} has no EViT args (base_keep_rate)",
-                            "pass --keep 0.7 (the rate the model was trained with)")
+                            "pass keep=0.7 (the rate the model was trained with)")
     args = ckpt.args if named else {"input_size": ckpt.img_size}
     return model_spec(evit_spec_from_checkpoint(ckpt.state_dict, args, keep_rate=keep_rate,
                                                 num_classes=ckpt.num_classes))

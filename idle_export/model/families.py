@@ -92,14 +92,14 @@ class LVViTFamily(Family):
             raise CheckpointError(
                 f"weights do not fit {arch}: {name} has no LV-ViT conv stem "
                 "(patch_embed.conv1) or cls_token",
-                f"the weights look like {guess}: pass --arch {guess}" if guess else
+                f"the weights look like {guess}: pass arch={guess}" if guess else
                 "pass an LV-ViT checkpoint with the official keys (patch_embed.conv1 …, aux_head)")
         width, depth = int(cls.shape[-1]), block_count(sd)
         if depth != self.archs[arch]["depth"]:  # the depth sets the idle layers: it must fit
             guess = infer_arch(sd)
             raise CheckpointError(
                 f"weights do not fit {arch}: {name} has {depth} blocks, {arch} "
-                f"{self.archs[arch]['depth']}", f"pass --arch {guess}" if guess else
+                f"{self.archs[arch]['depth']}", f"pass arch={guess}" if guess else
                 "pass LV-ViT-S (16 blocks) or LV-ViT-M (20 blocks) weights")
         if width % self.head_dim:
             raise CheckpointError(f"cannot tell the attention heads of an LV-ViT of width {width}",
@@ -136,8 +136,8 @@ class DroppingFamily(Family):
     score_modes = ("official",)
     default_scores = "official"
     unsupported = {
-        "--elastic": "K is computed in the graph only for idle layers (onnx.elastic)",
-        "--plugin": "the IdleSelect/IdleScatter plugin form is written for idling; dropping "
+        "elastic=True": "K is computed in the graph only for idle layers (onnx.elastic)",
+        "plugin=True": "the IdleSelect/IdleScatter plugin form is written for idling; dropping "
                     "needs its own variant",
     }
     elastic = False  # sweep exports one fixed-K file per ratio
@@ -262,7 +262,7 @@ def detect_family(state_dict: dict, args: dict | None = None) -> Family:
     if len(marked) > 1:
         raise CheckpointError(f"the checkpoint looks like {' and '.join(f.method for f in marked)} at once "
                               "(its weights' keys and its training args disagree)",
-                              f"pass --family {marked[0].method} or --family {marked[1].method}")
+                              f"pass family={marked[0].method} or family={marked[1].method}")
     return marked[0] if marked else next(f for f in FAMILIES.values() if f.is_default)
 
 
@@ -282,13 +282,13 @@ def resolve_family(state_dict: dict, args: dict | None, *, arch: str | None = No
     the choice must be explicit: --arch of another family than the detected one needs --family
     too, so an EViT checkpoint is never exported as IdleViT by accident."""
     if method is not None and method not in METHODS:
-        raise BadInputError(f"--family {method!r} is not one of {', '.join(METHODS)}",
-                            f"use --family {' or '.join(METHODS)}")
+        raise BadInputError(f"family={method!r} is not one of {', '.join(METHODS)}",
+                            f"use family={' or '.join(METHODS)}")
     detected = detect_family(state_dict, args)
     chosen = family_of(canonical_arch(arch)) if arch else None
     if chosen is not None and method is not None and chosen.method != method:
-        raise BadInputError(f"--arch {arch} is {chosen.a_title} arch, not --family {method}",
-                            f"drop --arch, or pass a {method} arch")
+        raise BadInputError(f"arch={arch} is {chosen.a_title} arch, not family={method}",
+                            f"drop arch=, or pass a {method} arch")
     if chosen is None and method is not None:
         if detected.method == method:
             chosen = detected
@@ -301,10 +301,10 @@ def resolve_family(state_dict: dict, args: dict | None, *, arch: str | None = No
     if chosen.marker_keys and not chosen.owns(state_dict):
         raise BadInputError(f"{name} is not {chosen.a_title} checkpoint: it has no "
                             f"{chosen.marker_keys[0].split('.')[0]}.* weights",
-                            f"drop --family / --arch: it reads as {detected.method}")
+                            f"drop family= / arch=: it reads as {detected.method}")
     says = detected.owns(state_dict) or detected.claims(args) or bool(args)  # not just bare weights
     if chosen.method != detected.method and method is None and says:
-        raise BadInputError(f"{name} is {detected.a_title} checkpoint; --arch {arch} is "
-                            f"{chosen.a_title} arch", f"pass --family {chosen.method} to read it "
-                            f"as {chosen.title} anyway, or drop --arch")
+        raise BadInputError(f"{name} is {detected.a_title} checkpoint; arch={arch} is "
+                            f"{chosen.a_title} arch", f"pass family={chosen.method} to read it "
+                            f"as {chosen.title} anyway, or drop arch=")
     return chosen

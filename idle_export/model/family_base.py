@@ -99,8 +99,8 @@ class Family:
         if score_mode is None:
             return self.default_scores
         if score_mode not in self.score_modes:
-            raise BadInputError(f"--scores {score_mode} is not a way {self.title} ranks tokens",
-                                f"use --scores {' or --scores '.join(self.score_modes)}")
+            raise BadInputError(f"scores={score_mode} is not a way {self.title} ranks tokens",
+                                f"use scores={' or scores='.join(self.score_modes)}")
         return score_mode
 
     def backbone(self, arch: str) -> str:

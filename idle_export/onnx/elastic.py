@@ -37,20 +37,20 @@ CLAMP_RULE = ("K per idle layer = int(N * rate**p) at the shortest decimal of th
 def check_elastic_spec(spec, *, dense: bool = False, plugin: bool = False) -> None:
     """BadInputError unless `spec` (with these export options) can be made elastic."""
     if dense:
-        raise BadInputError("--elastic varies the idle layers' K; the dense baseline has none",
-                            "drop --elastic (or --dense)")
+        raise BadInputError("elastic=True varies the idle layers' K; the dense baseline has none",
+                            "drop elastic=True (or dense=True)")
     if plugin:
-        raise BadInputError("--elastic rewrites the TopK of the standard form; the plugin form has "
-                            "IdleSelect nodes", "drop --plugin (or --elastic)")
+        raise BadInputError("elastic=True rewrites the TopK of the standard form; the plugin form has "
+                            "IdleSelect nodes", "drop plugin=True (or elastic=True)")
     if not spec.follows_schedule:
-        raise BadInputError("--elastic computes K from the keep rate by the schedule; explicit "
-                            "--keep-k has no rate to vary", "pass --keep R instead of --keep-k")
+        raise BadInputError("elastic=True computes K from the keep rate by the schedule; explicit "
+                            "keep_k= has no rate to vary", "pass keep=R instead of keep_k=")
     n = spec.num_patches
     at_default = tuple(elastic_k(n, spec.keep_rate, p) for p in spec.exponents)
     if at_default != spec.keep_k:
         raise BadInputError(f"keep rate {spec.keep_rate!r} is not a float32 rate: the graph's input "
                             f"would give K {list(at_default)}, not {list(spec.keep_k)}",
-                            "pass --keep with at most 7 significant digits, e.g. --keep 0.7")
+                            "pass keep= with at most 7 significant digits, e.g. keep=0.7")
 
 
 def keep_rate_feed(rate: float) -> np.ndarray:
@@ -245,8 +245,8 @@ def to_integer_form(proto):
     meta = OnnxMetadata.of(proto)
     info = meta.elastic
     if info is None:
-        raise BadInputError("--elastic builds an elastic file; this one has a fixed K",
-                            "export it with `idle-export onnx CKPT --elastic`, or drop --elastic")
+        raise BadInputError("elastic=True builds an elastic file; this one has a fixed K",
+                            "export it with `idle-export onnx CKPT --elastic`, or drop elastic=True")
     if info.get("input") == KEEP_PERMILLE_INPUT:
         return proto
     spec = meta.spec

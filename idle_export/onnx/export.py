@@ -42,8 +42,8 @@ def export_onnx(model, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_
     check_opset(opset)
     check_target(target)
     if plugin and target not in ("portable", "tensorrt"):
-        raise BadInputError(f"--plugin writes the plugin form for TensorRT; --target {target} tunes "
-                            "the standard form", "drop --plugin, or use --target portable")
+        raise BadInputError(f"plugin=True writes the plugin form for TensorRT; target={target} tunes "
+                            "the standard form", "drop plugin=True, or use target=portable")
     path = check_output_path(Path(path), stream_ok=not external_data)
     spec = model.spec
     needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -92,21 +92,21 @@ def export_checkpoint(ckpt, spec, output: str | Path, *, dense: bool = False,
     output = check_output_path(Path(output), stream_ok=not external_data)
     family = family_of(spec.arch)
     if plugin:
-        family.refuse("--plugin", "drop --plugin")
+        family.refuse("plugin=True", "drop plugin=True")
     if elastic:
-        family.refuse("--elastic", "drop --elastic (export one file per --keep)")
+        family.refuse("elastic=True", "drop elastic=True (export one file per keep=)")
     score_mode = family.scores(score_mode)
     if plugin and dense:
-        raise BadInputError("--plugin fuses the idle layers' token selection; the dense baseline "
-                            "has none", "drop --plugin (or --dense)")
+        raise BadInputError("plugin=True fuses the idle layers' token selection; the dense baseline "
+                            "has none", "drop plugin=True (or dense=True)")
     if plugin and score_mode != "folded":
-        raise BadInputError(f"--plugin computes folded scores (xn·w); --scores {score_mode} "
-                            "computes keys for every token", "use --scores folded (the default)")
+        raise BadInputError(f"plugin=True computes folded scores (xn·w); scores={score_mode} "
+                            "computes keys for every token", "use scores=folded (the default)")
     bad = ckpt.nonfinite()
     if bad and not allow_nonfinite:
         raise BadInputError(f"{ckpt.path.name} has non-finite weights: {describe_nonfinite(bad)}",
                             "fix the checkpoint (a diverged run?), or export it as it is with "
-                            "--allow-nonfinite")
+                            "allow_nonfinite=True")
     if elastic:
         check_elastic_spec(spec, dense=dense, plugin=plugin)
     if dense:

@@ -34,11 +34,11 @@ def check_opset(opset: int) -> int:
 
     newest = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
-        raise BadInputError(f"opset {opset} is too old", f"use --opset {MIN_OPSET} or newer "
+        raise BadInputError(f"opset {opset} is too old", f"use opset={MIN_OPSET} or newer "
                             "(LayerNormalization stays one op, needed for FP16)")
     if opset > newest:
         raise BadInputError(f"opset {opset} is newer than the installed onnx knows ({newest})",
-                            f"use --opset {DEFAULT_OPSET} (any of {MIN_OPSET}..{newest})")
+                            f"use opset={DEFAULT_OPSET} (any of {MIN_OPSET}..{newest})")
     return opset
 
 
@@ -57,8 +57,9 @@ def install_onnx(proto, tmpdir: Path, path: Path, *, external_data: bool, check:
 
     stream = is_stream(path)
     if stream and external_data:
-        raise BadInputError(f"-o {path} is not a regular file; --external-data writes {path.name}.data "
-                            "beside it", "give -o a file path, or drop --external-data")
+        raise BadInputError(f"output={path} is not a regular file; external_data=True writes "
+                            f"{path.name}.data "
+                            "beside it", "give output= a file path, or drop external_data=True")
     target = path if stream else resolve_output(path)
     final = tmpdir / target.name
     data_name = target.name + ".data"

@@ -57,8 +57,8 @@ class IdleSite:
 
 def _fail(layer: int, why: str) -> BadInputError:
     return BadInputError(f"idle layer #{layer}: not the folded selection pattern ({why})",
-                         "--plugin takes a folded-score export of `idle-export onnx` "
-                         "(--scores folded, the default)")
+                         "plugin=True takes a folded-score export of `idle-export onnx` "
+                         "(scores=folded, the default)")
 
 
 def _constants(proto) -> dict:
@@ -184,7 +184,7 @@ def to_plugin_form(proto):
     sites = find_sites(proto)
     if not sites:
         raise BadInputError("no idle layer to fuse: the graph has no TopK (a dense export?)",
-                            "--plugin needs an idle export (drop --dense)")
+                            "plugin=True needs an idle export (drop dense=True)")
     meta = OnnxMetadata.of(proto)
     layers = meta.idle_layers if meta.idle_layers and len(meta.idle_layers) == len(sites) \
         else list(range(len(sites)))

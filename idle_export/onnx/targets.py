@@ -44,8 +44,8 @@ ORT_ONLY_PASSES = {"bias_gelu", "fuse_transformer_ops"}
 
 def check_target(target: str) -> str:
     if target not in TARGET_PASSES:
-        raise BadInputError(f"--target {target!r} is not one of {', '.join(TARGETS)}",
-                            "use --target portable (default), ort, openvino or tensorrt")
+        raise BadInputError(f"target={target!r} is not one of {', '.join(TARGETS)}",
+                            "use target=portable (default), ort, openvino or tensorrt")
     return target
 
 

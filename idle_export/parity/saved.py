@@ -42,7 +42,7 @@ def _polygraphy():
     try:
         from polygraphy.comparator import IterationResult, RunResults
     except ImportError:
-        raise MissingDependencyError("--save-outputs / --load-outputs write Polygraphy's RunResults "
+        raise MissingDependencyError("save_outputs= / load_outputs= write Polygraphy's RunResults "
                                      "JSON: polygraphy is not installed", pip_extra("trt")) from None
     return IterationResult, RunResults
 
@@ -103,7 +103,7 @@ class Replay(Runner):
         if sha not in self.by_sha:
             raise BadInputError(f"{self.source.name} has no outputs for these inputs ({next(iter(feed))} "
                                 f"{'x'.join(map(str, next(iter(feed.values())).shape))})",
-                                "check with the --inputs, --batch, --seed and --images of the saved run: "
+                                "check with the inputs=, batch_sizes=, seed= and images= of the saved run: "
                                 f"{self.about.get('check', {})}")
         return self.by_sha[sha]
 
@@ -114,7 +114,7 @@ def load_outputs(path: str | Path, runner: str | None = None) -> Replay:
     _, RunResults = _polygraphy()
     if not path.is_file():
         raise BadInputError(f"saved outputs not found: {path}",
-                            "check the path (written by check --save-outputs)")
+                            "check the path (written by `idle-export check --save-outputs`)")
     try:
         doc = json.loads(path.read_text())
         ours = doc["idle_export"]
@@ -123,7 +123,7 @@ def load_outputs(path: str | Path, runner: str | None = None) -> Replay:
         results = RunResults.from_json(json.dumps({k: v for k, v in doc.items() if k != "idle_export"}))
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise BadInputError(f"{path.name} is not a run saved by `idle-export check --save-outputs`",
-                            "pass the JSON file that --save-outputs wrote") from None
+                            "pass the JSON file that save_outputs= wrote") from None
     names = [name for name, _ in results.items()]
     name = runner or names[0]
     if name not in names:

@@ -58,7 +58,7 @@ def import_nncf():
     try:
         import nncf
     except ImportError:
-        raise MissingDependencyError("calibrate --target openvino needs NNCF (and OpenVINO), which "
+        raise MissingDependencyError("target=openvino calibrates with NNCF (and OpenVINO), which "
                                      "is not installed", NNCF_PIP) from None
     return nncf
 
@@ -96,7 +96,7 @@ def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
     leaked = sum(dequantized_score_inputs(quantized))
     if leaked:
         raise IdleExportError(f"NNCF quantized the token scores of {leaked} idle layer(s) despite the "
-                              "ignored scope", "report it with the model; use --target ort meanwhile")
+                              "ignored scope", "report it with the model; use target=ort meanwhile")
     recipe = {"target": "openvino", "tool": f"nncf {nncf.__version__}", "method": "minmax",
               "num_images": len(samples), "per_channel": per_channel, "format": "QDQ",
               "model_type": "transformer", "selection_path_fp32": len(ignored)}

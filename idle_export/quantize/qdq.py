@@ -219,9 +219,9 @@ def check_not_other_target(dst: Path, target: str, src: Path) -> None:
     except (BadInputError, AttributeError):
         return
     if made_for and made_for != target:
-        raise BadInputError(f"{dst.name} holds an INT8 model calibrated for {made_for}; --target "
+        raise BadInputError(f"{dst.name} holds an INT8 model calibrated for {made_for}; target="
                             f"{target} would replace it",
-                            f"write to another file: -o {default_int8_path(src, target).name}")
+                            f"write to another file: output={default_int8_path(src, target).name}")
 
 
 def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str = "minmax",
@@ -232,25 +232,25 @@ def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str 
     images (all of a smaller folder). Returns a report dict."""
     t0 = time.perf_counter()
     if method not in METHODS:
-        raise BadInputError(f"--method {method!r} is not one of {', '.join(METHODS)}",
-                            "use --method minmax (default), percentile or entropy")
+        raise BadInputError(f"method={method!r} is not one of {', '.join(METHODS)}",
+                            "use method=minmax (default), percentile or entropy")
     if target not in TARGETS:
-        raise BadInputError(f"--target {target!r} is not one of {', '.join(TARGETS)}",
-                            "use --target ort (ONNX Runtime CPU), trt (TensorRT) or openvino (NNCF)")
+        raise BadInputError(f"target={target!r} is not one of {', '.join(TARGETS)}",
+                            "use target=ort (ONNX Runtime CPU), trt (TensorRT) or openvino (NNCF)")
     if target == "openvino" and method != "minmax":
-        raise BadInputError(f"--target openvino calibrates with NNCF's own min/max ranges, not --method "
-                            f"{method}", "drop --method (or use --target ort)")
+        raise BadInputError(f"target=openvino calibrates with NNCF's own min/max ranges, not method="
+                            f"{method}", "drop method= (or use target=ort)")
     if not 1 <= batch_size <= MAX_BATCH:
-        raise BadInputError(f"--calib-batch {batch_size} must be between 1 and {MAX_BATCH}",
-                            "e.g. --calib-batch 16")
+        raise BadInputError(f"batch_size={batch_size} must be between 1 and {MAX_BATCH}",
+                            "e.g. batch_size=16")
     if num is not None and not 0 <= num <= MAX_CALIB_IMAGES:
-        raise BadInputError(f"--num {num} must be between 0 and {MAX_CALIB_IMAGES}",
-                            "a few hundred images calibrate a ViT well, e.g. --num 512")
+        raise BadInputError(f"num={num} must be between 0 and {MAX_CALIB_IMAGES}",
+                            "a few hundred images calibrate a ViT well, e.g. num=512")
     src, dst = Path(src), Path(dst)
-    check_output_path(dst)
+    check_output_path(dst, "output=")
     if dst.resolve() == src.resolve():
         raise BadInputError(f"output {dst} is the input model", "write the INT8 model to a new file, "
-                            f"e.g. -o {default_int8_path(src, target).name}")
+                            f"e.g. output={default_int8_path(src, target).name}")
     check_not_other_target(dst, target, src)
     proto = load_onnx(src)
     if is_quantized(proto):
@@ -259,15 +259,18 @@ def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str 
     meta = OnnxMetadata.of(proto)
     if meta.form == "plugin":
         raise BadInputError(f"{src.name} is the plugin form (IdleSelect/IdleScatter nodes); INT8 "
-                            "takes the standard export", "calibrate an export made without --plugin")
+                            "takes the standard export",
+                            "calibrate an export made without `idle-export onnx --plugin`")
     spec = meta.spec
     if target != "ort" and (set(file_passes(meta)) & ORT_ONLY_PASSES or file_target(meta) == "ort"):
-        raise BadInputError(f"{src.name} was exported for ONNX Runtime (com.microsoft ops); --target "
+        raise BadInputError(f"{src.name} was exported for ONNX Runtime (com.microsoft ops); target="
                             f"{target} needs standard ops", "calibrate the portable export "
-                            "(idle-export onnx CKPT) or one made with --target " + EXPORT_TARGET[target])
+                            "(idle-export onnx CKPT) or one made with `idle-export onnx --target "
+                            + EXPORT_TARGET[target] + "`")
     if target != "openvino" and "gather_rows" in file_passes(meta):
-        raise BadInputError(f"{src.name} has row gathers (GatherND/ScatterND of a --target "
-                            f"{file_target(meta)} export), whose shapes ONNX Runtime's quantizer cannot "
+        raise BadInputError(f"{src.name} has row gathers (GatherND/ScatterND of an "
+                            "`idle-export onnx --target "
+                            f"{file_target(meta)}` export), whose shapes ONNX Runtime's quantizer cannot "
                             "infer", "calibrate the portable export (idle-export onnx CKPT): the INT8 "
                             "file gets the target's passes after quantizing")
     if target == "openvino":
@@ -275,9 +278,9 @@ def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str 
     available = memory_available()
     need = (num or DEFAULT_NUM) * 3 * spec.img_size**2 * 4  # the preprocessed images stay in memory
     if available and need > 0.5 * available:
-        raise BadInputError(f"--num {num} images take about {need / 2**30:.0f} GiB preprocessed; this "
+        raise BadInputError(f"num={num} images take about {need / 2**30:.0f} GiB preprocessed; this "
                             f"machine has {available / 2**30:.0f} GiB available",
-                            f"use --num {int(0.5 * available // (3 * spec.img_size**2 * 4))} or less")
+                            f"use num={int(0.5 * available // (3 * spec.img_size**2 * 4))} or less")
     input_name = proto.graph.input[0].name
     import onnx
 

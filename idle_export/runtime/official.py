@@ -62,7 +62,7 @@ def load_official_vit(repo: str | Path):
     repo = Path(repo)
     vit_py, utils_py = repo / "vit.py", repo / "utils.py"
     if not vit_py.is_file() or not utils_py.is_file():
-        raise BadInputError(f"--official-repo {repo} has no vit.py and utils.py",
+        raise BadInputError(f"official_repo={repo} has no vit.py and utils.py",
                             "pass a clone of https://github.com/Ackesnal/IdleViT")
     saved = {k: sys.modules.get(k) for k in ("utils",)}
     stubs: list[str] = []

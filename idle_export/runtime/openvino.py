@@ -158,8 +158,8 @@ class OpenVinoRunner(Runner):
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or ["?"])[0][:200]
             raise BadInputError(f"OpenVINO cannot compile {self.path.name} ({first})",
-                                "export it with --target openvino (or portable): a --target ort "
-                                "file has ONNX Runtime-only ops") from None
+                                "export it with `idle-export onnx CKPT --target openvino` (or portable): a "
+                                "file for target ort has ONNX Runtime-only ops") from None
         self.runtime_precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         return compiled
 

@@ -36,7 +36,7 @@ from idle_export.onnx.io import load_onnx
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.quantize.selection import NORM_OPS, selection_path_nodes
 
-OPENVINO_PIP = pip_extra("openvino") + ", or use --backend ort"
+OPENVINO_PIP = pip_extra("openvino") + ", or use backend=ort"
 KEEP_PRECISION = "precise_0"  # Python's rt_info key that save_model writes as DisablePrecisionConversion
 METADATA_KEY = "idle_export_metadata"  # model rt_info: the ONNX file's metadata_props, as JSON
 NO_NAME_OPS = ("Constant", "Parameter", "Result")
@@ -328,7 +328,8 @@ def write_ir(onnx_path: str | Path, xml_path: str | Path | None = None, *, fold:
     except RuntimeError as e:
         first = (str(e).strip().splitlines() or ["?"])[0][:200]
         raise BadInputError(f"OpenVINO cannot read {onnx_path.name} ({first})",
-                            "export with --no-ir, or check the file with `idle-export lint`") from None
+                            "export with openvino_ir=False, or check the file with "
+                            "`idle-export lint`") from None
     if fold:
         fold_constants(model)  # weights as Constants (a portable file slices and transposes them)
     mark_score_path(model, proto)

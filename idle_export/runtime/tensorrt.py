@@ -55,7 +55,7 @@ def engine_keep_feed(sidecar: dict, keep_rate: float | None, what: str) -> dict:
     if not info["min"] <= value <= info["max"]:
         raise BadInputError(f"keep rate {value / info['scale']:g} is outside {what}'s range "
                             f"{info['min'] / info['scale']:g}..{info['max'] / info['scale']:g}",
-                            "rebuild with a wider --keep-range MIN:OPT:MAX")
+                            "rebuild with a wider `idle-export trt --elastic --keep-range MIN:OPT:MAX`")
     return {info["input"]: np.asarray(value, dtype=np.int64)}
 
 
@@ -92,11 +92,12 @@ class TrtRunner(Runner):
         if gpu is None:
             raise MissingDependencyError("running a TensorRT engine needs an NVIDIA GPU; none found",
                                          "run it on a machine with an NVIDIA GPU and driver; engines "
-                                         "can be built here with --target smXX")
+                                         "can be built here with `idle-export trt MODEL.onnx --target smXX`")
         problems = compatibility_problems(self.sidecar, None, gpu["compute_capability"])
         if problems:
             raise BadInputError(f"{self.path.name}: {problems[0]}",
-                                "rebuild it on this machine (or with --target for this GPU)")
+                                "rebuild it on this machine (or with `idle-export trt --target` for "
+                                "this GPU)")
         self._extra = engine_keep_feed(self.sidecar, self.keep_rate, self.path.name)
         pg_trt = import_polygraphy_trt(flavour)
         profile = self.sidecar["profiles"][0]
@@ -115,7 +116,7 @@ class TrtRunner(Runner):
         if not self.min_batch <= x.shape[0] <= self.max_batch:
             raise BadInputError(f"batch {x.shape[0]} is outside the engine's profile "
                                 f"{self.min_batch}..{self.max_batch}",
-                                "rebuild with a wider --batch MIN:OPT:MAX")
+                                "rebuild with a wider `idle-export trt --profile MIN:OPT:MAX`")
         extra = self._extra if feed.get("keep_rate") is None else \
             engine_keep_feed(self.sidecar, feed["keep_rate"], self.path.name)  # this call only
         out = self._runner.infer({self.input_name: x, **extra})

@@ -85,15 +85,15 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
     `wait_s`: how long to wait for a server that is still starting to be ready; keep_rate: sent
     as the elastic model's keep_rate input (serve.elastic)."""
     if top < 1:
-        raise BadInputError(f"--top {top} must be at least 1", "e.g. --top 5")
+        raise BadInputError(f"top={top} must be at least 1", "e.g. top=5")
     if repeat < 1:
-        raise BadInputError(f"--repeat {repeat} must be at least 1", "e.g. --repeat 20")
+        raise BadInputError(f"repeat={repeat} must be at least 1", "e.g. repeat=20")
     if not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise BadInputError(f"--timeout {timeout_s:g} must be a number of seconds above 0",
-                            "e.g. --timeout 60")
+        raise BadInputError(f"timeout={timeout_s:g} must be a number of seconds above 0",
+                            "e.g. timeout=60")
     if not (math.isfinite(wait_s) and 0 <= wait_s <= MAX_WAIT_S):
-        raise BadInputError(f"--wait {wait_s:g} must be a number of seconds from 0 to {MAX_WAIT_S}",
-                            "e.g. --wait 60")
+        raise BadInputError(f"wait={wait_s:g} must be a number of seconds from 0 to {MAX_WAIT_S}",
+                            "e.g. wait=60")
     if not images:
         raise BadInputError("no image given", "pass one or more image files")
     if keep_rate is not None:
@@ -108,11 +108,11 @@ def query(url: str, images: list[str | Path], *, model: str | None = None, top: 
         try:
             cfg = client.get_model_config(name)
         except InferenceServerException as e:
-            raise BadInputError(f"model {name!r}: {_server_error(e)}", "check --model") from None
+            raise BadInputError(f"model {name!r}: {_server_error(e)}", "check model=") from None
         inp, out = cfg["input"][0], cfg["output"][0]
         if keep_rate is not None and KEEP_RATE_INPUT not in [t["name"] for t in cfg["input"]]:
             raise BadInputError(f"model {name} has no keep_rate input: it is not an elastic export",
-                                "serve a file written by `idle-export onnx --elastic`, or drop --keep-rate")
+                                "serve a file written by `idle-export onnx --elastic`, or drop keep_rate=")
         if inp.get("data_type") != "TYPE_FP32":
             raise BadInputError(f"model {name} takes {inp.get('data_type')}, not an FP32 image",
                                 "query a model written by `idle-export serve repo`")
@@ -175,8 +175,8 @@ def _wait_ready(client, url: str, wait_s: float) -> None:
         what = f"no Triton server answers at {url} ({why})" if why else \
             f"the Triton server at {url} is not ready"
         hint = "start one with `idle-export serve run model_repository/ --port 8000`; " + (
-            "one still loading its models: pass a longer --wait" if wait_s else
-            "one that is starting: pass --wait 60 to wait until it is ready")
+            "one still loading its models: pass a longer wait=" if wait_s else
+            "one that is starting: pass wait=60 to wait until it is ready")
         raise BadInputError(what + waited, hint)
 
 
@@ -200,7 +200,7 @@ def _only_model(client, url: str) -> str:
     if len(names) != 1:
         why = f" ({'; '.join(errors)})" if errors else ""
         raise BadInputError(f"{len(names)} models ready at {url}: {', '.join(names) or '(none)'}{why}",
-                            "pass --model NAME")
+                            "pass model=NAME")
     return names[0]
 
 

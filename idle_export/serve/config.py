@@ -268,19 +268,19 @@ def accelerator_parameters(accelerator: str | None, precision: str, is_plan: boo
     if accelerator is None:
         return {}
     if accelerator not in ACCELERATORS:
-        raise BadInputError(f"--accelerator {accelerator!r} is not one of {', '.join(ACCELERATORS)}",
-                            "use --accelerator tensorrt (GPU) or openvino (CPU)")
+        raise BadInputError(f"accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}",
+                            "use accelerator=tensorrt (GPU) or openvino (CPU)")
     if is_plan:
-        raise BadInputError("--accelerator is for ONNX models (Triton's ONNX Runtime backend); an "
-                            "engine is TensorRT already", "drop --accelerator, or pass the ONNX file")
+        raise BadInputError("accelerator= is for ONNX models (Triton's ONNX Runtime backend); an "
+                            "engine is TensorRT already", "drop accelerator=, or pass the ONNX file")
     if accelerator == "openvino":
         if kind == "gpu":
-            raise BadInputError("the openvino accelerator runs on CPU instances", "use --kind cpu or auto")
+            raise BadInputError("the openvino accelerator runs on CPU instances", "use kind=cpu or auto")
         return {}
     if kind == "cpu":
-        raise BadInputError("the tensorrt accelerator needs GPU instances", "use --kind gpu or auto")
+        raise BadInputError("the tensorrt accelerator needs GPU instances", "use kind=gpu or auto")
     if precision not in ("fp16", "fp32"):
-        raise BadInputError(f"--accelerator-precision {precision!r} is not fp16 or fp32",
-                            "use --accelerator-precision fp16")
+        raise BadInputError(f"accelerator_precision={precision!r} is not fp16 or fp32",
+                            "use accelerator_precision=fp16")
     # the engine is built by the server on its own GPU, the first time the model loads
     return {"precision_mode": precision.upper(), "max_workspace_size_bytes": str(1 << 30)}

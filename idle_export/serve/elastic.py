@@ -31,7 +31,8 @@ def serve_elastic(cfg: RepoConfig, meta, engine_info: dict, warnings: list[str])
             raise BadInputError("an elastic engine (`trt --elastic`, shape input keep_permille) is not "
                                 "served by this repository writer",
                                 "serve the elastic ONNX file (keep_rate per request), or an engine "
-                                "built without --elastic (fixed at the file's default rate)")
+                                "built without `idle-export trt --elastic` (fixed at the file's default "
+                                "rate)")
         return False
     warnings += make_unbatched_elastic(cfg, meta.elastic["default"])
     return True

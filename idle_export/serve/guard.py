@@ -156,7 +156,7 @@ class Guard:
                                   "retry; report it if it persists")
         if self._error is not None:
             raise BadInputError(f"cannot listen on {self.host}:{self.port} ({self._error})",
-                                "pick a free port with --port, e.g. --port 8010") from None
+                                "pick a free port with port=, e.g. port=8010") from None
 
     def stop(self, grace_s: float = 5) -> None:
         """Close the port and the kept-alive connections (answers in progress get grace_s)."""

@@ -133,7 +133,7 @@ def model_inputs(http_url: str, model: str, timeout_s: float) -> list[tuple[str,
         conn.close()
     if resp.status != 200:
         raise BadInputError(f"the server at {http_url} does not serve a model {model!r} (HTTP {resp.status})",
-                            "name a served model with --models (GET /v2/models/NAME answers 200)")
+                            "name a served model with models= (GET /v2/models/NAME answers 200)")
     meta = json.loads(body)
     inputs = [(t["name"], t["datatype"], [int(d) for d in t["shape"][1:]]) for t in meta["inputs"]]
     # an idle-export model's images alone: its other inputs (an elastic file's keep_rate) are
@@ -271,8 +271,8 @@ def bench_server(url: str, models: list[str], *, concurrency: list[int], batch: 
                  timeout_s: float = 60.0, seed: int = 0, progress=None) -> dict:
     """Closed-loop throughput and latency of each model at each batch and concurrency."""
     if protocol not in PROTOCOLS:
-        raise BadInputError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}",
-                            "use --protocol http or --protocol grpc")
+        raise BadInputError(f"protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}",
+                            "use protocol=http or protocol=grpc")
     try:
         import tritonclient.http as httpclient
         grpcclient = None

@@ -100,7 +100,7 @@ def write_repository(model: str | Path, output: str | Path, **kwargs) -> dict:
     if output.exists() and not output.is_dir():
         raise BadInputError(f"output {output} is a file", "give a folder for the model repository")
     if not output.exists() and parent.exists() and not parent.is_dir():
-        raise BadInputError(f"{parent} is a file, not a folder", "give -o a path inside a folder")
+        raise BadInputError(f"{parent} is a file, not a folder", "give output= a path inside a folder")
     if not output.exists() and not parent.is_dir():
         raise BadInputError(f"folder {parent} does not exist", mkdir_hint(parent))
     created = not output.exists()
@@ -108,7 +108,7 @@ def write_repository(model: str | Path, output: str | Path, **kwargs) -> dict:
         output.mkdir(exist_ok=True)
     except OSError as e:
         raise (disk_full(output) if is_disk_full(e) else
-               BadInputError(f"cannot create {output}", "choose a writable -o/--output")) from None
+               BadInputError(f"cannot create {output}", "choose a writable output=")) from None
     try:
         clean_stale(output)
         with folder_lock(output), mapped_disk_full(output):
@@ -149,28 +149,28 @@ def _write_repository(model: str | Path, output: Path, *, name: str | None = Non
     name = name or sanitize_name(model.stem)
     if not NAME_RE.match(name):
         raise BadInputError(f"model name {name!r} has characters Triton does not accept",
-                            "use letters, digits, '.', '_' and '-' only, not starting with '.' (--name)")
+                            "use letters, digits, '.', '_' and '-' only, not starting with '.' (name=)")
     if version < 1:
-        raise BadInputError(f"--version {version} must be at least 1", "use --version 1")
+        raise BadInputError(f"version={version} must be at least 1", "use version=1")
     if instances < 1:
-        raise BadInputError(f"--instances {instances} must be at least 1", "use --instances 1")
+        raise BadInputError(f"instances={instances} must be at least 1", "use instances=1")
     if queue_delay_us < 0:
-        raise BadInputError(f"--queue-delay-us {queue_delay_us} is negative", "use e.g. --queue-delay-us 100")
+        raise BadInputError(f"queue_delay_us={queue_delay_us} is negative", "use e.g. queue_delay_us=100")
     kind = kind or ("gpu" if is_plan else "auto")
     if kind not in KINDS:
-        raise BadInputError(f"--kind {kind!r} is not one of {', '.join(KINDS)}", "use --kind auto")
+        raise BadInputError(f"kind={kind!r} is not one of {', '.join(KINDS)}", "use kind=auto")
     if is_plan and kind == "cpu":
-        raise BadInputError("a TensorRT plan cannot run on CPU instances", "use --kind gpu")
+        raise BadInputError("a TensorRT plan cannot run on CPU instances", "use kind=gpu")
     final = output / name
     if final.exists() and not (final / CONFIG_NAME).is_file():
         raise BadInputError(f"{final} exists and is not a model folder (no {CONFIG_NAME})",
-                            "choose another --name or -o")
+                            "choose another name= or output=")
     taken = sorted(int(p.name) for p in final.iterdir() if p.is_dir() and p.name.isdigit()) \
         if final.is_dir() else []
     if version in taken and not force:
         raise BadInputError(f"{final} already has version {version}",
-                            f"add a new version with --version {max(taken) + 1}, or replace this one "
-                            "with --force")
+                            f"add a new version with version={max(taken) + 1}, or replace this one "
+                            "with force=True")
     accel_params = accelerator_parameters(accelerator, accelerator_precision, is_plan, kind)
 
     warnings: list[str] = []
@@ -249,15 +249,15 @@ def _engine_io(model: Path, onnx, warnings: list[str]):
         onnx = model.parent / source["path"]
     if onnx is None:
         raise BadInputError(f"cannot tell the inputs and outputs of {model.name}",
-                            "pass --onnx MODEL.onnx, the ONNX file the engine was built from")
+                            "pass onnx=MODEL.onnx, the ONNX file the engine was built from")
     ins, outs, meta, _ = _onnx_io(onnx)
     if source.get("sha256") and source["sha256"] != sha256_file(onnx):
         raise BadInputError(f"{model.name} was not built from {onnx.name} (ONNX sha256 differs)",
-                            "pass the ONNX file the engine was built from with --onnx")
+                            "pass the ONNX file the engine was built from with onnx=")
     first = (side.get("profiles") or [None])[0]  # batch = dim 0 of min/opt/max
     profile = tuple(first[k][0] for k in ("min", "opt", "max")) if first else None
     if profile is None:
-        warnings.append("the engine sidecar has no optimisation profile: trusting --max-batch")
+        warnings.append("the engine sidecar has no optimisation profile: trusting the max batch given")
     return ins, outs, meta, profile, {k: v for k, v in side.items() if k != "checks"}
 
 
@@ -267,23 +267,23 @@ def _batching(max_batch: int | None, preferred: list[int] | None, profile) -> tu
     if max_batch is None:
         max_batch = profile[2] if profile else 64
     if not 1 <= max_batch <= MAX_BATCH:
-        raise BadInputError(f"--max-batch {max_batch} must be between 1 and {MAX_BATCH} (the largest batch "
-                            "an exported graph takes)", "e.g. --max-batch 64")
+        raise BadInputError(f"max_batch={max_batch} must be between 1 and {MAX_BATCH} (the largest batch "
+                            "an exported graph takes)", "e.g. max_batch=64")
     if profile:
         pmin, popt, pmax = profile
         if pmin > 1:
             raise BadInputError(f"the engine's profile starts at batch {pmin}; Triton sends batches of 1 "
-                                "and up", "rebuild the engine with --profile 1:OPT:MAX")
+                                "and up", "rebuild the engine with `idle-export trt --profile 1:OPT:MAX`")
         if max_batch > pmax:
-            raise BadInputError(f"--max-batch {max_batch} is above the engine's profile maximum {pmax}",
-                                f"use --max-batch {pmax} or rebuild the engine for a larger batch")
+            raise BadInputError(f"max_batch={max_batch} is above the engine's profile maximum {pmax}",
+                                f"use max_batch={pmax} or rebuild the engine for a larger batch")
     if preferred is None:
         opt = profile[1] if profile else max(1, max_batch // 2)
         preferred = sorted({min(opt, max_batch), max_batch})
     preferred = sorted(set(preferred))
     if not preferred or preferred[0] < 1 or preferred[-1] > max_batch:
-        raise BadInputError(f"--preferred {','.join(map(str, preferred))} must lie in 1..{max_batch}",
-                            f"e.g. --preferred {max(1, max_batch // 2)},{max_batch}")
+        raise BadInputError(f"preferred={','.join(map(str, preferred))} must lie in 1..{max_batch}",
+                            f"e.g. preferred={max(1, max_batch // 2)},{max_batch}")
     return max_batch, preferred
 
 
@@ -294,7 +294,7 @@ def _install(model: Path, output: Path, name: str, version: int, platform: str, 
     place; a new model folder is built whole and renamed the same way. config.pbtxt and
     labels.txt are replaced atomically. Returns the files of the version folder."""
     if not os.access(output, os.W_OK | os.X_OK):
-        raise BadInputError(f"model repository {output} is not writable", "choose another -o/--output")
+        raise BadInputError(f"model repository {output} is not writable", "choose another output=")
     final = output / name
     new_model = not final.exists()
     sizes = [model] + [model.parent / loc for loc in external if (model.parent / loc).is_file()]
@@ -366,7 +366,7 @@ def _check_same_io(final: Path, cfg: RepoConfig, version: int) -> None:
     if old_io != new_io:
         raise BadInputError(f"version {version} would have other inputs, outputs or platform than the "
                             f"versions in {final.name} (one config.pbtxt serves them all)",
-                            "write it as another model: --name NEW_NAME")
+                            "write it as another model: name=NEW_NAME")
 
 
 def _json_or_text(value: str):

@@ -57,10 +57,10 @@ def fix_library_path(env: dict | None = None) -> bool:
     return True
 
 
-def check_port_free(host: str, port: int, what: str = "--port") -> None:
+def check_port_free(host: str, port: int, what: str = "port=") -> None:
     """BadInputError when something already listens on host:port."""
     if not 0 < port < 65536:
-        raise BadInputError(f"{what} {port} is not a TCP port", f"use {what} 8000")
+        raise BadInputError(f"{what}{port} is not a TCP port", f"use {what}8000")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,14 +68,14 @@ def check_port_free(host: str, port: int, what: str = "--port") -> None:
             s.bind((host, port))
         except PermissionError:
             raise BadInputError(f"no permission to listen on {host}:{port}",
-                                f"use a port above 1023, e.g. {what} 8000") from None
+                                f"use a port above 1023, e.g. {what}8000") from None
         except OSError as e:
             if e.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
                 raise BadInputError(f"port {port} on {host} is already in use (another server?)",
-                                    f"stop that server or pick a free port, e.g. {what} {port + 10}"
+                                    f"stop that server or pick a free port, e.g. {what}{port + 10}"
                                     ) from None
             raise BadInputError(f"cannot listen on {host}:{port} ({e.strerror})",
-                                "check --host (e.g. 127.0.0.1)") from None
+                                "check host= (e.g. 127.0.0.1)") from None
 
 
 def check_run_options(exit_timeout_s: int, log_file: str | Path | None,
@@ -83,13 +83,14 @@ def check_run_options(exit_timeout_s: int, log_file: str | Path | None,
     """Usage errors of `serve run` before anything starts; the log file as an absolute path."""
     lo, hi = MAX_INPUT_BOUNDS
     if max_input_bytes is not None and not lo <= max_input_bytes <= hi:
-        raise BadInputError(f"--http-max-input-size {max_input_bytes} must lie in {lo}..{hi} bytes",
-                            "e.g. --http-max-input-size 64MiB (the default, or a served model's full batch)")
+        raise BadInputError(f"max_input_bytes={max_input_bytes} must lie in {lo}..{hi} bytes",
+                            "e.g. max_input_bytes=67108864 (64 MiB, the default, or a served model's full "
+                            "batch)")
     if not 0 <= exit_timeout_s <= MAX_EXIT_TIMEOUT_S:
-        raise BadInputError(f"--exit-timeout {exit_timeout_s} must lie in 0..{MAX_EXIT_TIMEOUT_S} seconds",
+        raise BadInputError(f"exit_timeout={exit_timeout_s} must lie in 0..{MAX_EXIT_TIMEOUT_S} seconds",
                             "pytriton kills tritonserver 30 s after the stop request, cutting off what still "
-                            "runs; e.g. --exit-timeout 10")
-    return None if log_file is None else check_output_path(Path(log_file), "--log-file").absolute()
+                            "runs; e.g. exit_timeout=10")
+    return None if log_file is None else check_output_path(Path(log_file), "log_file=").absolute()
 
 
 def input_limit(models: list[RepoModel], requested: int | None) -> tuple[int, list[str]]:
@@ -201,12 +202,12 @@ def serve_repository(repo: str | Path, *, host: str = "127.0.0.1", port: int = 8
             "backend (a TensorRT plan needs an NVIDIA GPU)",
             "serve the repository with the stock Triton container (docs/serving.md), "
             "or write an ONNX repo")
-    for p, what in ((port, "--port"), (grpc_port, "--grpc-port"), (metrics_port, "--metrics-port")):
+    for p, what in ((port, "port="), (grpc_port, "grpc_port="), (metrics_port, "metrics_port=")):
         if p is not None:
             check_port_free(host, p, what)
     limit, limit_warnings = input_limit(served, max_input_bytes)
     if threads is not None and threads < 1:
-        raise BadInputError(f"--threads {threads} must be at least 1", "pass --threads 2")
+        raise BadInputError(f"threads={threads} must be at least 1", "pass threads=2")
     runtimes = {m.name: [_OrtModel(m, threads) for _ in range(_instance_count(m.config))] for m in served}
 
     fix_library_path()

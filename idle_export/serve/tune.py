@@ -31,8 +31,8 @@ def tune_batching(model: str | Path, max_batch: int, *, threads: int | None = No
     """Measured images/s per batch and the config chosen from it (see the module's doc)."""
     model = Path(model)
     if model.suffix.lower() != ".onnx":
-        raise BadInputError(f"--tune times the model on ONNX Runtime (CPU); {model.name} is not an "
-                            "ONNX file", "tune the ONNX file, or give --preferred/--queue-delay-us yourself")
+        raise BadInputError(f"tune=True times the model on ONNX Runtime (CPU); {model.name} is not an "
+                            "ONNX file", "tune the ONNX file, or give preferred= / queue_delay_us= yourself")
     cores = default_threads()
     threads = threads or cores
     sizes = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch] or [1]

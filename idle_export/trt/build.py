@@ -77,18 +77,18 @@ def build_engine(onnx: str | Path, *, precision: str = "fp16", batch=(1, 32, 64)
     """
     echo = echo or (lambda s: None)
     if precision not in PRECISIONS:
-        raise BadInputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}",
-                            "pass --fp32, --fp16 or --int8")
+        raise BadInputError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}",
+                            "pass precision=fp32, precision=fp16 or precision=int8")
     batch = check_batch(batch)
     onnx = Path(onnx)
     output = Path(output) if output is not None else default_engine_path(onnx, precision)
     if output.resolve() == onnx.resolve():
-        raise BadInputError("the engine would overwrite the ONNX file", "pass -o NAME.engine")
+        raise BadInputError("the engine would overwrite the ONNX file", "pass output=NAME.engine")
     check_output_path(output, stream_ok=False)  # the sidecar ENGINE.json goes beside it
     if timing_cache is not None:  # read and written: it must be a writable file
-        check_output_path(Path(timing_cache), "--timing-cache")
+        check_output_path(Path(timing_cache), "timing_cache=")
     if workspace is not None and workspace < 1:
-        raise BadInputError(f"--workspace {workspace} MiB must be at least 1", "e.g. --workspace 4096")
+        raise BadInputError(f"workspace={workspace} MiB must be at least 1", "e.g. workspace=4096")
     model, flavour, inlined = trt_plugin.prepare(onnx, load_onnx(onnx), plugin, precision, target, flavour)
     source = onnx
     if keep_range is not None:
@@ -217,13 +217,13 @@ def _choose_trt(flavour: str | None, target: str | None, echo) -> tuple[TrtInfo,
     gpu = None
     if trt.flavour == "tensorrt":
         if target is not None:
-            raise BadInputError(f"--target {target}: {trt.label} builds only for the GPU in this machine",
+            raise BadInputError(f"target={target}: {trt.label} builds only for the GPU in this machine",
                                 f"cross-build with TensorRT-RTX: {PIP['tensorrt_rtx']}")
         gpu = gpu_info()
         if gpu is None:
             raise MissingDependencyError(f"{trt.label} needs an NVIDIA GPU to build engines; none found",
                                          f"build without a GPU with TensorRT-RTX: {PIP['tensorrt_rtx']} "
-                                         "and pass --target sm89 (or your GPU's)")
+                                         "and pass target=sm89 (or your GPU's)")
     return trt, target, gpu
 
 
@@ -326,7 +326,7 @@ def _load_timing_cache(trt: TrtInfo, config, path) -> str | None:
     blob = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(blob)
     if cache is None:
-        raise BadInputError(f"--timing-cache {path} is not a TensorRT timing cache",
+        raise BadInputError(f"timing_cache={path} is not a TensorRT timing cache",
                             "delete it (a new one is written) or pass another path")
     config.set_timing_cache(cache, False)  # ignore_mismatch=False
     return f"{'reused' if blob else 'created'} {path}"

@@ -22,7 +22,8 @@ FLAVOUR_NAMES = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 
 PIP = {
     "tensorrt": "pip install tensorrt (TensorRT 10/11, builds and runs on an NVIDIA GPU)",
-    "tensorrt_rtx": pip_extra("trt") + "; it builds without a GPU: --target sm89",
+    "tensorrt_rtx": pip_extra("trt")
+    + "; it builds without a GPU: `idle-export trt MODEL.onnx --target sm89`",
 }
 
 
@@ -80,7 +81,7 @@ def parse_target(text: str | None, trt: TrtInfo | None = None) -> str | None:
         return None
     m = re.fullmatch(r"(?:sm_?)?(\d)\.?(\d{1,2})", text.strip().lower())
     if not m:
-        raise BadInputError(f"--target {text!r} is not a compute capability", "e.g. --target sm89")
+        raise BadInputError(f"target={text!r} is not a compute capability", "e.g. target=sm89")
     target = f"sm{m.group(1)}{m.group(2)}"
     if trt is not None and trt.flavour == "tensorrt_rtx":
         known = [c.lower() for c in trt.module.ComputeCapability.__members__

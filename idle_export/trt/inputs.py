@@ -39,26 +39,26 @@ def parse_profile(text: str | None = "1:32:64", *, shapes: tuple[str, str, str] 
     try:
         values = tuple(int(p) for p in parts)
     except ValueError:
-        raise BadInputError(f"--profile {text!r} is not MIN:OPT:MAX", "e.g. --profile 1:32:64") from None
+        raise BadInputError(f"batch={text!r} is not MIN:OPT:MAX", "e.g. batch=1:32:64") from None
     if len(values) != 3:
-        static = f"; a static engine for batch {values[0]} is --profile {values[0]}:{values[0]}:{values[0]}" \
+        static = f"; a static engine for batch {values[0]} is batch={values[0]}:{values[0]}:{values[0]}" \
             if len(values) == 1 else ""
-        raise BadInputError(f"--profile {text!r} needs three batch sizes MIN:OPT:MAX{static}",
-                            "e.g. --profile 1:32:64 (any batch from MIN to MAX, tuned for OPT)")
+        raise BadInputError(f"batch={text!r} needs three batch sizes MIN:OPT:MAX{static}",
+                            "e.g. batch=1:32:64 (any batch from MIN to MAX, tuned for OPT)")
     return check_batch(values)
 
 
 def check_batch(batch) -> tuple[int, int, int]:
     lo, opt, hi = (int(v) for v in batch)
     if lo < 1:
-        raise BadInputError(f"batch range {lo}:{opt}:{hi} starts below 1", "e.g. --profile 1:32:64")
+        raise BadInputError(f"batch range {lo}:{opt}:{hi} starts below 1", "e.g. batch=1:32:64")
     if not lo <= opt <= hi:
         lo2, opt2, hi2 = sorted((lo, opt, hi))
         raise BadInputError(f"batch range {lo}:{opt}:{hi} is inverted (need MIN ≤ OPT ≤ MAX)",
-                            f"e.g. --profile {lo2}:{opt2}:{hi2}")
+                            f"e.g. batch={lo2}:{opt2}:{hi2}")
     if hi > MAX_BATCH:
         raise BadInputError(f"batch range {lo}:{opt}:{hi}: MAX is above {MAX_BATCH}, the largest batch "
-                            "an exported graph takes", f"e.g. --profile {lo}:{min(opt, 64)}:{min(hi, 256)}")
+                            "an exported graph takes", f"e.g. batch={lo}:{min(opt, 64)}:{min(hi, 256)}")
     return lo, opt, hi
 
 
@@ -99,8 +99,8 @@ def parse_keep_range(text: str | None, meta: OnnxMetadata) -> tuple[int, int, in
     file's min_rate:default:1. A rate outside the range is refused at run time (TrtRunner)."""
     info = meta.elastic
     if info is None:
-        raise BadInputError("--elastic builds an elastic file; this one has a fixed K",
-                            "export it with `idle-export onnx CKPT --elastic`, or drop --elastic")
+        raise BadInputError("elastic=True builds an elastic file; this one has a fixed K",
+                            "export it with `idle-export onnx CKPT --elastic`, or drop elastic=True")
     if text is None:
         text = f"{info['min_rate']}:{info['default']}:1"
     try:
@@ -108,8 +108,8 @@ def parse_keep_range(text: str | None, meta: OnnxMetadata) -> tuple[int, int, in
     except ValueError:
         rates = []
     if len(rates) != 3 or not all(0 < r <= 1 for r in rates) or not rates[0] <= rates[1] <= rates[2]:
-        raise BadInputError(f"--keep-range {text!r} is not MIN:OPT:MAX with 0 < MIN ≤ OPT ≤ MAX ≤ 1",
-                            "e.g. --keep-range 0.3:0.7:1")
+        raise BadInputError(f"keep_range={text!r} is not MIN:OPT:MAX with 0 < MIN ≤ OPT ≤ MAX ≤ 1",
+                            "e.g. keep_range=0.3:0.7:1")
     lo, opt, hi = (permille(r) for r in rates)
     return lo, opt, hi
 
@@ -128,8 +128,8 @@ def check_graph(onnx: Path, model, facts: dict, precision: str, batch) -> None:
     check_precision(onnx, facts, precision)
     if facts["shape"][0] > 0 and batch != (facts["shape"][0],) * 3:
         b = facts["shape"][0]
-        raise BadInputError(f"{onnx.name} has a fixed batch of {b}; --batch {':'.join(map(str, batch))} "
-                            "needs a dynamic one", f"pass --batch {b}:{b}:{b} or export with dynamic batch")
+        raise BadInputError(f"{onnx.name} has a fixed batch of {b}; batch={':'.join(map(str, batch))} "
+                            "needs a dynamic one", f"pass batch={b}:{b}:{b} or export with dynamic batch")
     errors = [f for f in lint_model(model) if f["severity"] == "error"]
     if errors:
         raise BadInputError(f"{onnx.name}: {errors[0]['message']}"
@@ -150,8 +150,9 @@ def check_precision(onnx: Path, facts: dict, precision: str) -> None:
                             f"idle-export trt {source} --int8 (calibrates for TensorRT), or "
                             f"idle-export calibrate {source} --target trt")
     if precision != "int8" and facts["qdq"]:
-        raise BadInputError(f"{onnx.name} has Q/DQ nodes (an INT8 graph); --{precision} would ignore them",
-                            "pass --int8, or build from the FP32 export")
+        raise BadInputError(f"{onnx.name} has Q/DQ nodes (an INT8 graph); precision={precision} would "
+                            "ignore them",
+                            "pass precision=int8, or build from the FP32 export")
     if precision == "fp32" and facts["fp16"]:
         raise BadInputError(f"{onnx.name} has FP16 tensors; a strongly typed build would run them in FP16",
-                            "pass --fp16, or build --fp32 from the FP32 export")
+                            "pass precision=fp16, or build precision=fp32 from the FP32 export")

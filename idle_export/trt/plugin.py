@@ -38,7 +38,7 @@ from idle_export.plugins.spec import OP_SCATTER, OP_SELECT
 tp = lazy_module("idle_export.plugins.tensorrt_plugin")  # registers with tensorrt (GPU machines)
 
 PLUGIN_HINT = ("on a machine with an NVIDIA GPU: pip install 'tensorrt>=10.12'; or build without "
-               "--plugin (TensorRT then runs the IdleSelect/IdleScatter function bodies)")
+               "plugin=True (TensorRT then runs the IdleSelect/IdleScatter function bodies)")
 
 
 def _stem(output: Path) -> str:
@@ -50,25 +50,26 @@ def check_plugin_build(onnx: Path, model, precision: str, target: str | None,
     """Refuse, before any TensorRT work, a --plugin build that cannot happen here, naming what
     is missing; returns the flavour to build with ("tensorrt")."""
     if not plugin_nodes(model):
-        raise BadInputError(f"{onnx.name} has no IdleSelect nodes: --plugin builds the plugin form",
-                            "export it with `idle-export onnx CKPT --plugin`, or drop --plugin")
+        raise BadInputError(f"{onnx.name} has no IdleSelect nodes: plugin=True builds the plugin form",
+                            "export it with `idle-export onnx CKPT --plugin`, or drop plugin=True")
     if precision == "int8":
-        raise BadInputError("--plugin builds FP32 or FP16 engines (the plugin form has no Q/DQ "
-                            "INT8 path)", "drop --int8, or build the standard export with --int8")
+        raise BadInputError("plugin=True builds FP32 or FP16 engines (the plugin form has no Q/DQ "
+                            "INT8 path)",
+                            "drop precision=int8, or build the standard export with precision=int8")
     if (flavour or os.environ.get("IDLE_EXPORT_TRT")) == "tensorrt_rtx" or target is not None:
-        raise BadInputError("--plugin needs TensorRT (tensorrt >= 10.12), which builds for the GPU "
-                            "in this machine: TensorRT-RTX has no plugin layers, so no --target "
-                            "cross-build", "drop --target / --flavour tensorrt_rtx, or drop --plugin")
+        raise BadInputError("plugin=True needs TensorRT (tensorrt >= 10.12), which builds for the GPU "
+                            "in this machine: TensorRT-RTX has no plugin layers, so no target= "
+                            "cross-build", "drop target= / flavour=tensorrt_rtx, or drop plugin=True")
     try:
         tp.import_tensorrt()
     except tp.TensorRTPluginUnavailable as exc:
         text = str(exc) if "TensorRT-RTX" in str(exc) else f"{exc}; TensorRT-RTX has no plugin layers"
-        raise MissingDependencyError(f"--plugin: {text}", PLUGIN_HINT) from None
+        raise MissingDependencyError(f"plugin=True: {text}", PLUGIN_HINT) from None
     if gpu_info() is None:
-        raise MissingDependencyError("--plugin builds with TensorRT for the GPU in this machine and "
+        raise MissingDependencyError("plugin=True builds with TensorRT for the GPU in this machine and "
                                      "there is none (TensorRT-RTX, which builds without one, has no "
                                      "plugin layers)", "build on a machine with an NVIDIA GPU, or "
-                                     "drop --plugin")
+                                     "drop plugin=True")
     return "tensorrt"
 
 
@@ -96,8 +97,9 @@ def plugin_graph_to_parse(trt, model, facts: dict, output: Path, precision: str,
         layers = layers if len(layers) == len(selects) else list(range(len(selects)))
         names = [f"{SELECTION_PREFIX}{layer}" for layer in layers]
         if set(names) & {o.name for o in proto.graph.output}:
-            raise BadInputError("this export already outputs its selections (--emit-selection)",
-                                "build it without --emit-selection")
+            raise BadInputError("this export already outputs its selections (`idle-export onnx "
+                                "--emit-selection`)",
+                                "build it without selection=True")
         add_selection_outputs(proto, names)
     parsed = output.with_name(f"{_stem(output)}.trtplugin.onnx")
     echo(f"plugin build: writing {parsed.name} (IdleSelect/IdleScatter as the AOT plugins "

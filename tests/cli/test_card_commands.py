@@ -122,7 +122,7 @@ def test_int8_loop_names_files_by_target_and_hints_the_working_command(card_fold
     # writing one target's INT8 model over the other's is refused, not silent
     result = run("calibrate", "ckpt_idle.onnx", "--num", "4", "--target", "trt", "-o", ort.name)
     assert result.exit_code == 2 and "calibrated for ort" in result.output
-    assert "-o ckpt_idle.int8.trt.onnx" in result.output and sha(ort) == ort_hash
+    assert "--output ckpt_idle.int8.trt.onnx" in result.output and sha(ort) == ort_hash
     if HAS_RTX:  # no doubled suffix in the engine's name
         result = run("trt", "ckpt_idle.int8.trt.onnx", "--int8", "--target", "sm89", "--profile", "1:2:4")
         assert result.exit_code == 0, result.output

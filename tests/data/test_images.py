@@ -91,8 +91,8 @@ def test_fewer_images_than_num_is_an_error_naming_the_count(tmp_path, spec):
         warnings.simplefilter("ignore", ImagesSkippedWarning)
         with pytest.raises(BadInputError) as e:
             load_images(d, 10, spec, cache_dir=False)
-    assert "has 4 usable images, fewer than --num 10 (1 files skipped)" in e.value.message
-    assert "--num 4" in e.value.hint
+    assert "has 4 usable images, fewer than num=10 (1 files skipped)" in e.value.message
+    assert "num=4" in e.value.hint
 
 
 def test_num_draws_a_seeded_sample_of_a_folder(tmp_path, spec):
@@ -159,7 +159,7 @@ def test_builtin_set_is_deterministic(spec):
 def test_preprocessed_array_passthrough(spec):
     x = np.zeros((5, 3, 224, 224), np.float32)
     assert len(load_images(x, 4, spec)) == 4
-    with pytest.raises(BadInputError, match="fewer than --num 8"):
+    with pytest.raises(BadInputError, match="fewer than num=8"):
         load_images(x, 8, spec)
     with pytest.raises(BadInputError, match="shape"):
         load_images(np.zeros((2, 3, 32, 32), np.float32), 0, spec)

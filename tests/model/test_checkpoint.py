@@ -100,18 +100,18 @@ def test_lvvit_wrong_arch_names_the_right_one(tmp_path, tiny_sd):
                        args={"arch": "lvvit_m", "base_rate": 0.7})
     with pytest.raises(CheckpointError, match="do not fit lvvit_m: s.pth has 16 blocks, lvvit_m 20") as e:
         small.spec()
-    assert e.value.hint == "pass --arch lvvit_s"
+    assert e.value.hint == "pass arch=lvvit_s"
     # DeiT weights labelled LV-ViT (and the other way round) are named, not guessed
     torch.save({"model": tiny_sd, "args": argparse.Namespace(arch="lvvit_s", base_rate=0.7)},
                tmp_path / "lv.pth")
     with pytest.raises(CheckpointError, match="weights do not fit lvvit_s: lv.pth has no LV-ViT") as e:
         load_checkpoint(tmp_path / "lv.pth").spec()
-    assert e.value.hint == "the weights look like deit_tiny: pass --arch deit_tiny"
+    assert e.value.hint == "the weights look like deit_tiny: pass arch=deit_tiny"
     deit = Checkpoint(path=Path("m.pth"), sha256="", state_dict=_lvvit_meta_sd("lvvit_m"), source="file",
                       args={"arch": "deit_base", "base_rate": 0.7})
     with pytest.raises(CheckpointError, match="weights do not fit deit_base") as e:
         build_model(deit.spec(), deit.state_dict)
-    assert e.value.hint == "the weights look like lvvit_m: pass --arch lvvit_m"
+    assert e.value.hint == "the weights look like lvvit_m: pass arch=lvvit_m"
 
 
 @pytest.mark.parametrize("form", ["bare", "model", "official"])
@@ -208,7 +208,7 @@ def test_wrong_architecture_names_the_keys(tmp_path, tiny_sd):
     pattern = r"size mismatch for: cls_token \(checkpoint \[1, 1, 192\]"
     with pytest.raises(CheckpointError, match=pattern) as e:
         build_model(ckpt.spec(), ckpt.state_dict)
-    assert "pass --arch deit_tiny" in e.value.one_line()
+    assert "pass arch=deit_tiny" in e.value.one_line()
     partial = {k: v for k, v in tiny_sd.items() if not k.startswith("blocks.11.")}
     partial["head_extra.weight"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match=r"missing keys: blocks\.11\..*unexpected keys: head_extra"):

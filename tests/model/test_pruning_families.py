@@ -95,28 +95,28 @@ def test_resolve_family_never_reads_one_family_as_another():
     assert resolve_family(SD, evit_args, arch="deit_tiny", method="idlevit") is DEIT
     assert resolve_family(SD, None, method="evit") is EVIT  # bare DeiT weights, chosen
     assert resolve_family(SD, None, arch="evit_tiny") is EVIT  # an explicit arch is a choice too
-    with pytest.raises(BadInputError, match="is an EViT checkpoint; --arch deit_tiny is an IdleViT arch"):
+    with pytest.raises(BadInputError, match="is an EViT checkpoint; arch=deit_tiny is an IdleViT arch"):
         resolve_family(SD, evit_args, arch="deit_tiny")
     with pytest.raises(BadInputError, match="is not a DynamicViT checkpoint: it has no score_predictor"):
         resolve_family(SD, evit_args, method="dynamicvit")
-    with pytest.raises(BadInputError, match="--arch evit_tiny is an EViT arch, not --family dynamicvit"):
+    with pytest.raises(BadInputError, match="arch=evit_tiny is an EViT arch, not family=dynamicvit"):
         resolve_family(SD, None, arch="evit_tiny", method="dynamicvit")
-    with pytest.raises(BadInputError, match="--family 'vit' is not one of idlevit, evit, dynamicvit"):
+    with pytest.raises(BadInputError, match="family='vit' is not one of idlevit, evit, dynamicvit"):
         resolve_family(SD, None, method="vit")
-    with pytest.raises(BadInputError, match="is a DynamicViT checkpoint; --arch deit_tiny"):
+    with pytest.raises(BadInputError, match="is a DynamicViT checkpoint; arch=deit_tiny"):
         resolve_family(DYN_SD, None, arch="deit_tiny")
 
 
 def test_unsupported_features_are_refused_in_one_line():
     for family in (EVIT, DYNAMICVIT):
-        for feature in ("--elastic", "--plugin"):
+        for feature in ("elastic=True", "plugin=True"):
             with pytest.raises(BadInputError, match=f"{feature} is not supported for {family.title}"):
                 family.refuse(feature)
-        with pytest.raises(BadInputError, match="--scores folded is not a way"):
+        with pytest.raises(BadInputError, match="scores=folded is not a way"):
             family.scores("folded")
         assert family.scores(None) == "official"
         assert not family.elastic  # sweep: one fixed-K file per ratio
-    DEIT.refuse("--elastic")  # IdleViT can
+    DEIT.refuse("elastic=True")  # IdleViT can
     assert DEIT.elastic
     assert DEIT.scores(None) == "folded"
 
@@ -135,9 +135,9 @@ def test_checkpoint_specs(weights, tmp_path):
     assert (spec.arch, spec.keep_rate, spec.idle_layers, spec.fuse_token) == (
         "evit_tiny", 0.6, (2, 5, 8), True)
     assert ckpt.spec(keep_rate=0.5).keep_k == EViTSpec("deit_tiny", 0.5, (2, 5, 8), True).keep_k
-    with pytest.raises(CheckpointError, match="--keep-k set idle layers; an EViT model's drop layers"):
+    with pytest.raises(CheckpointError, match="keep_k= set idle layers; an EViT model's drop layers"):
         ckpt.spec(keep_k=[100, 50, 20])
-    with pytest.raises(BadInputError, match="is an EViT checkpoint; --arch deit_tiny is an IdleViT arch"):
+    with pytest.raises(BadInputError, match="is an EViT checkpoint; arch=deit_tiny is an IdleViT arch"):
         ckpt.spec(arch="deit_tiny", keep_rate=0.7)
     idle = ckpt.spec(method="idlevit", keep_rate=0.7)  # the user's explicit choice
     assert idle.arch == "deit_tiny" and len(idle.idle_layers) == 9

@@ -190,7 +190,7 @@ def test_without_gpu_the_runner_says_it_needs_one(built):
 
 def test_bad_batch_ranges_and_targets():
     assert parse_profile("1:32:64") == (1, 32, 64) and parse_profile("8:8:8") == (8, 8, 8)
-    with pytest.raises(BadInputError, match="static engine for batch 8 is --profile 8:8:8"):
+    with pytest.raises(BadInputError, match="static engine for batch 8 is batch=8:8:8"):
         parse_profile("8")  # one number used to make a static engine without a word
     with pytest.raises(BadInputError, match="inverted"):
         parse_profile("64:32:1")
