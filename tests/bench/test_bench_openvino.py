@@ -18,6 +18,19 @@ runner = CliRunner()
 FAST = dict(runs=2, warmup=1, min_time=0.02)
 
 
+def _compiled_precisions(compiled, names: set) -> tuple[dict, int]:
+    """The runtime precision of each op of the compiled model made from an ONNX node in `names`,
+    and how many FullyConnected ops run in INT8."""
+    precisions, int8_layers = {}, 0
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        prec = info["runtimePrecision"].astype(str)
+        for name in set(info["originalLayersNames"].astype(str).split(",")) & names:
+            precisions[name] = prec
+        int8_layers += info["layerType"].astype(str) == "FullyConnected" and prec in ("i8", "u8")
+    return precisions, int8_layers
+
+
 @pytest.fixture(scope="module")
 def ov_int8(tiny_folded_onnx, tmp_path_factory):
     pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'idle-export[openvino]')")
@@ -47,13 +60,7 @@ def test_openvino_int8_keeps_the_selection_path_fp32(ov_int8):
     assert file_target(meta) == "openvino" and "gather_rows" in file_passes(meta)
     scores = {m.name for m in score_matmuls(proto)}
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    precisions, int8_layers = {}, 0
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        prec = info["runtimePrecision"].astype(str)
-        for name in set(info["originalLayersNames"].astype(str).split(",")) & scores:
-            precisions[name] = prec
-        int8_layers += info["layerType"].astype(str) == "FullyConnected" and prec in ("i8", "u8")
+    precisions, int8_layers = _compiled_precisions(compiled, scores)
     assert precisions == dict.fromkeys(scores, "f32")
     assert int8_layers >= 12 * 4 - 9  # the qkv/proj/fc1/fc2 linears of 12 blocks, minus ignored
 
@@ -220,13 +227,7 @@ def test_calibrate_for_openvino_writes_the_marked_int8_ir(tiny_folded_onnx, tmp_
                for i in n.input)
     scores = {m.name for m in score_matmuls(proto)}
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
-    precisions, int8_layers = {}, 0
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        prec = info["runtimePrecision"].astype(str)
-        for name in set(info["originalLayersNames"].astype(str).split(",")) & scores:
-            precisions[name] = prec
-        int8_layers += info["layerType"].astype(str) == "FullyConnected" and prec in ("i8", "u8")
+    precisions, int8_layers = _compiled_precisions(compiled, scores)
     assert precisions == dict.fromkeys(scores, "f32")
     assert int8_layers >= 12 * 4  # qkv, proj, fc1, fc2 of every block
     no_ir = api.quantize(tiny_folded_onnx, tmp_path / "q.int8.ort.onnx", num=8, target="ort", cache=False)
