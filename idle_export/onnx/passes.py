@@ -172,10 +172,11 @@ def _expanded_row_index(node, producers, consts):
 
 
 def gather_rows(proto):
-    """Token gathers/scatters as row operations: GatherElements with an index expanded over the
-    C channels (B·S·C index reads) → GatherND(batch_dims=1) on [B, S, 1] (one row copy per
-    token); ScatterElements likewise → ScatterND on [B, S, 2] (batch, token) pairs, whose
-    batch column is built once per index tensor."""
+    """Token gathers/scatters as row operations: GatherElements / ScatterElements with an index
+    expanded over the C channels (B·S·C index reads) → GatherND / ScatterND on [B, S, 2]
+    (batch, token) pairs (one row copy per token), the pairs built once per index tensor.
+    (GatherND with batch_dims=1 on [B, S, 1] is the same gather, but OpenVINO's ONNX reader
+    makes it a Broadcast copy of the whole [B, N, C] input in front of the gather.)"""
     import onnx
     from onnx import helper
 
@@ -198,10 +199,6 @@ def gather_rows(proto):
         if rows is None:
             new_nodes.append(n)
             continue
-        if n.op_type == "GatherElements":
-            new_nodes.append(helper.make_node("GatherND", [n.input[0], rows], list(n.output),
-                                              name=n.name + "_rows", batch_dims=1))
-            continue
         if rows not in pairs:  # [B, S, 2]: (b, idx[b, s]) for every selected token
             used_helpers = True
             p = rows + "_rows"
@@ -216,6 +213,10 @@ def gather_rows(proto):
                 helper.make_node("Concat", [p + "_bidx3", rows], [p + "_pairs"], axis=-1, name=p + "_pairs"),
             ]
             pairs[rows] = p + "_pairs"
+        if n.op_type == "GatherElements":
+            new_nodes.append(helper.make_node("GatherND", [n.input[0], pairs[rows]], list(n.output),
+                                              name=n.name + "_rows"))
+            continue
         new_nodes.append(helper.make_node("ScatterND", [n.input[0], pairs[rows], n.input[2]],
                                           list(n.output), name=n.name + "_rows"))
     if used_helpers:
