@@ -68,7 +68,11 @@ def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
     nncf = import_nncf()
     proto = apply_target(proto, "openvino")  # passes it lacks; metadata target = openvino
     meta = OnnxMetadata.of(proto)
-    ignored = selection_path_nodes(proto) + activation_matmuls(proto)
+    selection = selection_path_nodes(proto)
+    # attention (q·kᵀ, attn·v) unquantized: their FakeQuantize ran in f32 behind layout reorders
+    # and cost more than INT8 saved (docs/benchmark.md, "AMX (bf16 and INT8 tiles)")
+    attention = activation_matmuls(proto)
+    ignored = selection + attention
     samples = [calib_array[i:i + 1] for i in range(len(calib_array))]
     dataset = nncf.Dataset(samples, lambda x: {proto.graph.input[0].name: x})
     advanced = None
@@ -81,7 +85,8 @@ def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
         advanced = AdvancedQuantizationParameters(
             weights_quantization_params=QuantizationParameters(per_channel=False))
     if say:
-        say(f"quantizing with NNCF {nncf.__version__} ({len(ignored)} selection-path nodes kept FP32)")
+        say(f"quantizing with NNCF {nncf.__version__} ({len(selection)} selection-path nodes and "
+            f"{len(attention)} attention MatMuls kept floating point)")
     previous = logging.getLogger("nncf").level
     nncf.set_log_level(logging.ERROR)
     try:  # NNCF draws progress bars on stdout: keep stdout for the CLI's JSON
@@ -99,7 +104,8 @@ def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
                               "ignored scope", "report it with the model; use target=ort meanwhile")
     recipe = {"target": "openvino", "tool": f"nncf {nncf.__version__}", "method": "minmax",
               "num_images": len(samples), "per_channel": per_channel, "format": "QDQ",
-              "model_type": "transformer", "selection_path_fp32": len(ignored)}
+              "model_type": "transformer", "selection_path_fp32": len(selection),
+              "attention_unquantized": len(attention)}
     OnnxMetadata(meta.ours()).updated(precision="int8", quantization=recipe).write(quantized)
     return quantized, recipe
 

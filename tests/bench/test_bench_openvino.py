@@ -223,6 +223,7 @@ def test_calibrate_for_openvino_writes_the_marked_int8_ir(tiny_folded_onnx, tmp_
 
     attention = activation_matmuls(apply_target(onnx.load(str(tiny_folded_onnx)), "openvino"))
     assert len(attention) >= 2 * 12 and {n.name for n in proto.graph.node} >= set(attention)
+    assert report["attention_unquantized"] == len(attention) and report["selection_path_fp32"] > 0
     assert all(made_by.get(i) != "DequantizeLinear" for n in proto.graph.node if n.name in attention
                for i in n.input)
     scores = {m.name for m in score_matmuls(proto)}
