@@ -5,14 +5,13 @@ flags instead."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from idle_export.api_export import CheckpointLike, PathLike, _checkpoint, default_onnx_path
+from idle_export.api_export import CheckpointLike, PathLike, _checkpoint, _no_progress, default_onnx_path
 from idle_export.errors import BadInputError
 from idle_export.explore.choose import DEFAULT_RATIOS, check_choice_options, choose_ratio, parse_ratios
 from idle_export.explore.pareto import import_matplotlib, mark_front, plot_sweep
@@ -23,10 +22,6 @@ from idle_export.fileio import check_output_path, mkdir_hint
 from idle_export.hardware import check_threads
 from idle_export.onnx.export import export_checkpoint
 from idle_export.onnx.io import check_batch_sizes
-
-
-def _no_progress(message: str):
-    return contextlib.nullcontext()
 
 
 def show(model: PathLike, images: Sequence[PathLike] | None = None, output: PathLike | None = None, *,

@@ -4,13 +4,12 @@ as these functions spell them (`instances=`); the CLI prints its flags instead."
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from idle_export.api_export import PathLike
+from idle_export.api_export import PathLike, _no_progress
 from idle_export.errors import BadInputError
 from idle_export.fileio import check_output_path
 from idle_export.hardware import check_threads
@@ -51,7 +50,7 @@ def serve_repo(model: PathLike, output: PathLike = "model_repository", *, name: 
     tuned = None
     if tune:
         threads = check_threads(threads)
-        with (progress or (lambda m: contextlib.nullcontext()))(f"tuning {model.name}") as shown:
+        with (progress or _no_progress)(f"tuning {model.name}") as shown:
             tuned = tune_batching(model, max_batch or 64, threads=threads,
                                   progress=getattr(shown, "update", None))
         sizes = sizes or tuned["preferred"]
@@ -129,7 +128,7 @@ def serve_bench(url: str, models: Sequence[str], *, concurrency: Sequence[int] =
         raise BadInputError(f"stability={stability} must lie in (0, 1)", "e.g. stability=0.1")
     if plot is not None:
         check_output_path(Path(plot), "plot=")
-    with (progress or (lambda m: contextlib.nullcontext()))(f"load on {url}") as shown:
+    with (progress or _no_progress)(f"load on {url}") as shown:
         report = bench_server(url, names, concurrency=levels, batch=sizes, protocol=protocol,
                               grpc_url=grpc_url, warmup_s=warmup, window_s=window, max_windows=max_windows,
                               stability=stability, timeout_s=timeout, progress=getattr(shown, "update", None))
