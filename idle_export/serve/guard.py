@@ -11,6 +11,8 @@ parse with 500. Triton 2.59 added `--http-max-input-size`; this front does the s
 - an inference request whose inputs declare more bytes than the limit gets 400, as does one that
   is not JSON or whose `inputs`/`shape` cannot be read (Triton's wording, so clients that match
   on it still do);
+- a binary request (JSON header + tensor bytes) is checked from its header and its tensor bytes
+  are streamed on as they arrive; other bodies are read whole first;
 - Triton's own 500 for request JSON it cannot parse ("failed to parse", "Unable to parse")
   becomes 400; every other answer, header and byte is passed on unchanged.
 
@@ -211,18 +213,28 @@ class Guard:
             await session.close()
 
     async def _handle(self, request, session, web):
+        import asyncio  # loaded by _run (kept out of the module's imports: `--help` stays fast)
+
         def answer(status: int, message: str):
             return web.Response(status=status, body=error_body(message), content_type="application/json")
 
         held = [0]  # bytes of this request counted in self.in_flight, released however it ends
         try:
             try:
-                body = await self._read_body(request, held)
                 if request.method == "POST" and INFER_PATH.match(request.path):
-                    if len(body) > self.JSON_IN_THREAD:
-                        await self._loop.run_in_executor(None, self._check, body, request.headers)
+                    header_length = _streamable(request)
+                    if header_length is not None:  # binary tensors: check the header, stream the rest
+                        self._admit(request, held)
+                        text = await request.content.readexactly(header_length)
+                        await self._check_json(text)
+                        body = _stream(text, request.content)
                     else:
-                        self._check(body, request.headers)
+                        body = await self._read_body(request, held)
+                        await self._check_json(request_json(
+                            body, request.headers.get("Inference-Header-Content-Length"),
+                            request.headers.get("Content-Encoding"), self.limit))
+                else:
+                    body = await self._read_body(request, held)
             except Refused as r:
                 if r.status == 503:
                     self.busy_refused += 1
@@ -230,9 +242,29 @@ class Guard:
                                         content_type="application/json",
                                         headers={"Retry-After": "1", "Connection": "close"})
                 return answer(r.status, r.message)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return answer(400, "the request body ended before its Content-Length")
             return await self._forward(request, body, session, web, answer)
         finally:
             self.in_flight -= held[0]
+
+    async def _check_json(self, text: bytes) -> None:
+        if len(text) > self.JSON_IN_THREAD:  # parse large JSON off the event loop
+            await self._loop.run_in_executor(None, check_infer_request, text, self.limit)
+        else:
+            check_infer_request(text, self.limit)
+
+    def _admit(self, request, held: list[int]) -> tuple[int, Refused]:
+        """Refused(413) when the declared Content-Length is over the limit, else reserve it before
+        reading (Refused 503 over the budget); the limit and its 413 for bodies without a length."""
+        cap = self.limit + HEADER_SLACK
+        too_big = Refused(413, f"the request body is over {cap:,} bytes, this server's limit (serve run "
+                               "--http-max-input-size; binary tensors, as tritonclient sends by default, "
+                               "are 4-6x smaller than JSON numbers)")
+        if (request.content_length or 0) > cap:
+            raise too_big
+        self._reserve(request.content_length or 0, held)
+        return cap, too_big
 
     def _reserve(self, total: int, held: list[int]) -> None:
         """Count this request as holding `total` bytes (held[0] are counted already); Refused(503)
@@ -246,19 +278,28 @@ class Guard:
         self.in_flight += more
         held[0] = total
 
-    async def _forward(self, request, body: bytes, session, web, answer):
+    async def _forward(self, request, body, session, web, answer):
+        import asyncio
+
         import aiohttp
 
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        if body:
-            headers["Content-Length"] = str(len(body))
+        if isinstance(body, bytes):
+            data = _slices(body) if body else None
+            if body:
+                headers["Content-Length"] = str(len(body))
+        else:  # streamed: as declared (aiohttp stops the body there)
+            data = body
+            headers["Content-Length"] = str(request.content_length)
         try:
             async with session.request(request.method, self.upstream + request.path_qs, headers=headers,
-                                       data=_slices(body) if body else None, allow_redirects=False) as resp:
+                                       data=data, allow_redirects=False) as resp:
                 data = await resp.read()
                 status = 400 if is_parse_error(resp.status, data) else resp.status
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
                 return web.Response(status=status, body=data, headers=out)
+        except (asyncio.IncompleteReadError, ConnectionError, aiohttp.ClientPayloadError):
+            return answer(400, "the request body ended before its Content-Length")  # the client left
         except aiohttp.ClientError as e:
             return answer(503, f"Triton behind this server is not reachable ({type(e).__name__}); it is "
                                "stopping or has stopped")
@@ -267,13 +308,7 @@ class Guard:
         """The body, at most limit + HEADER_SLACK bytes (Refused 413 beyond, before reading it
         when Content-Length says so). Chunks joined once: aiohttp's request.read() grows a
         bytearray, ~3 ms for 4.8 MB."""
-        cap = self.limit + HEADER_SLACK
-        too_big = Refused(413, f"the request body is over {cap:,} bytes, this server's limit (serve run "
-                               "--http-max-input-size; binary tensors, as tritonclient sends by default, "
-                               "are 4-6x smaller than JSON numbers)")
-        if (request.content_length or 0) > cap:
-            raise too_big
-        self._reserve(request.content_length or 0, held)  # before reading, when it is declared
+        cap, too_big = self._admit(request, held)
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(2**20):
             size += len(chunk)
@@ -283,10 +318,29 @@ class Guard:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _check(self, body: bytes, headers) -> None:
-        text = request_json(body, headers.get("Inference-Header-Content-Length"),
-                            headers.get("Content-Encoding"), self.limit)
-        check_infer_request(text, self.limit)
+
+def _streamable(request) -> int | None:
+    """The JSON header's length of a binary inference request the guard can check from its
+    header alone and stream on to tritonserver as it arrives (None: read the whole body first).
+    Streaming overlaps the client's upload with tritonserver's read, instead of one after the
+    other (docs/reliability.md#server-limits, "The cost")."""
+    if (request.headers.get("Content-Encoding") or "identity").strip().lower() != "identity":
+        return None
+    total = request.content_length
+    try:
+        n = int(request.headers.get("Inference-Header-Content-Length", ""))
+    except ValueError:
+        return None
+    if total is None or not 0 <= n <= total:
+        return None  # no length (chunked) or a header length past the body: the buffered path says so
+    return n
+
+
+async def _stream(header: bytes, content):
+    """The checked JSON header, then the tensor bytes as they come from the client."""
+    yield header
+    async for chunk in content.iter_any():
+        yield chunk
 
 
 async def _slices(body: bytes, size: int = 256 * 2**10):
