@@ -226,6 +226,9 @@ def test_calibrate_for_openvino_writes_the_marked_int8_ir(tiny_folded_onnx, tmp_
     assert report["attention_unquantized"] == len(attention) and report["selection_path_fp32"] > 0
     assert all(made_by.get(i) != "DequantizeLinear" for n in proto.graph.node if n.name in attention
                for i in n.input)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]  # the patch embedding: bf16 in OpenVINO
+    assert report["conv_unquantized"] == len(convs) == 1
+    assert all(made_by.get(i) != "DequantizeLinear" for i in convs[0].input)
     scores = {m.name for m in score_matmuls(proto)}
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     precisions, int8_layers = _compiled_precisions(compiled, scores)

@@ -55,6 +55,12 @@ def test_ir_written_beside_the_onnx_with_the_score_path_marked(ir_export):
     assert len(by_type["MVN"]) == layers  # each idle layer's LayerNorm: the scores start from f32 xn
     # folded scores: w = xn[:,0]·(Wqᵀ Wk) + bq Wk, scores = w·xnᵀ: two MatMuls a layer
     assert len(by_type["MatMul"]) == 2 * layers
+    # the scores of all N tokens, then the patch tokens' ones: no [B, N-1, C] copy of xn
+    n, c = meta.spec.num_patches + 1, meta.spec.embed_dim
+    shapes = [op.get_output_partial_shape(0) for op in by_type["Slice"]]
+    assert [str(s[1:]) for s in shapes] == [f"[1,{n - 1}]"] * layers, shapes
+    assert not [op for op in ops if op.get_type_name() == "Slice"
+                and str(op.get_output_partial_shape(0)[1:]) == f"[{n - 1},{c}]"]
     # the big GEMMs are left to the inference precision: most MatMuls are not marked
     assert len([op for op in ops if op.get_type_name() == "MatMul" and not is_marked(op)]) > 3 * layers
     assert json.loads(meta.props["idle_export.openvino_ir"])["fp32_ops"] == len(marked)
