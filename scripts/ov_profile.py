@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 PARTS = {
-    "FullyConnected": "linear (FullyConnected)", "MatMul": "attention MatMul",
+    "FullyConnected": "linear (FullyConnected)", "FullyConnectedQuantizedLegacy": "linear (FullyConnected)",
+    "MatMul": "attention MatMul", "Multiply": "elementwise", "PowerStatic": "elementwise",
+    "Add": "elementwise", "FakeQuantize": "elementwise", "Subtract": "elementwise", "MulAdd": "elementwise",
     "Subgraph": "fused elementwise (Subgraph)", "Eltwise": "elementwise", "MVN": "LayerNorm (MVN)",
     "Softmax": "softmax", "Transpose": "transpose", "Reorder": "reorder", "Convolution": "patch stem",
     "TopK": "selection", "GatherND": "selection", "ScatterNDUpdate": "selection",

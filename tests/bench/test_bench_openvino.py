@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from idle_export.cli import app
+from idle_export.onnx.metadata import OnnxMetadata
 from tests.conftest import error_lines
 
 runner = CliRunner()
@@ -229,6 +230,12 @@ def test_calibrate_for_openvino_writes_the_marked_int8_ir(tiny_folded_onnx, tmp_
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]  # the patch embedding: bf16 in OpenVINO
     assert report["conv_unquantized"] == len(convs) == 1
     assert all(made_by.get(i) != "DequantizeLinear" for i in convs[0].input)
+    # SmoothQuant's scalings after a LayerNorm feeding nothing else went into the LayerNorm: each
+    # LN2 and the dense layers' LN1; an idle layer's LN1 also feeds the scores and keeps its Mul
+    idle = len(OnnxMetadata.read(out).spec.idle_layers)
+    assert report["smoothquant_scales_in_layernorm"] == 2 * 12 - idle
+    assert not [n for n in proto.graph.node
+                if n.op_type == "Mul" and made_by.get(n.input[0]) == "LayerNormalization"]
     scores = {m.name for m in score_matmuls(proto)}
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     precisions, int8_layers = _compiled_precisions(compiled, scores)
