@@ -298,8 +298,8 @@ class Guard:
                 status = 400 if is_parse_error(resp.status, data) else resp.status
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
                 return web.Response(status=status, body=data, headers=out)
-        except (asyncio.IncompleteReadError, ConnectionError, aiohttp.ClientPayloadError):
-            return answer(400, "the request body ended before its Content-Length")  # the client left
+        except (asyncio.IncompleteReadError, ConnectionError):  # the client left mid-body
+            return answer(400, "the request body ended before its Content-Length")
         except aiohttp.ClientError as e:
             return answer(503, f"Triton behind this server is not reachable ({type(e).__name__}); it is "
                                "stopping or has stopped")
