@@ -82,7 +82,9 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
         with contextlib.ExitStack() as stack:
             for v in variants:
                 with status(f"loading {v.key}"):
-                    v.runner = stack.enter_context(v.make_runner())
+                    runner = v.make_runner()
+                    runner.static_batch = True  # each runtime's best setting (OpenVINO: static shapes)
+                    v.runner = stack.enter_context(runner)
             targets.loaded.clear()  # files no runner took (another runtime's): not kept in memory
             pool = input_set(inputs, max(batches), spec, seed=seed)
             # variants of one backend are interleaved; backends go one after the other, so one
@@ -103,7 +105,8 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
                                             passes={r.name: list(TARGET_PASSES[r.target])
                                                     for r in runtimes if r.runs == registry.ONNX}
                                             if optimize else {},
-                                            score_modes=score_modes, keep_rates=keep_rates or []))
+                                            score_modes=score_modes, keep_rates=keep_rates or [],
+                                            static_batch=True))
         report["notes"] = graph_notes(variants, optimize)
         if independent:
             report["independent"] = independent_checks(variants, batches, threads, optimize, min_time,

@@ -67,6 +67,8 @@ def bench_batch(variants: list[Variant], feed: dict, batch: int, *, runs: int, w
     """Warm up every variant, then time them interleaved; results go to variant.results[batch]."""
     iters = {}
     for v in variants:
+        if getattr(v.runner, "static_batch", False):
+            v.runner.infer(feed)  # may compile the model for this batch size: not a warm-up call
         t0 = time.perf_counter()
         for _ in range(max(warmup, 1)):
             v.runner.infer(feed)

@@ -85,6 +85,8 @@ class OpenVinoRunner(Runner):
         self._cls_first = False  # --emit-selection outputs: [B, K+1], CLS (0) first
         self._scores: list[str] = []
         self.runtime_precision: str | None = None  # what OpenVINO compiled for (f32, bf16)
+        self._source = None  # static_batch: what each batch size's model is compiled from
+        self._by_batch: dict = {}  # static_batch: {batch: (compiled, request)}
 
     def activate(self) -> None:
         ov = import_openvino()
@@ -107,11 +109,30 @@ class OpenVinoRunner(Runner):
             self._at_rate(self.keep_rate)
             return
         if self.selection or todo:
-            self.compiled = self._compile(self._edited(meta, todo).SerializeToString())
+            source = self._edited(meta, todo).SerializeToString()
         else:
             self.given()  # OpenVINO reads the file itself: drop a model handed over
-            self.compiled = self._compile(str(self.path))
+            source = str(self.path)
+        self._start(source)
+
+    def _start(self, source) -> None:
+        """Compile `source` now, or (static_batch) per batch size on first use (_at_batch)."""
+        if self.static_batch:
+            self._source, self._by_batch = source, {}
+            return
+        self.compiled = self._compile(source)
         self.request = self.compiled.create_infer_request()
+
+    def _at_batch(self, batch: int) -> None:
+        """static_batch: the model compiled with its image batch fixed to `batch` becomes current."""
+        if batch not in self._by_batch:
+            src = self._source
+            model = src.clone() if hasattr(src, "get_ordered_ops") else self._core.read_model(src)
+            images = model.inputs[0]
+            model.reshape({images.get_any_name(): [batch, *list(images.get_partial_shape())[1:]]})
+            compiled = self._compile(model)
+            self._by_batch[batch] = (compiled, compiled.create_infer_request())
+        self.compiled, self.request = self._by_batch[batch]
 
     def _activate_ir(self) -> None:
         """An IR: read, its selection exposed (selection=True), compiled as written."""
@@ -126,8 +147,7 @@ class OpenVinoRunner(Runner):
         self.score_mode = meta.score_mode if meta.has_spec else None
         if self.selection:
             self._expose_ir(model, meta)
-        self.compiled = self._compile(model)
-        self.request = self.compiled.create_infer_request()
+        self._start(model)
 
     def _expose_ir(self, model, meta: OnnxMetadata) -> None:
         """The IR's own selection_layer outputs, else each TopK's indices and scores as outputs."""
@@ -204,6 +224,7 @@ class OpenVinoRunner(Runner):
         self.request = None
         self.compiled = None
         self._pinned = {}
+        self._by_batch, self._source = {}, None
 
     def infer(self, feed):
         images = np.ascontiguousarray(feed["images"], dtype=np.float32)
@@ -211,6 +232,8 @@ class OpenVinoRunner(Runner):
             self._at_rate(feed.get("keep_rate"))
         elif feed.get("keep_rate") is not None:
             elastic_feed(self._meta, feed["keep_rate"], self.path.name)  # refused unless the file's own
+        if self._source is not None:
+            self._at_batch(images.shape[0])
         out = self.request.infer({"images": images})
         # copies (np.array): the request reuses its output buffers on the next call
         result = {"logits": np.array(out[self.compiled.output("logits")])}

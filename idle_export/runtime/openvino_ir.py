@@ -304,8 +304,8 @@ def _slice_after_score(op) -> bool:
         return False
     scores = ops.matmul(op.input_value(0), sliced.input_value(0), False, True)
     scores.get_rt_info()[KEEP_PRECISION] = ""
-    last = ops.slice(scores, np.array([1], np.int64), np.array([2**63 - 1], np.int64), np.array([1], np.int64),
-                     np.array([2], np.int64))
+    one = np.array([1], np.int64)
+    last = ops.slice(scores, one, np.array([2**63 - 1], np.int64), one, np.array([2], np.int64))
     return _replace(op, last)
 
 
