@@ -288,9 +288,10 @@ def _slice_after_score(op) -> bool:
     import numpy as np
     from openvino import opset13 as ops
 
-    if op.get_type_name() != "MatMul" or op.get_attributes()["transpose_a"]:
+    if op.get_type_name() != "MatMul":
         return False
-    if not op.get_attributes()["transpose_b"]:
+    flags = op.get_attributes()
+    if flags["transpose_a"] or not flags["transpose_b"]:
         return False
     sliced = op.input_value(1).get_node()
     if sliced.get_type_name() != "Slice" or sliced.get_input_size() < 5:
