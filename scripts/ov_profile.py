@@ -3,7 +3,7 @@ where the time of an idle model goes next to its dense model (docs/benchmark.md,
 time goes at bf16").
 
     .venv/bin/python scripts/ov_profile.py MODEL.xml|.onnx [MODEL ...] [--batch 1,64]
-        [--threads 1] [--precision default|f32|bf16] [--calls 20] [--top 0] [--out profile.json]
+        [--threads 1] [--precision default|f32|bf16] [--calls 20] [--top 0] [--out profile.json] [--dynamic]
 
 Parts: each executed node's `node_type` (after OpenVINO's fusions) mapped to a coarse part;
 `--top N` also lists the N costliest node types and nodes. Times are OpenVINO's real_time.
@@ -31,7 +31,7 @@ PARTS = {
 }
 
 
-def profile(path: Path, batch: int, threads: int, precision: str, calls: int) -> dict:
+def profile(path: Path, batch: int, threads: int, precision: str, calls: int, dynamic: bool = False) -> dict:
     import openvino as ov
 
     core = ov.Core()
@@ -39,7 +39,8 @@ def profile(path: Path, batch: int, threads: int, precision: str, calls: int) ->
     if precision != "default":
         config["INFERENCE_PRECISION_HINT"] = precision
     model = core.read_model(str(path))
-    model.reshape({model.inputs[0].get_any_name(): [-1, 3, 224, 224]})
+    # the batch fixed, as `bench` compiles it (Runner.static_batch), unless --dynamic
+    model.reshape({model.inputs[0].get_any_name(): [-1 if dynamic else batch, 3, 224, 224]})
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     images = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
@@ -59,6 +60,7 @@ def profile(path: Path, batch: int, threads: int, precision: str, calls: int) ->
     for key, ms in by_type.items():
         parts[PARTS.get(key.split(" [")[0], "other")] += ms
     return {"model": str(path), "batch": batch, "threads": threads, "precision": precision,
+            "dynamic": dynamic,
             "total_ms_per_image": sum(by_type.values()), "parts": dict(parts),
             "types": dict(by_type), "nodes": dict(by_node)}
 
@@ -72,11 +74,13 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--top", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--dynamic", action="store_true", help="compile with a dynamic batch")
     args = ap.parse_args()
     rows = []
     for bs in (int(b) for b in args.batch.split(",")):
         for m in args.models:
-            r = profile(Path(m), bs, args.threads, args.precision, max(2, args.calls if bs == 1 else 3))
+            r = profile(Path(m), bs, args.threads, args.precision, max(2, args.calls if bs == 1 else 3),
+                        args.dynamic)
             rows.append(r)
             print(f"\n{Path(m).name} batch {bs}: {r['total_ms_per_image']:.2f} ms/img (sum of nodes)")
             for part, ms in sorted(r["parts"].items(), key=lambda kv: -kv[1]):

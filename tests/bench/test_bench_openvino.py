@@ -229,6 +229,11 @@ def test_calibrate_for_openvino_writes_the_marked_int8_ir(tiny_folded_onnx, tmp_
                for i in n.input)
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]  # the patch embedding: bf16 in OpenVINO
     assert report["conv_unquantized"] == len(convs) == 1
+    # symmetric activations (NNCF's PERFORMANCE preset): every zero point of every quantizer is 0
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(zero_points) >= 12 * 4
+    assert not any(z.any() for z in zero_points)
     assert all(made_by.get(i) != "DequantizeLinear" for i in convs[0].input)
     # SmoothQuant's scalings after a LayerNorm feeding nothing else went into the LayerNorm: each
     # LN2 and the dense layers' LN1; an idle layer's LN1 also feeds the scores and keeps its Mul
