@@ -68,8 +68,10 @@ def import_nncf():
     return nncf
 
 
-def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
-    """The NNCF-quantized copy of `proto` (an FP32 idle-export graph) and the recipe metadata."""
+def nncf_quantize(proto, calib_array, *, per_channel: bool = True, symmetric: bool = True, say=None):
+    """The NNCF-quantized copy of `proto` (an FP32 idle-export graph) and the recipe metadata.
+    symmetric: activations without zero points (NNCF's PERFORMANCE preset), else asymmetric
+    (MIXED, NNCF's default for transformers)."""
     nncf = import_nncf()
     proto = apply_target(proto, "openvino")  # passes it lacks; metadata target = openvino
     meta = OnnxMetadata.of(proto)
@@ -102,8 +104,8 @@ def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
         with contextlib.redirect_stdout(io.StringIO()):
             # symmetric activations (PERFORMANCE; TRANSFORMER's default is MIXED, asymmetric):
             # 6-8 % faster on AMX and at least as exact on photos10 (docs/int8.md)
-            quantized = nncf.quantize(proto, dataset, subset_size=len(samples),
-                                      preset=nncf.QuantizationPreset.PERFORMANCE,
+            preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else nncf.QuantizationPreset.MIXED
+            quantized = nncf.quantize(proto, dataset, subset_size=len(samples), preset=preset,
                                       model_type=nncf.ModelType.TRANSFORMER,
                                       target_device=nncf.TargetDevice.CPU,
                                       ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
@@ -117,7 +119,8 @@ def nncf_quantize(proto, calib_array, *, per_channel: bool = True, say=None):
                               "ignored scope", "report it with the model; use target=ort meanwhile")
     recipe = {"target": "openvino", "tool": f"nncf {nncf.__version__}", "method": "minmax",
               "num_images": len(samples), "per_channel": per_channel, "format": "QDQ",
-              "model_type": "transformer", "preset": "performance", "activations": "symmetric",
+              "model_type": "transformer", "preset": preset.value,
+              "activations": "symmetric" if symmetric else "asymmetric",
               "selection_path_fp32": len(selection),
               "attention_unquantized": len(attention), "conv_unquantized": len(convs),
               "smoothquant_scales_in_layernorm": folded}
@@ -166,10 +169,11 @@ def fold_scales_into_layernorm(proto) -> int:
     return len(folded)
 
 
-def write_openvino(proto, meta, src: Path, dst: Path, calib, external: bool, per_channel: bool, say,
-                   t0: float) -> dict:
+def write_openvino(proto, meta, src: Path, dst: Path, calib, external: bool, per_channel: bool,
+                   symmetric: bool, say, t0: float) -> dict:
     """`--target openvino`: NNCF (quantize.openvino_int8) instead of ONNX Runtime's quantizer."""
-    quantized, recipe = nncf_quantize(proto, calib.array, per_channel=per_channel, say=say)
+    quantized, recipe = nncf_quantize(proto, calib.array, per_channel=per_channel, symmetric=symmetric,
+                                      say=say)
     recipe["calibration"] = calib.source
     OnnxMetadata.of(quantized).updated(quantization=recipe, source_model=src.name).write(quantized)
     say("writing")

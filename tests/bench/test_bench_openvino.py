@@ -246,5 +246,13 @@ def test_calibrate_for_openvino_writes_the_marked_int8_ir(tiny_folded_onnx, tmp_
     precisions, int8_layers = _compiled_precisions(compiled, scores)
     assert precisions == dict.fromkeys(scores, "f32")
     assert int8_layers >= 12 * 4  # qkv, proj, fc1, fc2 of every block
+    # NNCF's own transformer default, MIXED (asymmetric activations), on request
+    mixed = tmp_path / "mixed.int8.openvino.onnx"
+    report = api.quantize(tiny_folded_onnx, mixed, num=4, target="openvino", cache=False,
+                          activations="asymmetric")
+    assert report["activations"] == "asymmetric" and report["preset"] == "mixed"
+    proto = onnx.load(str(mixed))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert any(inits[n.input[2]].any() for n in proto.graph.node if n.op_type == "QuantizeLinear")
     no_ir = api.quantize(tiny_folded_onnx, tmp_path / "q.int8.ort.onnx", num=8, target="ort", cache=False)
     assert no_ir["openvino_ir"] is None and not (tmp_path / "q.int8.ort.xml").exists()

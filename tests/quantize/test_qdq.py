@@ -209,6 +209,30 @@ def test_calibrate_cli_bad_input(tiny_idle_onnx, tmp_path):
     assert not out.exists() and "Traceback" not in r.output
     r = runner.invoke(app, ["calibrate", str(tiny_idle_onnx), "--method", "mse", "-o", str(out)])
     assert r.exit_code == 2 and "--method" in r.output
+    r = runner.invoke(app, ["calibrate", str(tiny_idle_onnx), "--activations", "sideways", "-o", str(out)])
+    assert r.exit_code == 2 and "--activations" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["calibrate", str(tiny_idle_onnx), "--target", "trt", "--activations",
+                            "asymmetric", "-o", str(out)])
+    assert r.exit_code == 2 and "symmetric activations only" in r.output and not out.exists()
+
+
+def _activation_zero_points(path) -> list[int]:
+    proto = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return [int(inits[n.input[2]].flat[0]) for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+
+
+def test_symmetric_activations_for_ort(demo_int8, tiny_idle_onnx, tmp_path):
+    """activations="symmetric" for ONNX Runtime: uint8 activations centred on 128 (its
+    ActivationSymmetric); the default (auto) is asymmetric, a zero point per tensor."""
+    path, report = demo_int8
+    assert report["activations"] == "asymmetric" and len(set(_activation_zero_points(path))) > 1
+    out = tmp_path / "sym.int8.onnx"
+    report = quantize_onnx(tiny_idle_onnx, out, num=4, cache_dir=False, activations="symmetric")
+    zero_points = _activation_zero_points(out)
+    assert report["activations"] == "symmetric" and report["extra_options"]["ActivationSymmetric"]
+    assert len(zero_points) >= 12 * 4 and set(zero_points) == {128}
 
 
 # ----------------------------------------------------------------------------- trained model, real images
