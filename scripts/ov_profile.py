@@ -3,7 +3,8 @@ where the time of an idle model goes next to its dense model (docs/benchmark.md,
 time goes at bf16").
 
     .venv/bin/python scripts/ov_profile.py MODEL.xml|.onnx [MODEL ...] [--batch 1,64]
-        [--threads 1] [--precision default|f32|bf16] [--calls 20] [--top 0] [--out profile.json] [--dynamic]
+        [--threads 1] [--precision default|f32|bf16] [--calls 20] [--top 0] [--out profile.json]
+        [--dynamic]
 
 Parts: each executed node's `node_type` (after OpenVINO's fusions) mapped to a coarse part;
 `--top N` also lists the N costliest node types and nodes. Times are OpenVINO's real_time.
