@@ -4,7 +4,8 @@ port and straight to tritonserver's loopback port, in turns (docs/reliability.md
     .venv/bin/python scripts/guard_overhead.py [REPOSITORY] [--model NAME] [--batch 1,8]
 
 Without a repository it exports the seeded deit_tiny demo model (`idle-export demo`) into a temp
-folder and writes one. Prints the median milliseconds per request, requests to both ports alternating.
+folder and writes one. Prints the median milliseconds per request, requests to both ports alternating,
+and the median of the request-by-request differences with a bootstrap 95 % interval.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ def latencies_ms(ports: list[int], model: str, x: np.ndarray, n: int) -> dict[in
     return out
 
 
+def paired_cost_ms(guard: list[float], direct: list[float], resamples: int = 2000
+                   ) -> tuple[float, float, float]:
+    """The guard's cost as the median of request-by-request differences (each guard request with
+    the direct one after it, so drift cancels) and a bootstrap 95 % interval of that median."""
+    diffs = np.asarray(guard) - np.asarray(direct)
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(diffs, (resamples, diffs.size)), axis=1)
+    return float(np.median(diffs)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("repository", nargs="?")
@@ -85,9 +96,11 @@ def main() -> None:
             latencies_ms([args.port, inner], args.model, x, 5)  # warm-up
             times = latencies_ms([args.port, inner], args.model, x, args.requests)
             guard, direct = (float(np.median(times[p])) for p in (args.port, inner))
+            cost, low, high = paired_cost_ms(times[args.port], times[inner])
             print(f"batch {b}: median {guard:.2f} ms through the guard, {direct:.2f} ms straight to "
                   f"tritonserver (+{guard - direct:.2f} ms, {guard / direct - 1:+.1%}; {args.requests} "
-                  "requests each, alternating)")
+                  f"requests each, alternating); paired: +{cost:.2f} ms ({cost / direct:+.1%}), 95 % "
+                  f"interval {low:+.2f} to {high:+.2f} ms ({low / direct:+.1%} to {high / direct:+.1%})")
     finally:
         server.terminate()
         server.wait(60)
