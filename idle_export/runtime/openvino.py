@@ -118,7 +118,7 @@ class OpenVinoRunner(Runner):
     def _start(self, source) -> None:
         """Compile `source` now, or (static_batch) per batch size on first use (_at_batch)."""
         if self.static_batch:
-            self._source, self._by_batch = source, {}
+            self._source, self._by_batch = self._read(source), {}  # read once, cloned per batch size
             return
         self.compiled = self._compile(source)
         self.request = self.compiled.create_infer_request()
@@ -126,8 +126,7 @@ class OpenVinoRunner(Runner):
     def _at_batch(self, batch: int) -> None:
         """static_batch: the model compiled with its image batch fixed to `batch` becomes current."""
         if batch not in self._by_batch:
-            src = self._source
-            model = src.clone() if hasattr(src, "get_ordered_ops") else self._core.read_model(src)
+            model = self._source.clone()
             images = model.inputs[0]
             model.reshape({images.get_any_name(): [batch, *list(images.get_partial_shape())[1:]]})
             compiled = self._compile(model)
@@ -168,20 +167,31 @@ class OpenVinoRunner(Runner):
                            for layer, out in zip(layers, index, strict=True)]
         self._scores = [out.get_any_name() for out in scores]
 
+    def _read(self, model):
+        """An ov.Model of an ov.Model, a path or serialized ONNX bytes (one-line error if OpenVINO
+        cannot read it)."""
+        if hasattr(model, "get_ordered_ops"):
+            return model
+        try:
+            return self._core.read_model(model)
+        except RuntimeError as e:
+            raise self._refused(e) from None
+
     def _compile(self, model):
         """Compile an ov.Model, a path or serialized ONNX bytes for the CPU."""
         try:
-            if not hasattr(model, "get_ordered_ops"):
-                model = self._core.read_model(model)
-            compiled = self._core.compile_model(model, "CPU",
+            compiled = self._core.compile_model(self._read(model), "CPU",
                                                 openvino_config(self.threads, self.inference_precision))
         except RuntimeError as e:
-            first = (str(e).strip().splitlines() or ["?"])[0][:200]
-            raise BadInputError(f"OpenVINO cannot compile {self.path.name} ({first})",
-                                "export it with `idle-export onnx CKPT --target openvino` (or portable): a "
-                                "file for target ort has ONNX Runtime-only ops") from None
+            raise self._refused(e) from None
         self.runtime_precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         return compiled
+
+    def _refused(self, error: RuntimeError) -> BadInputError:
+        first = (str(error).strip().splitlines() or ["?"])[0][:200]
+        return BadInputError(f"OpenVINO cannot compile {self.path.name} ({first})",
+                             "export it with `idle-export onnx CKPT --target openvino` (or portable): a "
+                             "file for target ort has ONNX Runtime-only ops")
 
     def _at_rate(self, rate: float | None) -> None:
         """An elastic file: the model compiled for `rate` (None: the runner's, else the file's
