@@ -82,7 +82,7 @@ def fold_initializer_ops(proto):
             keep.append(node)
         del graph.node[:]
         graph.node.extend(keep)
-    _drop_unused_initializers(proto)
+    drop_unused_initializers(proto)
     return proto
 
 
@@ -95,7 +95,8 @@ def _copy_tensor(t, name):
     return out
 
 
-def _drop_unused_initializers(proto) -> None:
+def drop_unused_initializers(proto) -> None:
+    """Remove the initializers no node reads and no graph output names (in place)."""
     used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
     keep = [t for t in proto.graph.initializer if t.name in used]
     del proto.graph.initializer[:]
@@ -269,7 +270,7 @@ def linear_to_gemm(proto):
         new_nodes.extend(fused.get(id(n), [n]))
     del graph.node[:]
     graph.node.extend(new_nodes)
-    _drop_unused_initializers(proto)
+    drop_unused_initializers(proto)
     return proto
 
 
@@ -283,7 +284,7 @@ def _drop_dead_nodes(proto) -> None:
             break
         del graph.node[:]
         graph.node.extend(keep)
-    _drop_unused_initializers(proto)
+    drop_unused_initializers(proto)
 
 
 PASSES = {"fold_initializer_ops": fold_initializer_ops, "bias_gelu": bias_gelu,

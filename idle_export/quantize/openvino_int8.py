@@ -34,7 +34,7 @@ from idle_export.onnx.graph import consumers as consumers_of
 from idle_export.onnx.graph import producers as producers_of
 from idle_export.onnx.io import install_onnx
 from idle_export.onnx.metadata import OnnxMetadata
-from idle_export.onnx.passes import _drop_unused_initializers
+from idle_export.onnx.passes import drop_unused_initializers
 from idle_export.onnx.targets import apply_target
 from idle_export.quantize.selection import activation_matmuls, dequantized_score_inputs, selection_path_nodes
 
@@ -165,7 +165,7 @@ def fold_scales_into_layernorm(proto) -> int:
     for mul in folded:
         graph.node.remove(mul)
     if folded:
-        _drop_unused_initializers(proto)  # the scales and the LayerNorms' old γ, β
+        drop_unused_initializers(proto)  # the scales and the LayerNorms' old γ, β
     return len(folded)
 
 
