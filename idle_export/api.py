@@ -137,7 +137,7 @@ def lint(onnx: PathLike, *, expect_idle: bool = False) -> dict:
 def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike | None = None,
              num: int | None = None, method: str = "minmax", target: str = "ort",
              per_channel: bool = True, batch_size: int = 16, seed: int = 0, cache: bool = True,
-             activations: str = "auto", progress=None) -> dict:
+             activations: str = "auto", weight_range: str = "auto", progress=None) -> dict:
     """Calibrate an FP32 ONNX file and write the INT8 Q/DQ model (`idle-export calibrate`); the
     token-selection path stays FP32.
 
@@ -148,13 +148,17 @@ def quantize(onnx: PathLike, output: PathLike | None = None, *, images: PathLike
     from $IDLE_EXPORT_CACHE/calib; `progress(message)` is told each step. `activations`:
     "symmetric" (zero point 0) or "asymmetric" activation ranges; "auto" is the target's (ort
     asymmetric, trt and openvino symmetric; asymmetric for openvino is NNCF's MIXED preset).
+    `weight_range`: "reduced" (7-bit weights, ONNX Runtime's reduce_range: exact on x86 CPUs
+    without VNNI, where 8-bit u8×s8 products saturate, and as fast elsewhere), "full" (8-bit) or
+    "auto", the target's (ort reduced, trt full; openvino takes only auto: NNCF's overflow fix).
     `output` defaults to MODEL.int8.TARGET.onnx. Returns the calibration report.
     """
     output = Path(output) if output is not None else default_int8_path(onnx, target)
     check_output_path(output, "output=")
     report = quantize_onnx(onnx, output, images=images, num=num, method=method, target=target,
                            per_channel=per_channel, batch_size=batch_size, seed=seed,
-                           cache_dir=None if cache else False, status=progress, activations=activations)
+                           cache_dir=None if cache else False, status=progress, activations=activations,
+                           weight_range=weight_range)
     report["openvino_ir"] = None
     if target == "openvino" and report.get("topk"):
         # INT8 GEMMs, OpenVINO's default (bf16 where the CPU has it) elsewhere, token scores in f32

@@ -19,6 +19,7 @@ path, batch, threads, number, repeat = sys.argv[1], int(sys.argv[2]), int(sys.ar
 so = ort.SessionOptions()
 so.intra_op_num_threads = threads
 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+so.add_session_config_entry("session.x64quantprecision", "1")  # as runtime.onnxruntime.session_options
 sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(1).standard_normal((batch, 3, 224, 224)).astype(np.float32)
 name = sess.get_inputs()[0].name

@@ -45,6 +45,13 @@ def calibrate_cmd(
                                              "asymmetric; trt and openvino symmetric). For openvino, "
                                              "asymmetric is NNCF's MIXED preset: try it if INT8 "
                                              "accuracy drops.")] = "auto",
+    weight_range: Annotated[str, typer.Option("--weight-range", help="reduced: 7-bit weights (ONNX "
+                                              "Runtime's reduce_range), exact on x86 CPUs without VNNI "
+                                              "and as fast elsewhere; full: 8-bit, exact only where "
+                                              "the runtime has VNNI/AMX or sets session."
+                                              "x64quantprecision (this tool's sessions do, Triton's "
+                                              "cannot); auto: the target's (ort reduced, trt full, "
+                                              "openvino NNCF's own).")] = "auto",
     calib_batch: Annotated[int, typer.Option("--calib-batch", metavar="N", help="Images per "
                                              "calibration step (memory vs speed).")] = 16,
     batch: Annotated[str | None, typer.Option("--batch", hidden=True)] = None,
@@ -66,7 +73,8 @@ def calibrate_cmd(
         warnings.simplefilter("ignore", ImagesSkippedWarning)
         report = api.quantize(model, output, images=images, num=num, method=method, target=target,
                               per_channel=per_channel, batch_size=calib_batch, seed=seed, cache=cache,
-                              activations=activations, progress=progress.update)
+                              activations=activations, weight_range=weight_range,
+                              progress=progress.update)
     info = report["images"]
     if info["skipped_count"]:
         echo_err(f"warning: skipped {info['skipped_count']} unreadable file(s) in {info['source']}, e.g. "
@@ -77,7 +85,8 @@ def calibrate_cmd(
         echo_err(f"note: calibrated on all {report['num_images']} usable image(s) in {images} (fewer than "
                  f"the default {DEFAULT_NUM}; pass --num N to require a number)")
     echo_err(f"wrote {output} (INT8 {report['format']} for {target}, {report['method']} on "
-             f"{report['num_images']} image(s) from {info['source']}; score path FP32 in "
+             f"{report['num_images']} image(s) from {info['source']}; "
+             f"{'7-bit weights; ' if report.get('weight_range') == 'reduced' else ''}score path FP32 in "
              f"{report['score_matmuls_fp32']}/{report['topk']} idle layers; "
              f"{report['size_bytes'] / 2**20:.1f} MiB, {report['seconds']:.0f} s)")
     if report.get("openvino_ir"):

@@ -43,56 +43,13 @@ from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import bias_gelu
 from idle_export.onnx.targets import ORT_ONLY_PASSES, apply_target, file_passes, file_target
 from idle_export.quantize.openvino_int8 import import_nncf, write_openvino
+from idle_export.quantize.recipes import EXPORT_TARGET, RECIPES, check_recipe
 from idle_export.quantize.selection import (
     activation_matmuls,
     dequantized_score_inputs,
     is_quantized,
     selection_path_nodes,
 )
-
-METHODS = ("minmax", "percentile", "entropy")
-TARGETS = ("ort", "trt", "openvino")
-EXPORT_TARGET = {"ort": "ort", "trt": "tensorrt", "openvino": "openvino"}  # onnx.targets name
-
-
-# The recipes: quant_format (QDQ|QOperator), activation / weight type, op_types, whether
-# activation×activation MatMuls (attention q·kᵀ, attn·v) are quantized, bias_gelu (idle_export.
-# optimize's Erf-GELU + bias → com.microsoft.BiasGelu before quantizing; ORT only), quantize_static
-# extra_options, fuse_bias (fuse_matmul_bias after quantizing).
-# activations="auto": each target's choice. ort: asymmetric uint8 (the fastest u8s8 kernels);
-# trt: symmetric, all TensorRT takes; openvino: symmetric (NNCF's PERFORMANCE preset; its
-# transformer default is MIXED, asymmetric): 6-8 % faster on AMX and as exact on photos10
-ACTIVATIONS = {"ort": "asymmetric", "trt": "symmetric", "openvino": "symmetric"}
-RECIPES: dict[str, dict] = {
-    # Measured fastest on ORT CPU (x86 AVX-512 VNNI; README, INT8): u8 activations × s8 weights,
-    # weight MatMuls only, float MatMul outputs (DQ→MatMul fuses into MatMulIntegerToFloat, no
-    # requantize), Erf-GELU + bias fused into BiasGelu; SkipLayerNormalization fusion off (its
-    # CPU kernel was slower than Add + LayerNormalization here); the other bias Adds folded into
-    # MatMulIntegerToFloat (fuse_matmul_bias).
-    "ort": {
-        "quant_format": "QDQ",
-        "activation": "QUInt8",
-        "weight": "QInt8",
-        "op_types": ["MatMul", "Gemm", "Conv"],
-        "activation_matmuls": False,
-        "bias_gelu": True,
-        "extra_options": {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
-        "fuse_bias": True,
-    },
-    # TensorRT: symmetric int8 Q/DQ (zero point 0) in front of every MatMul/Gemm/Conv, float biases
-    # (TensorRT rejects int32 bias DQ), standard ONNX ops only.
-    "trt": {
-        "quant_format": "QDQ",
-        "activation": "QInt8",
-        "weight": "QInt8",
-        "op_types": ["MatMul", "Gemm", "Conv"],
-        "activation_matmuls": True,
-        "bias_gelu": False,
-        "extra_options": {"QuantizeBias": False, "ActivationSymmetric": True, "WeightSymmetric": True},
-        "fuse_bias": False,
-    },
-}
-
 
 # Older ONNX Runtimes fail in quant_pre_process: their symbolic shape inference raises IndexError in
 # _infer_Concat on our exported graphs (1.20.1 … 1.30.0 tried; 1.31.0 works). Inference is fine there.
@@ -230,28 +187,14 @@ def check_not_other_target(dst: Path, target: str, src: Path) -> None:
 
 def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str = "minmax",
                   target: str = "ort", per_channel: bool = True, batch_size: int = 16, seed: int = 0,
-                  cache_dir=None, status=None, activations: str = "auto") -> dict:
+                  cache_dir=None, status=None, activations: str = "auto", weight_range: str = "auto") -> dict:
     """Calibrate on `images` (None: the built-in set; a folder, list file, list of paths or a
     preprocessed array) and write an INT8 Q/DQ model to `dst`. `num=None`: up to DEFAULT_NUM
     images (all of a smaller folder). `activations`: "symmetric", "asymmetric" or "auto" (the
-    target's: ACTIVATIONS). Returns a report dict."""
+    target's: ACTIVATIONS). `weight_range`: "reduced" (7-bit), "full" (8-bit) or "auto" (the
+    target's: WEIGHT_RANGES). Returns a report dict."""
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise BadInputError(f"method={method!r} is not one of {', '.join(METHODS)}",
-                            "use method=minmax (default), percentile or entropy")
-    if target not in TARGETS:
-        raise BadInputError(f"target={target!r} is not one of {', '.join(TARGETS)}",
-                            "use target=ort (ONNX Runtime CPU), trt (TensorRT) or openvino (NNCF)")
-    if activations not in ("auto", "symmetric", "asymmetric"):
-        raise BadInputError(f"activations={activations!r} is not auto, symmetric or asymmetric",
-                            "use activations=auto (the target's choice), symmetric or asymmetric")
-    if target == "trt" and activations == "asymmetric":
-        raise BadInputError("TensorRT's INT8 takes symmetric activations only (zero point 0)",
-                            "drop activations= (or use target=ort or openvino)")
-    symmetric = (activations if activations != "auto" else ACTIVATIONS[target]) == "symmetric"
-    if target == "openvino" and method != "minmax":
-        raise BadInputError(f"target=openvino calibrates with NNCF's own min/max ranges, not method="
-                            f"{method}", "drop method= (or use target=ort)")
+    symmetric, reduce_range = check_recipe(method, target, activations, weight_range)
     if not 1 <= batch_size <= MAX_BATCH:
         raise BadInputError(f"batch_size={batch_size} must be between 1 and {MAX_BATCH}",
                             "e.g. batch_size=16")
@@ -346,7 +289,8 @@ def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str 
         out = tmpdir / dst.name
         say(f"quantizing ({rec['quant_format']}, {len(exclude)} selection-path nodes kept FP32)")
         q.quantize_static(str(pre), str(out), reader, quant_format=fmt, op_types_to_quantize=rec["op_types"],
-                          per_channel=per_channel, reduce_range=False, activation_type=act, weight_type=wt,
+                          per_channel=per_channel, reduce_range=reduce_range, activation_type=act,
+                          weight_type=wt,
                           nodes_to_exclude=exclude, use_external_data_format=external,
                           calibrate_method=cal_method, extra_options=extra)
         say("writing")
@@ -356,7 +300,8 @@ def quantize_onnx(src, dst, *, images=None, num: int | None = None, method: str 
                        "calibration": calib.source, "per_channel": per_channel,
                        "format": rec["quant_format"], "activation": rec["activation"],
                        "activations": "symmetric" if symmetric else "asymmetric",
-                       "weight": rec["weight"], "op_types": rec["op_types"],
+                       "weight": rec["weight"], "weight_range": "reduced" if reduce_range else "full",
+                       "op_types": rec["op_types"],
                        "selection_path_fp32": len(exclude), "bias_fused_matmuls": fused_bias}
         done = file_passes(meta) + (["bias_gelu"] if rec["bias_gelu"] else [])
         OnnxMetadata(meta.ours()).updated(precision="int8", quantization=recipe_meta, source_model=src.name,

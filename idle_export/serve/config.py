@@ -262,6 +262,21 @@ def accelerator_warnings(meta: OnnxMetadata, accelerator: str | None, file_name:
             f"run on ONNX Runtime's default provider. For the accelerator, write the file with {fix}"]
 
 
+def int8_cpu_warnings(meta: OnnxMetadata, accelerator: str | None, kind: str, file_name: str) -> list[str]:
+    """A warning when Triton's ONNX Runtime backend would run 8-bit INT8 weights on its CPU
+    provider: it cannot set session.x64quantprecision, so on x86 CPUs without VNNI the u8×s8
+    products saturate (quantize.qdq.WEIGHT_RANGES); `calibrate`'s 7-bit weights (ort's default)
+    cannot. Files of other tools (no recipe recorded) are not judged."""
+    recipe = meta.get("quantization") or {}
+    if (meta.precision != "int8" or accelerator is not None or kind == "gpu"
+            or recipe.get("target") not in ("ort", "trt") or recipe.get("weight_range") == "reduced"):
+        return []
+    return [f"{file_name} has 8-bit INT8 weights: on an x86 CPU without VNNI (lscpu: no avx512_vnni, "
+            "avx_vnni or amx_int8) Triton's ONNX Runtime backend multiplies them with products that "
+            "saturate, and it cannot set session.x64quantprecision; for such servers calibrate with "
+            "`idle-export calibrate --target ort` (7-bit weights) (docs/int8.md#cpus-without-vnni)"]
+
+
 def accelerator_parameters(accelerator: str | None, precision: str, is_plan: bool,
                             kind: str) -> dict[str, str]:
     """The execution accelerator's parameters in config.pbtxt (Triton's ONNX Runtime backend)."""

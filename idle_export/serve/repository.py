@@ -44,6 +44,7 @@ from idle_export.serve.config import (
     TensorConfig,
     accelerator_parameters,
     accelerator_warnings,
+    int8_cpu_warnings,
     model_config_pb2,
     parse_config,
     plain_parameters,
@@ -182,6 +183,7 @@ def _write_repository(model: str | Path, output: Path, *, name: str | None = Non
     else:
         ins, outs, meta, external = _onnx_io(model)
         warnings += accelerator_warnings(meta, accelerator, model.name)
+        warnings += int8_cpu_warnings(meta, accelerator, kind, model.name)
 
     dynamic = [t.name for t, dyn in ins + outs if not dyn]
     if dynamic:

@@ -651,6 +651,33 @@ def test_accelerator_warnings_for_int8_files():
     assert "calibrate --target openvino" in accelerator_warnings(for_ort, "openvino", "x")[0]
 
 
+def test_int8_cpu_warnings_for_8bit_weights():
+    """Triton's ONNX Runtime backend cannot set session.x64quantprecision: 8-bit INT8 weights on
+    its CPU provider get a warning; 7-bit ones (calibrate's ort default), GPUs, accelerators, float
+    files and files of other tools do not."""
+    import onnx
+
+    from idle_export.onnx.metadata import OnnxMetadata
+    from idle_export.serve.config import int8_cpu_warnings
+
+    def meta(**values) -> OnnxMetadata:
+        proto = onnx.ModelProto()
+        OnnxMetadata.of(proto).updated(**values).write(proto)
+        return OnnxMetadata.of(proto)
+
+    full = meta(precision="int8", quantization={"target": "ort", "weight_range": "full"})
+    (warning,) = int8_cpu_warnings(full, None, "auto", "x.int8.ort.onnx")
+    assert "8-bit INT8 weights" in warning and "without VNNI" in warning and "calibrate" in warning
+    older = meta(precision="int8", quantization={"target": "trt"})  # written before weight_range
+    assert len(int8_cpu_warnings(older, None, "cpu", "x")) == 1
+    reduced = meta(precision="int8", quantization={"target": "ort", "weight_range": "reduced"})
+    assert int8_cpu_warnings(reduced, None, "auto", "x") == []
+    assert int8_cpu_warnings(full, None, "gpu", "x") == []
+    assert int8_cpu_warnings(full, "openvino", "auto", "x") == []
+    assert int8_cpu_warnings(meta(precision="fp32"), None, "auto", "x") == []
+    assert int8_cpu_warnings(meta(precision="int8"), None, "auto", "x") == []
+
+
 def test_repo_tune_measures_batching_for_this_machine(tiny_idle_onnx, tmp_path):
     """--tune times the model here and writes what it chose; options given by hand still win."""
     from idle_export.serve.config import parse_config
