@@ -178,6 +178,13 @@ def print_report(report: dict, console=None) -> None:
     features = (report.get("environment") or {}).get("cpu_matrix_features")
     if features is not None:
         console.print(f"CPU matrix features: {', '.join(features) or 'none of ' + ', '.join(MATRIX_FLAGS)}")
+        ort_int8 = any(r["backend"] == registry.ORT_CPU and r.get("precision") == "int8"
+                       for r in report["results"])
+        if ort_int8 and (report.get("environment") or {}).get("onnxruntime_session_config") and \
+                not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(features):
+            console.print("ONNX Runtime INT8 on this CPU (no VNNI): its sessions set session."
+                          "x64quantprecision, so 8-bit weights run as exact u8×u8 products, 7-bit weights "
+                          "(calibrate's ort default) at full speed (docs/int8.md#cpus-without-vnni)")
     graphs = {(r["backend"], r["variant"]): r for r in report["results"] if r.get("file")}
     for (backend, variant), r in graphs.items():
         at_load = r.get("passes_at_load") or []

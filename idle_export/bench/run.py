@@ -31,6 +31,7 @@ from idle_export.hardware import check_batch_fits, default_threads, environment
 from idle_export.onnx.io import check_batch_sizes
 from idle_export.onnx.targets import TARGET_PASSES
 from idle_export.runtime import registry
+from idle_export.runtime.onnxruntime import X64_QUANT_PRECISION
 
 DEFAULT_BATCHES = (1, 8, 64)
 
@@ -71,6 +72,8 @@ def run_bench(paths: list[Path], *, backends: list[str], batches: list[int], thr
         check_batch_fits(spec, max(batches), what="batches=", runners=max(2, len(backends) * 2))
         flops = flop_model(spec)
         env = environment(threads)
+        if registry.ORT_CPU in backends:  # what its figures ran with, besides the file (INT8 products)
+            env["onnxruntime_session_config"] = dict([X64_QUANT_PRECISION])
         if targets.engines and not any(r.runs == registry.ENGINE for r in runtimes):
             backends = [*backends, *registry.names(registry.ENGINE)]  # never measure nothing
         variants = make_variants(targets, backends, threads=threads, score_modes=score_modes,

@@ -159,6 +159,7 @@ def test_dense_at_openvinos_default_precision_and_the_fastest_dense(tiny_folded_
                key=lambda r: r["images_per_s"])
     assert row["speedup"] == pytest.approx(idle["images_per_s"] / fastest["images_per_s"])
     assert set(report["environment"]["cpu_matrix_features"]) <= set(MATRIX_FLAGS)
+    assert report["environment"]["onnxruntime_session_config"] == {"session.x64quantprecision": "1"}
 
 
 def _forced_bf16(monkeypatch):
