@@ -29,7 +29,7 @@ def ort_available_providers() -> list[str]:
 # ONNX Runtime's exact INT8 products on x86 CPUs without VNNI (SSE4.1, AVX2, AVX-512 without
 # VNNI): their u8×s8 kernels add pairs of products in 16 bits, which saturate (photos10 INT8 with
 # 8-bit weights: top-1 agreement 98 %, not 100 %); with this entry ORT multiplies such weights
-# (any outside [-64, 63]) as u8×u8. It changes nothing on CPUs with VNNI or AMX, for float models,
+# (any outside [-64, 64]) as u8×u8. It changes nothing on CPUs with VNNI or AMX, for float models,
 # or for 7-bit weights (`calibrate`'s default for ort): docs/int8.md#cpus-without-vnni
 X64_QUANT_PRECISION = ("session.x64quantprecision", "1")
 

@@ -265,7 +265,7 @@ def accelerator_warnings(meta: OnnxMetadata, accelerator: str | None, file_name:
 def int8_cpu_warnings(meta: OnnxMetadata, accelerator: str | None, kind: str, file_name: str) -> list[str]:
     """A warning when Triton's ONNX Runtime backend would run 8-bit INT8 weights on its CPU
     provider: it cannot set session.x64quantprecision, so on x86 CPUs without VNNI the u8×s8
-    products saturate (quantize.qdq.WEIGHT_RANGES); `calibrate`'s 7-bit weights (ort's default)
+    products saturate (quantize.recipes.WEIGHT_RANGES); `calibrate`'s 7-bit weights (ort's default)
     cannot. Files of other tools (no recipe recorded) are not judged."""
     recipe = meta.get("quantization") or {}
     if (meta.precision != "int8" or accelerator is not None or kind == "gpu"
