@@ -34,6 +34,65 @@ def ort_available_providers() -> list[str]:
 X64_QUANT_PRECISION = ("session.x64quantprecision", "1")
 
 
+def unshare_int8_weights(proto) -> int:
+    """Give each consumer of a weight DequantizeLinear (int8 initializer) its own DQ node and copy
+    of the weights and zero point; returns how many copies were made. With X64_QUANT_PRECISION
+    on a CPU without VNNI, ONNX Runtime converts every fused node's int8 weight and zero point to
+    u8 initializers named after them, and a weight two fused MatMuls share (the `trt` recipe's
+    key projection with --scores official, after the ort passes) fails the session ("Attempt to
+    replace the existing tensor")."""
+    import onnx
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    copies = 0
+    for dq in [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]:
+        weight = inits.get(dq.input[0])
+        users = consumers.get(dq.output[0], [])
+        if weight is None or weight.data_type != onnx.TensorProto.INT8 or len(users) < 2:
+            continue
+        for k, user in enumerate(users[1:], 1):
+            inputs = list(dq.input)
+            for j in (0, 2):  # the weights and their zero point: ORT converts both, by name
+                if j < len(inputs) and inputs[j] in inits:
+                    twin = onnx.TensorProto()
+                    twin.CopyFrom(inits[inputs[j]])
+                    twin.name = inputs[j] = f"{inputs[j]}__copy{k}"
+                    proto.graph.initializer.append(twin)
+            out = f"{dq.output[0]}__copy{k}"
+            proto.graph.node.append(onnx.helper.make_node(
+                "DequantizeLinear", inputs, [out], name=f"{dq.name}__copy{k}",
+                **{a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}))
+            user.input[:] = [out if i == dq.output[0] else i for i in user.input]
+            copies += 1
+    if copies:  # the DQ copies were appended: restore a topological order
+        nodes = _topological(proto.graph)
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return copies
+
+
+def _topological(graph) -> list:
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # inputs from outside (subgraphs): keep their order
+            ordered += rest
+            break
+        pending = rest
+    return ordered
+
+
 def session_options(ort, *, threads: int | None = None):
     """SessionOptions for CPU inference: ORT_ENABLE_ALL, intra-op threads, quiet logs, exact INT8
     products on CPUs without VNNI (X64_QUANT_PRECISION)."""
@@ -124,6 +183,7 @@ class OrtRunner(Runner):
         if todo:
             proto = optimize_model_proto(inline(proto) if plugin else proto, todo)
         self.passes_at_load = list(todo)
+        unshare_int8_weights(proto)
         opts = session_options(ort, threads=self.threads)
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=self.providers)
         self.input_name = self.session.get_inputs()[0].name

@@ -53,3 +53,27 @@ def test_int8_products_do_not_saturate(tmp_path):
     np.testing.assert_array_equal(got, exact)
     ort = import_onnxruntime()
     assert session_options(ort).get_session_config_entry("session.x64quantprecision") == "1"
+
+
+def test_a_weight_two_matmuls_share_is_copied(tmp_path):
+    """ORT's u8 conversion (CPUs without VNNI) names each converted weight after it, so a weight
+    DQ feeding two MatMuls failed the session after the ort passes (the trt recipe, official
+    scores): OrtRunner gives each consumer its own DQ, weights and zero point, same results."""
+    from idle_export.runtime.onnxruntime import unshare_int8_weights
+
+    path = tmp_path / "shared.onnx"
+    w = saturating_qdq_matmul(path)
+    model = onnx.load(str(path))
+    model.graph.node.append(helper.make_node("MatMul", ["x", "wf"], ["second"]))
+    model.graph.node.append(helper.make_node("Add", ["logits", "second"], ["both"]))
+    model.graph.output[0].name = "both"
+    model.graph.node[3].output[0] = "logits"
+    assert unshare_int8_weights(model) == 1
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w")]
+    assert len(dqs) == 2 and len({n.input[0] for n in dqs}) == 2 and len({n.input[2] for n in dqs}) == 2
+    onnx.checker.check_model(model)
+    ort = import_onnxruntime()
+    x = np.full((2, K), 255.0, np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), session_options(ort),
+                               providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    np.testing.assert_array_equal(got, 2 * (x @ w))
