@@ -8,6 +8,7 @@ import numpy as np
 
 from idle_export.deps import import_onnxruntime as _import_ort
 from idle_export.onnx.elastic import elastic_feed
+from idle_export.onnx.graph import consumers
 from idle_export.onnx.io import SELECTION_PREFIX
 from idle_export.onnx.metadata import OnnxMetadata
 from idle_export.onnx.passes import optimize_model_proto
@@ -44,17 +45,14 @@ def unshare_int8_weights(proto) -> int:
     import onnx
 
     inits = {t.name: t for t in proto.graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    copies = 0
-    for dq in [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]:
-        weight = inits.get(dq.input[0])
-        users = consumers.get(dq.output[0], [])
-        if weight is None or weight.data_type != onnx.TensorProto.INT8 or len(users) < 2:
+    readers = consumers(proto)
+    nodes, copies = [], 0
+    for dq in proto.graph.node:
+        nodes.append(dq)
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits \
+                or inits[dq.input[0]].data_type != onnx.TensorProto.INT8:
             continue
-        for k, user in enumerate(users[1:], 1):
+        for k, user in enumerate(readers.get(dq.output[0], [])[1:], 1):
             inputs = list(dq.input)
             for j in (0, 2):  # the weights and their zero point: ORT converts both, by name
                 if j < len(inputs) and inputs[j] in inits:
@@ -63,34 +61,15 @@ def unshare_int8_weights(proto) -> int:
                     twin.name = inputs[j] = f"{inputs[j]}__copy{k}"
                     proto.graph.initializer.append(twin)
             out = f"{dq.output[0]}__copy{k}"
-            proto.graph.node.append(onnx.helper.make_node(
+            nodes.append(onnx.helper.make_node(  # right after the original: the order stays topological
                 "DequantizeLinear", inputs, [out], name=f"{dq.name}__copy{k}",
                 **{a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}))
             user.input[:] = [out if i == dq.output[0] else i for i in user.input]
             copies += 1
-    if copies:  # the DQ copies were appended: restore a topological order
-        nodes = _topological(proto.graph)
+    if copies:
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
     return copies
-
-
-def _topological(graph) -> list:
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):  # inputs from outside (subgraphs): keep their order
-            ordered += rest
-            break
-        pending = rest
-    return ordered
 
 
 def session_options(ort, *, threads: int | None = None):
